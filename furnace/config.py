@@ -1,0 +1,270 @@
+"""One typed config tree: model, data, parallel, train.
+
+Sources, later wins: dataclass defaults < preset or YAML file < `--set a.b=value` overrides.
+`validate(cfg, world_size)` fails early with one line (ConfigError) that names the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line that names the fix."""
+
+
+@dataclass
+class LMConfig:
+    path: str | None = None            # local HF checkpoint dir (Llama / Mistral / Qwen2); None = from scratch
+    vocab_size: int = 0                # from scratch: 0 = size of the tokenizer
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class VisionConfig:
+    path: str | None = None            # local HF CLIP/SigLIP dir; None = from scratch (below)
+    kind: str = "clip"                 # clip | siglip (from scratch)
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+@dataclass
+class PerceiverConfig:
+    num_latents: int = 64
+    depth: int = 6
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    max_frames: int = 8
+
+
+@dataclass
+class XAttnConfig:
+    every: int = 4                     # a gated xattn block before every k-th decoder layer
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+
+
+@dataclass
+class ModelConfig:
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    xattn: XAttnConfig = field(default_factory=XAttnConfig)
+    freeze_lm: bool = True
+    freeze_vision: bool = True
+    activation_checkpointing: bool = False
+    attention_backend: str = "auto"    # auto | triton | reference
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "data/demo/train-{000000..000003}.tar"
+    val_shards: str = "data/demo/val-000000.tar"
+    tokenizer: str | None = None       # local HF tokenizer dir; None = the demo tokenizer
+    max_length: int = 64
+    max_images: int = 1
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    synthetic_dir: str | None = "data/demo"   # build the synthetic set here if the shards are missing
+    synthetic_n: int = 20000
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 3
+    pipeline_activation_checkpoint_interval: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    run_dir: str = "runs/demo"
+    save_every: int = 500
+    eval_every: int = 250
+    log_every: int = 10
+    seed: int = 1234
+    global_batch_size: int = 32        # samples per optimizer step, whatever the layout
+    micro_batch_size: int = 8
+    precision: str = "bf16"            # bf16 | fp16 | fp32
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    fused_loss_scaling: bool = True    # fp16: furnace's fused grad stats instead of DeepSpeed's
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- building
+
+def _field_types(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, tp, key: str):
+    """Turn a YAML/CLI value into the field's declared type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        try:
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return tp(float(value)) if tp is int and isinstance(value, str) and "e" in value.lower() else tp(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    types = _field_types(type(obj))
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in types:
+            known = ", ".join(sorted(types))
+            raise ConfigError(f"unknown config key {key!r}; known keys under {prefix or 'the root'}: {known}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a mapping, got {v!r}")
+            _apply(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, types[k], key))
+
+
+def _parse_set(item: str) -> dict:
+    if "=" not in item:
+        raise ConfigError(f"--set takes key=value (e.g. train.max_steps=100); got {item!r}")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    out: dict = {}
+    cur = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"config file {str(p)!r} not found; pass an existing YAML file or a preset name")
+        return p
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.exists():
+        names = ", ".join(sorted(x.stem for x in PRESET_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown preset {name_or_path!r}; choose one of: {names}, or pass a YAML file")
+    return preset
+
+
+def load_config(preset: str | None = "demo", overrides: typing.Sequence[str] = ()) -> Config:
+    cfg = Config()
+    if preset:
+        with open(resolve_preset(preset)) as f:
+            data = yaml.safe_load(f) or {}
+        _apply(cfg, data)
+    for item in overrides:
+        _apply(cfg, _parse_set(item))
+    return cfg
+
+
+# ---------------------------------------------------------------------------- validation
+
+def validate(cfg: Config, world_size: int, *, check_paths: bool = True) -> int:
+    """Check the whole tree for `world_size` ranks; returns the data-parallel size."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if t.precision not in ("bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision must be bf16, fp16 or fp32; got {t.precision!r}")
+    if m.attention_backend not in ("auto", "triton", "reference"):
+        raise ConfigError(f"model.attention_backend must be auto, triton or reference; got {m.attention_backend!r}")
+    if p.tp < 1 or p.pp < 1:
+        raise ConfigError("parallel.tp and parallel.pp must be >= 1")
+    if p.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 0..3; got {p.zero_stage}")
+    if p.pp > 1 and p.zero_stage > 1:
+        raise ConfigError(
+            f"parallel.pp={p.pp} needs parallel.zero_stage 0 or 1 (DeepSpeed's pipeline engine refuses ZeRO-{p.zero_stage}); "
+            "set --set parallel.zero_stage=1 or parallel.pp=1")
+    if world_size % (p.tp * p.pp) != 0:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {p.tp * p.pp}; "
+                          "change tp/pp or the number of ranks")
+    dp = world_size // (p.tp * p.pp)
+    if m.lm.path is None:
+        if m.lm.num_heads % p.tp or m.lm.num_kv_heads % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} must divide model.lm.num_heads={m.lm.num_heads} and "
+                              f"model.lm.num_kv_heads={m.lm.num_kv_heads}; pick a tp that divides both")
+        if m.lm.num_heads % m.lm.num_kv_heads:
+            raise ConfigError("model.lm.num_kv_heads must divide model.lm.num_heads")
+    if m.xattn.heads % p.tp or m.perceiver.heads % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} must divide model.xattn.heads={m.xattn.heads} and "
+                          f"model.perceiver.heads={m.perceiver.heads}")
+    if m.xattn.every < 1:
+        raise ConfigError("model.xattn.every must be >= 1")
+    if t.micro_batch_size < 1 or t.global_batch_size < 1:
+        raise ConfigError("train.micro_batch_size and train.global_batch_size must be >= 1")
+    if t.global_batch_size % (t.micro_batch_size * dp) != 0:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size "
+            f"({t.micro_batch_size}) x data-parallel size ({dp}); e.g. --set train.global_batch_size="
+            f"{max(1, round(t.global_batch_size / (t.micro_batch_size * dp))) * t.micro_batch_size * dp}")
+    if t.max_steps < 1:
+        raise ConfigError("train.max_steps must be >= 1")
+    if check_paths:
+        for key, path in (("model.lm.path", m.lm.path), ("model.vision.path", m.vision.path),
+                          ("data.tokenizer", cfg.data.tokenizer)):
+            if path is not None and not os.path.isdir(path):
+                raise ConfigError(f"{key}={path!r} is not a directory; point it at a local HF checkpoint "
+                                  "(nothing is downloaded)")
+    return dp
+
+
+def gradient_accumulation_steps(cfg: Config, dp: int) -> int:
+    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)

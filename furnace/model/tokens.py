@@ -1,0 +1,55 @@
+"""Flamingo's special tokens and the masks derived from token ids.
+
+Kept apart from the modules so the data loader and the model agree on one definition.
+"""
+from __future__ import annotations
+
+import torch
+
+IMAGE_TOKEN = "<image>"
+EOC_TOKEN = "<|endofchunk|>"
+IGNORE_INDEX = -100
+
+
+def text_time(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """[B, L] image index each token belongs to: 0 before the first <image>, k from the k-th on.
+
+    The <image> token itself belongs to its own image, so it (and the text after it, up to the
+    next <image>) cross-attends to that image's latents only.
+    """
+    return torch.cumsum((input_ids == image_token_id).to(torch.long), dim=1)
+
+
+def build_labels(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    image_token_id: int,
+    eoc_token_id: int,
+    interleaved: bool | torch.Tensor = False,
+) -> torch.Tensor:
+    """Next-token labels with IGNORE_INDEX where no loss is taken.
+
+    Masked: padding, <image> tokens, and for interleaved documents (per sample when
+    `interleaved` is a [B] bool tensor) the text before the first <image> and the text between
+    an <|endofchunk|> and the next <image>. <|endofchunk|> itself keeps its label: the model
+    learns where a chunk ends.
+    """
+    labels = input_ids.clone()
+    if attention_mask is not None:
+        labels[attention_mask == 0] = IGNORE_INDEX
+    is_image = input_ids == image_token_id
+    if isinstance(interleaved, bool):
+        interleaved = torch.full((input_ids.shape[0],), interleaved, dtype=torch.bool, device=input_ids.device)
+    if interleaved.any():
+        # A token is outside a chunk when no <image> came yet, or when an <|endofchunk|> strictly
+        # before it is newer than the latest <image> at or before it.
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        none = torch.full_like(pos, -1)
+        last_image = torch.where(is_image, pos, none).cummax(dim=1).values
+        last_eoc = torch.where(input_ids == eoc_token_id, pos, none).cummax(dim=1).values
+        last_eoc_before = torch.cat([none[:, :1], last_eoc[:, :-1]], dim=1)
+        outside = (last_image < 0) | (last_eoc_before > last_image)
+        labels[outside & interleaved[:, None]] = IGNORE_INDEX
+    labels[is_image] = IGNORE_INDEX
+    return labels

@@ -1,0 +1,43 @@
+from setuptools import setup
+
+setup(
+    name="furnace",
+    version="0.1.0",
+    description="Flamingo-style vision-language training on DeepSpeed: 3D parallel, ZeRO-3, Triton kernels",
+    python_requires=">=3.10",
+    # The Triton kernels live in kernels/ but import as `furnace_kernels`: transformers probes
+    # for a distribution named `kernels`, so the bare name must stay free.
+    packages=[
+        "furnace",
+        "furnace.model",
+        "furnace.parallel",
+        "furnace.data",
+        "furnace.presets",
+        "furnace_kernels",
+    ],
+    package_dir={"furnace_kernels": "kernels"},
+    package_data={"furnace.presets": ["*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "numpy>=1.24,<2.4",
+        "pyyaml>=6",
+        "pillow>=9",
+        "tqdm>=4.60",
+        "deepspeed>=0.16",
+        "webdataset>=0.2.86",
+        "tokenizers>=0.19",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": ["pytest>=7"],
+        "tensorboard": ["tensorboard>=2.12"],
+    },
+    entry_points={
+        "console_scripts": [
+            "furnace-shards=furnace.data.shards:main",
+            "furnace-train=furnace.train:main",
+        ]
+    },
+)
