@@ -1,0 +1,310 @@
+"""Decoder for the Llama family (Llama 2/3, Mistral, Qwen2): RMSNorm, RoPE, GQA, SwiGLU.
+
+Parameter names match HF's `*ForCausalLM` minus the `model.` prefix, so import and export are
+a key rename. Layers are stateless: positions, segments and the KV cache arrive through
+forward. Attention goes through `furnace_kernels.attention`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from furnace_kernels import attention
+
+from .hf_io import load_weights, read_config, save_weights, write_config
+from .layers import RMSNorm, merge_heads, split_heads
+
+SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int = 0                       # 0 = hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None        # {"rope_type": "linear"|"llama3", ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False                  # Qwen2; Llama's attention_bias sets it and o_bias
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None       # Mistral: sequences longer than this are refused
+    model_type: str = "llama"
+    hf_config: dict = field(default_factory=dict, repr=False)  # the imported config, kept for export
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_heads
+
+
+# ---------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = args.rope_scaling or {}
+    kind = sc.get("rope_type", sc.get("type", "default"))
+    if kind == "linear":
+        inv = inv / sc["factor"]
+    elif kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old_len = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = ((old_len / wavelen) - lo) / (hi - lo)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        inv = torch.where(wavelen > old_len / lo, inv / factor, torch.where(wavelen < old_len / hi, inv, blended))
+    return inv
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
+    """cos, sin [B, 1, L, D] for positions [B, L], computed in fp32."""
+    freqs = position_ids[:, :, None].float() * inv_freq[None, None, :].float()
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---------------------------------------------------------------------------- layers
+
+class KVCache:
+    """Keys/values of one layer for cached decoding; owned by the caller, passed to forward."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.head_dim = a.head_dim
+        self.sliding_window = a.sliding_window
+        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=a.o_bias)
+
+    def forward(self, x, cos, sin, segment_ids=None, kv_segment_ids=None, cache: KVCache | None = None):
+        q = apply_rope(split_heads(self.q_proj(x), self.head_dim), cos, sin)
+        k = apply_rope(split_heads(self.k_proj(x), self.head_dim), cos, sin)
+        v = split_heads(self.v_proj(x), self.head_dim)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+        if self.sliding_window is not None and k.shape[2] > self.sliding_window:
+            raise ValueError(f"sequence of {k.shape[2]} tokens exceeds this model's sliding_window "
+                             f"({self.sliding_window}); use sequences up to that length")
+        if segment_ids is not None and kv_segment_ids is None:
+            kv_segment_ids = segment_ids
+        out = attention(q, k, v, causal=True, q_segment=segment_ids, kv_segment=kv_segment_ids)
+        return self.o_proj(merge_heads(out))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = SelfAttention(a)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = SwiGLU(a)
+
+    def forward(self, h, cos, sin, segment_ids=None, kv_segment_ids=None, cache=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, kv_segment_ids, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Llama(nn.Module):
+    """`module(input_ids) -> logits [B, L, V]`. Flamingo drives `embed`, `layers` and `head`
+    itself so it can interleave its cross-attention blocks."""
+
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.activation_checkpointing = False
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        return rope_cos_sin(self.inv_freq, position_ids, dtype)
+
+    def run_layer(self, i: int, h, cos, sin, segment_ids=None, kv_segment_ids=None, cache=None):
+        layer = self.layers[i]
+        if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            return checkpoint(layer, h, cos, sin, segment_ids, kv_segment_ids, None, use_reentrant=False)
+        return layer(h, cos, sin, segment_ids, kv_segment_ids, cache)
+
+    def forward(self, input_ids, position_ids=None, segment_ids=None):
+        """Logits for input_ids [B, L]. `segment_ids` [B, L] restricts attention to equal ids
+        (packed documents, or left padding with 0 for pads)."""
+        h = self.embed_tokens(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        cos, sin = self.rope(position_ids, h.dtype)
+        for i in range(len(self.layers)):
+            h = self.run_layer(i, h, cos, sin, segment_ids)
+        return F.linear(self.norm(h), self.head_weight())
+
+
+# ---------------------------------------------------------------------------- HF import / export
+
+def args_from_hf_config(cfg: dict) -> LlamaArgs:
+    mt = cfg.get("model_type")
+    if mt not in SUPPORTED:
+        archs = cfg.get("architectures") or [mt]
+        raise ValueError(f"unsupported architecture {archs[0]!r}; supported: {', '.join(SUPPORTED.values())}")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; the Llama family uses silu")
+    rp = cfg.get("rope_parameters")
+    if rp:  # transformers >= 5
+        theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        scaling = None if rp.get("rope_type", "default") == "default" else dict(rp)
+    else:
+        theta = cfg.get("rope_theta", 10000.0)
+        scaling = cfg.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope scaling {kind!r}; supported: {', '.join(ROPE_TYPES)}")
+        if kind == "default":
+            scaling = None
+    window = cfg.get("sliding_window")
+    if mt == "qwen2" and not cfg.get("use_sliding_window", False):
+        window = None
+    bias = bool(cfg.get("attention_bias", False))
+    return LlamaArgs(
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=cfg["num_attention_heads"],
+        num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+        head_dim=cfg.get("head_dim") or 0,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=True if mt == "qwen2" else bias,
+        o_bias=False if mt == "qwen2" else bias,
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        sliding_window=window,
+        model_type=mt,
+        hf_config=cfg,
+    )
+
+
+def hf_config_from_args(a: LlamaArgs) -> dict:
+    """The config.json to write: the imported one updated with what may have changed."""
+    cfg = dict(a.hf_config) if a.hf_config else {
+        "model_type": a.model_type,
+        "hidden_act": "silu",
+        "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default", **(a.rope_scaling or {})},
+        "attention_bias": a.qkv_bias,
+        "mlp_bias": a.mlp_bias,
+        "max_position_embeddings": a.max_position_embeddings,
+    }
+    cfg.update(
+        architectures=[SUPPORTED[a.model_type]], model_type=a.model_type, vocab_size=a.vocab_size,
+        hidden_size=a.hidden_size, intermediate_size=a.intermediate_size, num_hidden_layers=a.num_layers,
+        num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
+        rms_norm_eps=a.rms_norm_eps, tie_word_embeddings=a.tie_word_embeddings,
+    )
+    cfg.pop("dtype", None)
+    cfg.pop("torch_dtype", None)
+    return cfg
+
+
+def from_hf(path, dtype: torch.dtype = torch.float32) -> Llama:
+    """Load a local HF Llama/Mistral/Qwen2 checkpoint folder (config.json + safetensors)."""
+    args = args_from_hf_config(read_config(path))
+    state = {k.removeprefix("model."): v.to(dtype) for k, v in load_weights(path).items()}
+    if args.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    with torch.device("meta"):
+        model = Llama(args)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {str(path)!r} does not match a {args.model_type} decoder: "
+                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.inv_freq = rope_inv_freq(args)  # non-persistent buffer: rebuild it off the meta device
+    return model
+
+
+def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in model.state_dict().items():
+        out[k if k.startswith("lm_head.") else f"model.{k}"] = v
+    return out
+
+
+def to_hf(model: Llama, path, *, dtype: torch.dtype | None = None, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write `model` as a HF checkpoint folder that transformers' AutoModelForCausalLM loads."""
+    state = hf_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    cfg = hf_config_from_args(model.args)
+    cfg["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    write_config(cfg, path)
+    save_weights(state, path, max_shard_bytes=max_shard_bytes)
+
+
+def from_config(args: LlamaArgs) -> Llama:
+    model = Llama(args)
+    model.reset_parameters()
+    return model
+
+
+def replace_args(args: LlamaArgs, **changes) -> LlamaArgs:
+    return dataclasses.replace(args, **changes)
