@@ -174,7 +174,8 @@ class FlamingoModel(nn.Module):
     def generate(self, input_ids, attention_mask=None, images=None, media_valid=None, *,
                  max_new_tokens: int = 20, eos_token_id: int | None = None, pad_token_id: int = 0) -> torch.Tensor:
         """Greedy decoding with a KV cache; latents and their xattn keys/values are computed once
-        per sample. Prompts may be right- or left-padded (attention_mask); returns [B, new]."""
+        per sample. Prompts may be right- or left-padded (attention_mask); returns [B, new].
+        <image> is never generated: no image could stand behind it."""
         b = input_ids.shape[0]
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -193,6 +194,7 @@ class FlamingoModel(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=ids.device)
         one = torch.ones(b, 1, dtype=mask.dtype, device=ids.device)
         for _ in range(max_new_tokens):
+            logits[:, self.image_token_id] = float("-inf")
             nxt = logits.argmax(-1).masked_fill(done, pad_token_id)
             out.append(nxt)
             if eos_token_id is not None:
@@ -200,7 +202,7 @@ class FlamingoModel(nn.Module):
                 if bool(done.all()):
                     break
             pos = pos[:, -1:] + 1
-            tt = tt[:, -1:] + (nxt == self.image_token_id).long()[:, None]
+            tt = tt[:, -1:]
             kv_seg = torch.cat([kv_seg, one], dim=1)
             logits = self.decoder(nxt[:, None], latents, seg, tt, position_ids=pos, segment_ids=one,
                                   kv_segment_ids=kv_seg, caches=caches, media_kvs=media_kvs)[:, -1]
