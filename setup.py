@@ -28,11 +28,11 @@ setup(
         "deepspeed>=0.16",
         "webdataset>=0.2.86",
         "tokenizers>=0.19",
+        "tensorboard>=2.12",
     ],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest>=7"],
-        "tensorboard": ["tensorboard>=2.12"],
     },
     entry_points={
         "console_scripts": [

@@ -179,19 +179,19 @@ def test_resampler_video_and_several_images():
 def test_frozen_lm_and_vision_train_exactly_resampler_xattn_and_new_rows():
     model = make_model(freeze_lm=True, freeze_vision=True, **{"lm.tie_word_embeddings": False})
     lm_vocab = model.base_vocab
-    assert lm_vocab == V and model.extra_embed is None  # scratch LM sized to the tokenizer
+    assert lm_vocab == V and model.new_tokens is None  # scratch LM sized to the tokenizer
     model = make_model(lm_vocab=V - 2, freeze_lm=True, freeze_vision=True,
                        **{"lm.tie_word_embeddings": False})
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {n for n, _ in model.named_parameters() if n.startswith(("perceiver.", "xattn."))}
-    expected |= {"extra_embed", "extra_head"}
+    expected |= {"new_tokens.embed.weight", "new_tokens.head.weight"}
     assert names == expected
     # and a loss step moves gradients only into those
     set_gates(model, 0.3)
     loss = model(make_batch([[1, IMG, 2, 3, EOC, 4]], t_img=1))
     loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if n not in names)
-    assert model.extra_embed.grad.abs().sum() > 0  # the new token rows do train
+    assert model.new_tokens.embed.weight.grad.abs().sum() > 0  # the new token rows do train
     assert model.vision.model.training is False
     model.train()
     assert model.vision.model.training is False  # frozen tower stays in eval mode
@@ -305,3 +305,20 @@ def test_loss_ignores_masked_labels():
     logits = model.logits(batch)
     expected = torch.nn.functional.cross_entropy(logits[0, 2:3], torch.tensor([3]))
     assert torch.allclose(model(batch), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_save_and_load_whole_flamingo(tmp_path, tied):
+    import dataclasses
+
+    from furnace.model.flamingo import load_flamingo, save_flamingo
+
+    model = make_model(lm_vocab=V - 2, **{"lm.tie_word_embeddings": tied}).eval()
+    set_gates(model, 0.3)
+    cfg = tiny_cfg(**{"lm.tie_word_embeddings": tied})
+    save_flamingo(model, tmp_path, dataclasses.asdict(cfg))
+    again = load_flamingo(tmp_path).eval()
+    assert (again.lm.lm_head.weight is again.lm.embed_tokens.weight) == tied
+    batch = make_batch([[1, IMG, 2, EOC, 3]], t_img=1)
+    with torch.no_grad():
+        assert torch.equal(again.logits(batch), model.logits(batch))

@@ -40,6 +40,25 @@ def media_segments(media_valid: torch.Tensor, num_latents: int) -> torch.Tensor:
     return seg.repeat_interleave(num_latents, dim=1)
 
 
+class NewTokens(nn.Module):
+    """Embedding (and, for an untied LM, output) rows of tokens the LM's vocabulary lacks.
+    `embed` and `head` are modules so ZeRO-3 gathers their weights when they run."""
+
+    def __init__(self, lm: Llama, count: int):
+        super().__init__()
+        self.count = count
+        d = lm.args.hidden_size
+        self.embed = nn.Embedding(count, d)
+        self.head = nn.Linear(d, count, bias=False)
+        w = lm.embed_tokens.weight.detach()
+        if w.device.type != "meta":  # start at the mean of the existing rows: a neutral point
+            with torch.no_grad():
+                self.embed.weight.copy_(w.float().mean(0, keepdim=True).to(w.dtype).expand(count, -1))
+                self.head.weight.copy_(self.embed.weight)
+        if lm.args.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+
+
 class FlamingoModel(nn.Module):
     def __init__(self, lm: Llama, vision: VisionTower, *, image_token_id: int, eoc_token_id: int,
                  vocab_size: int | None = None, xattn_every: int = 4, xattn_heads: int = 8,
@@ -64,12 +83,7 @@ class FlamingoModel(nn.Module):
         n_extra = max(0, (vocab_size or self.base_vocab) - self.base_vocab)
         if max(image_token_id, eoc_token_id) >= self.base_vocab + n_extra:
             raise ValueError(f"token ids {image_token_id}/{eoc_token_id} exceed the vocabulary ({self.base_vocab + n_extra})")
-        # New rows start at the mean of the existing ones: a neutral point in embedding space.
-        w = lm.embed_tokens.weight.detach()
-        mean = w.float().mean(0, keepdim=True).to(w.dtype) if w.device.type != "meta" else torch.zeros(1, d)
-        self.extra_embed = nn.Parameter(mean.repeat(n_extra, 1).clone()) if n_extra else None
-        self.extra_head = (nn.Parameter(mean.repeat(n_extra, 1).clone())
-                           if n_extra and lm.lm_head is not None else None)
+        self.new_tokens = NewTokens(lm, n_extra) if n_extra else None
         self.activation_checkpointing = False
         self.lm.requires_grad_(not freeze_lm)
 
@@ -77,25 +91,24 @@ class FlamingoModel(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return self.base_vocab + (0 if self.extra_embed is None else self.extra_embed.shape[0])
+        return self.base_vocab + (0 if self.new_tokens is None else self.new_tokens.count)
 
     def xattn_index(self, layer: int) -> int | None:
         """open_flamingo's placement: a block before layer i when (i + 1) % every == 0."""
         return (layer + 1) // self.xattn_every - 1 if (layer + 1) % self.xattn_every == 0 else None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.extra_embed is None:
+        if self.new_tokens is None:
             return self.lm.embed_tokens(input_ids)
         is_new = input_ids >= self.base_vocab
         base = self.lm.embed_tokens(input_ids.masked_fill(is_new, 0))
-        new = F.embedding((input_ids - self.base_vocab).clamp(min=0), self.extra_embed)
+        new = self.new_tokens.embed((input_ids - self.base_vocab).clamp(min=0))
         return torch.where(is_new[..., None], new.to(base.dtype), base)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, self.lm.head_weight())
-        if self.extra_embed is not None:
-            w = self.extra_embed if self.extra_head is None else self.extra_head
-            logits = torch.cat([logits, F.linear(h, w.to(h.dtype))], dim=-1)
+        logits = self.lm.lm_head(h)
+        if self.new_tokens is not None:
+            logits = torch.cat([logits, self.new_tokens.head(h)], dim=-1)
         return logits
 
     def check_media(self, input_ids: torch.Tensor, media_valid: torch.Tensor) -> None:
@@ -212,15 +225,15 @@ class FlamingoModel(nn.Module):
 
     def lm_with_new_tokens(self) -> Llama:
         """The decoder alone with the new token rows merged into its vocabulary (for to_hf)."""
-        if self.extra_embed is None:
+        if self.new_tokens is None:
             return self.lm
         a = dataclasses.replace(self.lm.args, vocab_size=self.vocab_size)
         lm = Llama(a)
-        state = {k: v for k, v in self.lm.state_dict().items()}
-        state["embed_tokens.weight"] = torch.cat([state["embed_tokens.weight"], self.extra_embed.detach()])
-        if self.lm.lm_head is not None:
-            state["lm_head.weight"] = torch.cat([state["lm_head.weight"], self.extra_head.detach()])
+        state = dict(self.lm.state_dict())
+        state["embed_tokens.weight"] = torch.cat([state["embed_tokens.weight"], self.new_tokens.embed.weight.detach()])
+        state["lm_head.weight"] = torch.cat([state["lm_head.weight"], self.new_tokens.head.weight.detach()])
         lm.load_state_dict(state)
+        lm.tie_weights()
         return lm
 
 
@@ -282,7 +295,16 @@ def save_flamingo(model: FlamingoModel, path, model_config: dict) -> None:
         "model": model_config, "vocab_size": model.vocab_size, "image_token_id": model.image_token_id,
         "eoc_token_id": model.eoc_token_id, "lm_config": llama_mod.hf_config_from_args(model.lm.args),
         "vision_kind": model.vision.kind, "vision_config": model.vision.model.config.to_dict()}, indent=2))
-    save_weights(model.state_dict(), p)
+    save_weights(flamingo_state_dict(model), p)
+
+
+def flamingo_state_dict(model: FlamingoModel) -> dict[str, torch.Tensor]:
+    """state_dict without the tied duplicates (safetensors stores each tensor once)."""
+    state = model.state_dict()
+    if model.lm.args.tie_word_embeddings:
+        state.pop("lm.lm_head.weight", None)
+        state.pop("new_tokens.head.weight", None)
+    return state
 
 
 def load_flamingo(path) -> FlamingoModel:
@@ -296,5 +318,14 @@ def load_flamingo(path) -> FlamingoModel:
     vision = VisionTower(cls(cfg_cls(**meta["vision_config"])), meta["vision_kind"], mcfg.freeze_vision)
     model = build_flamingo(mcfg, vocab_size=meta["vocab_size"], image_token_id=meta["image_token_id"],
                            eoc_token_id=meta["eoc_token_id"], lm=lm, vision=vision)
-    model.load_state_dict(load_weights(path))
+    load_flamingo_state(model, load_weights(path))
     return model
+
+
+def load_flamingo_state(model: FlamingoModel, state: dict[str, torch.Tensor]) -> None:
+    """Strict load that accepts the tied duplicates being absent."""
+    tied = {"lm.lm_head.weight", "new_tokens.head.weight"} if model.lm.args.tie_word_embeddings else set()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"weights do not match this Flamingo: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -157,7 +157,11 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        # Always a module, tied or not: ZeRO-3 gathers a parameter only inside its owner's forward,
+        # so the head must run as a module call even when it shares the embedding's weight.
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.activation_checkpointing = False
 
@@ -172,8 +176,9 @@ class Llama(nn.Module):
             elif isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)
 
-    def head_weight(self) -> torch.Tensor:
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         return rope_cos_sin(self.inv_freq, position_ids, dtype)
@@ -193,7 +198,7 @@ class Llama(nn.Module):
         cos, sin = self.rope(position_ids, h.dtype)
         for i in range(len(self.layers)):
             h = self.run_layer(i, h, cos, sin, segment_ids)
-        return F.linear(self.norm(h), self.head_weight())
+        return self.lm_head(self.norm(h))
 
 
 # ---------------------------------------------------------------------------- HF import / export
@@ -270,11 +275,12 @@ def from_hf(path, dtype: torch.dtype = torch.float32) -> Llama:
     args = args_from_hf_config(read_config(path))
     state = {k.removeprefix("model."): v.to(dtype) for k, v in load_weights(path).items()}
     if args.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+        state["lm_head.weight"] = state["embed_tokens.weight"]
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     with torch.device("meta"):
         model = Llama(args)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()  # assign=True replaced the shared Parameter with two
     if missing or unexpected:
         raise ValueError(f"checkpoint {str(path)!r} does not match a {args.model_type} decoder: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -285,6 +291,8 @@ def from_hf(path, dtype: torch.dtype = torch.float32) -> Llama:
 def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and model.args.tie_word_embeddings:
+            continue  # HF stores a tied head once, as the embedding
         out[k if k.startswith("lm_head.") else f"model.{k}"] = v
     return out
 

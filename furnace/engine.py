@@ -1,0 +1,185 @@
+"""deepspeed.initialize for layout A (ZeRO-3 x TP x DP) or B (ZeRO-1 x TP x PP x DP), and
+checkpoints.
+
+Checkpoint = DeepSpeed's (module, optimizer, scheduler) + per-rank furnace state (loader
+position, RNG states, step) + the config. `latest` is written last, atomically, after every
+rank finished: a kill at any point of a save leaves `latest` on the previous complete one.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+LATEST = "latest"
+
+
+def ds_config_name(cfg) -> str:
+    if cfg.parallel.pp > 1:
+        return "zero1_pipeline_bf16"
+    return "zero3_fp16" if cfg.train.precision == "fp16" else "zero3_bf16"
+
+
+def build_ds_config(cfg, dp: int, grad_accum: int) -> dict:
+    """The DeepSpeed JSON for this run: the layout's base file, then batch sizes, precision,
+    ZeRO stage and clipping from the furnace config (one source of truth)."""
+    with open(DS_CONFIG_DIR / f"{ds_config_name(cfg)}.json") as f:
+        ds = json.load(f)
+    t, p = cfg.train, cfg.parallel
+    ds["train_batch_size"] = t.global_batch_size
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = grad_accum
+    ds["gradient_clipping"] = t.grad_clip
+    ds["zero_optimization"]["stage"] = p.zero_stage
+    ds["zero_allow_untested_optimizer"] = True  # torch AdamW as the client optimizer
+    ds.pop("bf16", None)
+    ds.pop("fp16", None)
+    base = json.load(open(DS_CONFIG_DIR / "zero3_fp16.json"))["fp16"]
+    if t.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        ds["fp16"] = base
+    if p.pp > 1:
+        ds.setdefault("pipeline", {})["activation_checkpoint_interval"] = p.pipeline_activation_checkpoint_interval
+    return ds
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; norms, biases, gates, latents and embeddings rows of 1-D stay undecayed."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    return groups
+
+
+def initialize(cfg, model, topology, dp: int, grad_accum: int):
+    import deepspeed
+
+    ds = build_ds_config(cfg, dp, grad_accum)
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=(0.9, 0.95),
+                            eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds, mpu=topology, dist_init_required=False)
+    return engine, ds
+
+
+# ------------------------------------------------------------------ RNG state
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": list(random.getstate()[1]) + [random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = state["python"]
+    random.setstate((3, tuple(int(x) for x in py[:-1]), py[-1]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ------------------------------------------------------------------ checkpoints
+
+def checkpoint_dir(run_dir) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_tag(run_dir) -> str | None:
+    f = checkpoint_dir(run_dir) / LATEST
+    if not f.exists():
+        return None
+    tag = f.read_text().strip()
+    return tag if (checkpoint_dir(run_dir) / tag).is_dir() else None
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def save_checkpoint(engine, run_dir, step: int, rank_state: dict, config: dict, *, keep: int = 2) -> str:
+    """Collective: every rank calls it. Returns the tag."""
+    ckdir = checkpoint_dir(run_dir)
+    tag = f"step{step:08d}"
+    rank = dist.get_rank()
+    engine.save_checkpoint(str(ckdir), tag=tag, client_state={"step": step}, save_latest=False)
+    torch.save(rank_state, ckdir / tag / f"furnace_rank{rank:05d}.pt")
+    if rank == 0:
+        (ckdir / tag / "config.json").write_text(json.dumps(config, indent=2))
+    dist.barrier()
+    if rank == 0:
+        _atomic_write(ckdir / LATEST, tag)
+        _prune(ckdir, keep, current=tag)
+    dist.barrier()
+    return tag
+
+
+def _prune(ckdir: Path, keep: int, current: str) -> None:
+    tags = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step"))
+    complete = [p for p in tags if p.name <= current]
+    for p in complete[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    # Directories newer than `latest` are partial saves from a killed run: drop them too.
+    for p in tags:
+        if p.name > current:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(engine, run_dir) -> dict | None:
+    """Collective. Loads `latest` if any; returns this rank's furnace state (or None)."""
+    tag = latest_tag(run_dir)
+    if tag is None:
+        return None
+    ckdir = checkpoint_dir(run_dir)
+    engine.load_checkpoint(str(ckdir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    path = ckdir / tag / f"furnace_rank{dist.get_rank():05d}.pt"
+    if not path.exists():
+        raise RuntimeError(f"{path} missing: checkpoint {tag} was written with another world size; "
+                           "resume with the same layout (parallel.tp/pp and number of ranks)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def config_snapshot(cfg) -> dict:
+    return copy.deepcopy(cfg.to_dict())

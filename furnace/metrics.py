@@ -1,0 +1,174 @@
+"""FLOP model, MFU, throughput meter and metric writers (JSONL + TensorBoard).
+
+FLOP model (matmuls only; norms, softmax and elementwise work are ignored):
+  forward        = 2 x (multiply-adds) of every linear layer and attention product;
+  backward       = 2 x forward for a matmul whose weight trains (activation + weight gradient),
+                   1 x forward for a frozen matmul that gradients still flow through
+                   (activation gradient only, no weight-gradient GEMM),
+                   0 for work upstream of every trainable parameter (a frozen vision tower).
+  Attention products (QK^T, PV) have no weights: 2 x forward in backward when on the gradient path.
+  Causal self-attention counts half the L x L products; xattn counts each token x its image's latents.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+# Dense bf16 peak TFLOP/s by device name fragment (vendor datasheets).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+def device_peak_tflops(device: torch.device | None = None) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756.0
+    for key, peak in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def _linear_params(module: nn.Module) -> tuple[int, int]:
+    """(frozen, trainable) weight elements of the nn.Linear layers in `module`."""
+    frozen = trainable = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            n = m.weight.numel()
+            if m.weight.requires_grad:
+                trainable += n
+            else:
+                frozen += n
+    return frozen, trainable
+
+
+@dataclass
+class StepShape:
+    """What one sample looks like on average: text tokens and media."""
+    seq_len: int
+    images: float          # valid media per sample
+    frames: int = 1
+
+
+def flamingo_flops_per_sample(model, shape: StepShape) -> dict:
+    """Forward and training (fwd + bwd) FLOPs of one sample through a FlamingoModel."""
+    L, T, F = shape.seq_len, shape.images, shape.frames
+    lm, vis = model.lm, model.vision
+    a = lm.args
+    d, dv, n = a.hidden_size, vis.hidden_size, model.num_latents
+    vcfg = vis.model.config
+    patches = (vcfg.image_size // vcfg.patch_size) ** 2
+    vtok = patches + (1 if vis.kind == "clip" else 0)
+    fwd: dict[str, float] = {}
+    bwd: dict[str, float] = {}
+
+    # vision tower (per frame)
+    vf, vt = _linear_params(vis.model)
+    v_fwd = T * F * (2 * vtok * (vf + vt) + 4 * vtok * vtok * dv * vcfg.num_hidden_layers
+                     + 2 * patches * 3 * vcfg.patch_size ** 2 * dv)
+    fwd["vision"] = v_fwd
+    bwd["vision"] = 0.0 if vis.frozen else 2 * v_fwd
+
+    # perceiver resampler (always trains in Flamingo; count as trainable when any weight is)
+    pf, pt = _linear_params(model.perceiver)
+    depth = len(model.perceiver.layers)
+    inner = model.perceiver.layers[0][0].to_q.out_features if depth else 0
+    s = F * vtok
+    kv_w = 2 * dv * inner                                   # to_k + to_v: see S media + n latents
+    other_w = (pf + pt) / max(depth, 1) - kv_w              # to_q, to_out, ff: see n latents
+    p_lin = depth * (2 * n * other_w + 2 * (s + n) * kv_w)
+    p_att = 4 * n * (s + n) * inner * depth
+    fwd["perceiver"] = T * (p_lin + p_att)
+    p_train = pt > 0
+    bwd["perceiver"] = T * (2 * p_lin + 2 * p_att) if p_train else 0.0
+
+    # gated xattn blocks
+    xf, xt = _linear_params(model.xattn)
+    blocks = len(model.xattn)
+    if blocks:
+        xin = model.xattn[0].attn.to_q.out_features
+        kv = 2 * dv * xin
+        per_tok = (xf + xt) / blocks - kv
+        x_lin = blocks * (2 * L * per_tok + 2 * T * n * kv)
+        x_att = blocks * 4 * L * n * xin
+    else:
+        x_lin = x_att = 0.0
+    fwd["xattn"] = x_lin + x_att
+    bwd["xattn"] = 2 * (x_lin + x_att) if xt else (x_lin + x_att)
+
+    # decoder layers and head
+    lf, lt = _linear_params(lm.layers)
+    attn_dim = a.num_heads * a.head_dim
+    dec_lin = 2 * L * (lf + lt)
+    dec_att = 4 * L * L * attn_dim * a.num_layers * 0.5
+    head = 2 * L * d * model.vocab_size
+    fwd["decoder"] = dec_lin + dec_att + head
+    lm_trains = lt > 0
+    # Gradients reach every decoder layer once anything upstream trains (new token rows, xattn).
+    on_path = lm_trains or xt > 0 or model.new_tokens is not None
+    bwd["decoder"] = (2 * (dec_lin + dec_att + head) if lm_trains else (dec_lin + dec_att + head)) if on_path else 0.0
+    total_fwd = sum(fwd.values())
+    return {"forward": total_fwd, "train": total_fwd + sum(bwd.values()), "forward_by_part": fwd,
+            "backward_by_part": bwd}
+
+
+class ThroughputMeter:
+    """Tokens, samples and FLOPs per second over the steps since the last `read()`."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.t0 = time.perf_counter()
+        self.tokens = self.samples = 0
+        self.flops = 0.0
+
+    def add(self, tokens: int, samples: int, flops: float) -> None:
+        self.tokens += tokens
+        self.samples += samples
+        self.flops += flops
+
+    def read(self) -> dict:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        out = {"tokens_per_s": self.tokens / dt, "samples_per_s": self.samples / dt, "tflops": self.flops / dt / 1e12}
+        self.reset()
+        return out
+
+
+class MetricsWriter:
+    """`<run_dir>/metrics.jsonl` (appended across resumes) and TensorBoard events."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # tensorboard missing: JSONL only
+                self.tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record.get("step", 0)
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k if "/" in k else f"train/{k}", v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
