@@ -29,9 +29,9 @@ setup(
         "webdataset>=0.2.86",
         "tokenizers>=0.19",
         "tensorboard>=2.12",
+        "triton>=3.0; platform_system == \"Linux\"",
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
         "test": ["pytest>=7"],
     },
     entry_points={

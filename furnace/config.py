@@ -79,7 +79,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = "data/demo/train-{000000..000003}.tar"
+    train_shards: str = "data/demo/train-{000000..000015}.tar"   # ';' separates sources to mix
     val_shards: str = "data/demo/val-000000.tar"
     tokenizer: str | None = None       # local HF tokenizer dir; None = the demo tokenizer
     max_length: int = 64
@@ -88,6 +88,9 @@ class DataConfig:
     shuffle_buffer: int = 1000
     synthetic_dir: str | None = "data/demo"   # build the synthetic set here if the shards are missing
     synthetic_n: int = 20000
+    train_weights: str | None = None   # mixing weights for ';'-separated train_shards, e.g. "0.7,0.3"
+    synthetic_seed: int = 0
+    synthetic_image_size: int = 32     # pixels the synthetic set is drawn at (the loader resizes)
 
 
 @dataclass
@@ -112,6 +115,8 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
+    lr_decay_steps: int = 0            # cosine horizon; 0 = max_steps (set it to extend a run exactly)
+    keep_checkpoints: int = 2
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     fused_loss_scaling: bool = True    # fp16: furnace's fused grad stats instead of DeepSpeed's

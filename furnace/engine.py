@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from furnace import faults
+
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 LATEST = "latest"
 
@@ -80,7 +82,8 @@ def initialize(cfg, model, topology, dp: int, grad_accum: int):
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=(0.9, 0.95),
                             eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio))
+        opt, warmup_cosine(cfg.train.warmup_steps, cfg.train.lr_decay_steps or cfg.train.max_steps,
+                           cfg.train.min_lr_ratio))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds, mpu=topology, dist_init_required=False)
     return engine, ds
@@ -149,6 +152,7 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, config: dict, 
     if rank == 0:
         (ckdir / tag / "config.json").write_text(json.dumps(config, indent=2))
     dist.barrier()
+    faults.maybe_die(step)
     if rank == 0:
         _atomic_write(ckdir / LATEST, tag)
         _prune(ckdir, keep, current=tag)

@@ -1,0 +1,87 @@
+"""Consolidate a ZeRO checkpoint into HF-format safetensors.
+
+    python -m furnace.export RUN_DIR --out DIR [--tag stepNNNNNNNN]
+
+writes DIR/flamingo/ (the whole model: safetensors + flamingo.json + tokenizer, reloadable with
+`furnace.model.flamingo.load_flamingo`) and DIR/lm/ (the decoder alone with the new token rows
+merged, loadable by transformers' AutoModelForCausalLM, with the tokenizer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from furnace.config import Config, _apply
+from furnace.engine import checkpoint_dir, latest_tag
+
+
+def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = tag or latest_tag(run_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)} (no `latest`)")
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=tag), tag
+
+
+def load_run_model(run_dir, tag: str | None = None):
+    """The Flamingo of a run at a checkpoint, on the CPU in fp32."""
+    from furnace.data.tokenizer import load_tokenizer
+    from furnace.model.flamingo import build_from_tokenizer, load_flamingo_state
+
+    state, tag = consolidated_state(run_dir, tag)
+    cfg = Config()
+    _apply(cfg, json.loads((checkpoint_dir(run_dir) / tag / "config.json").read_text()))
+    cfg.model.lm.path = None  # architecture only: the weights come from the checkpoint...
+    tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
+    lm_cfg = json.loads((checkpoint_dir(run_dir) / tag / "config.json").read_text())["model"]["lm"]
+    if lm_cfg.get("path"):  # ...but a pretrained LM's shape lives in its own config.json
+        from furnace.model import llama as llama_mod
+        from furnace.model.flamingo import build_flamingo
+        from furnace.model.hf_io import read_config
+        from furnace.model.tokens import EOC_TOKEN, IMAGE_TOKEN
+
+        lm = llama_mod.Llama(llama_mod.args_from_hf_config(read_config(lm_cfg["path"])))
+        model = build_flamingo(cfg.model, vocab_size=len(tokenizer), lm=lm,
+                               image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                               eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN))
+    else:
+        model = build_from_tokenizer(cfg.model, tokenizer)
+    load_flamingo_state(model, state)
+    return model.eval(), tokenizer, cfg, tag
+
+
+def export(run_dir, out, tag: str | None = None) -> dict:
+    import dataclasses
+
+    from furnace.model import llama as llama_mod
+    from furnace.model.flamingo import save_flamingo
+
+    model, tokenizer, cfg, tag = load_run_model(run_dir, tag)
+    out = Path(out)
+    save_flamingo(model, out / "flamingo", dataclasses.asdict(cfg.model))
+    tokenizer.save_pretrained(out / "flamingo")
+    llama_mod.to_hf(model.lm_with_new_tokens(), out / "lm")
+    tokenizer.save_pretrained(out / "lm")
+    return {"tag": tag, "flamingo": str(out / "flamingo"), "lm": str(out / "lm")}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m furnace.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    a = p.parse_args(argv)
+    try:
+        res = export(a.run_dir, a.out, a.tag)
+    except FileNotFoundError as e:
+        print(f"furnace export: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {res['tag']}: whole model -> {res['flamingo']}, LM alone -> {res['lm']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Helpers for the tests that run train.py in real processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TINY = [
+    "model.lm.num_layers=2", "model.lm.hidden_size=64", "model.lm.intermediate_size=128", "model.lm.num_heads=4",
+    "model.lm.num_kv_heads=2", "model.xattn.every=1", "model.xattn.heads=2", "model.xattn.dim_head=16",
+    "model.perceiver.depth=1", "model.perceiver.num_latents=4", "model.perceiver.heads=2",
+    "model.perceiver.dim_head=16", "model.vision.num_layers=1", "model.vision.hidden_size=32",
+    "model.vision.intermediate_size=64", "model.vision.num_heads=2", "data.max_length=24", "data.num_workers=0",
+    "data.shuffle_buffer=64", "train.micro_batch_size=4", "train.global_batch_size=16", "train.eval_every=0",
+    "train.log_every=1", "train.precision=fp32", "train.warmup_steps=2", "train.lr=1e-3",
+]
+
+
+def data_overrides(data: dict) -> list[str]:
+    return [f"data.synthetic_dir={data['dir']}", f"data.train_shards={data['train']}", f"data.val_shards={data['val']}"]
+
+
+def train_cmd(run_dir, data: dict, *extra: str, nproc: int = 2) -> list[str]:
+    sets = [*TINY, *data_overrides(data), f"train.run_dir={run_dir}", *extra]
+    args = [sys.executable, str(ROOT / "train.py"), "--nproc", str(nproc)]
+    for s in sets:
+        args += ["--set", s]
+    return args
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ)
+    e.pop("FURNACE_FAULT", None)
+    e.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra})
+    return e
+
+
+def run(cmd, timeout: int = 420, **env_extra) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env(**env_extra), capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
