@@ -3,6 +3,10 @@
 `attention(q, k, v, *, causal=False, q_segment=None, kv_segment=None, scale=None)` is the one
 attention entry point of the model. Backend: "auto" (Triton on CUDA, reference elsewhere),
 "triton" or "reference"; set with `set_attention_backend` or FURNACE_ATTENTION_BACKEND.
+The Triton kernels live in flash_attention.py (not attention.py: a submodule of that name would
+shadow this function as a package attribute once imported).
+`grad_stats`, `apply_`, `unscale_clip_`, `DynamicLossScaler` and `install_fused_loss_scaling`
+(loss_scale.py) are the fused loss-scaling pieces; see docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -10,6 +14,15 @@ import os
 
 import torch
 
+from .loss_scale import (
+    DynamicLossScaler,
+    apply_,
+    get_loss_scale_backend,
+    grad_stats,
+    install_fused_loss_scaling,
+    set_loss_scale_backend,
+    unscale_clip_,
+)
 from .reference import attention_reference
 
 _BACKENDS = ("auto", "triton", "reference")
@@ -38,7 +51,7 @@ def _use_triton(q: torch.Tensor) -> bool:
 def attention(q, k, v, *, causal=False, q_segment=None, kv_segment=None, scale=None):
     if _use_triton(q):
         try:
-            from .attention import attention_triton
+            from .flash_attention import attention_triton
         except ImportError:  # Triton kernel not available in this build
             attention_triton = None
         if attention_triton is not None:
@@ -46,4 +59,16 @@ def attention(q, k, v, *, causal=False, q_segment=None, kv_segment=None, scale=N
     return attention_reference(q, k, v, causal=causal, q_segment=q_segment, kv_segment=kv_segment, scale=scale)
 
 
-__all__ = ["attention", "attention_reference", "set_attention_backend", "get_attention_backend"]
+__all__ = [
+    "attention",
+    "attention_reference",
+    "set_attention_backend",
+    "get_attention_backend",
+    "grad_stats",
+    "apply_",
+    "unscale_clip_",
+    "DynamicLossScaler",
+    "install_fused_loss_scaling",
+    "set_loss_scale_backend",
+    "get_loss_scale_backend",
+]

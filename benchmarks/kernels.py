@@ -1,0 +1,368 @@
+"""Micro-benchmarks of furnace's kernels; writes one JSON file.
+
+    python benchmarks/kernels.py --out benchmarks/results/kernels-<device>.json          # GPU, full shapes
+    python benchmarks/kernels.py --out /tmp/kernels-smoke.json --quick                   # CPU smoke / CI
+
+Attention (TFLOP/s for fwd, bwd, fwd+bwd; fwd = 4*B*H*Lq*Lk*D*density, bwd = 2.5 x fwd):
+  * causal self-attention: furnace Triton vs scaled_dot_product_attention (flash backend);
+  * Flamingo mask (text 2048, 5 images x 64 latents, batch 8, 16 heads, hd 128): furnace vs
+    FlexAttention (torch.compile, block mask) vs SDPA with a dense boolean mask. Both the
+    "dense-equivalent" rate (density 1) and the "useful" rate (visible pairs only) are given.
+Loss scaling (GB/s over the bytes each path must move, and as a fraction of the device's
+measured copy bandwidth):
+  * furnace grad_stats (one read) and grad_stats + apply_ (read, then read+write);
+  * torch: _amp_foreach_non_finite_check_and_unscale_ + clip_grad_norm_;
+  * DeepSpeed ZeRO-3 (1 rank): has_overflow + _get_norm_groups + unscale_and_clip_grads, built in
+    vs with install_fused_loss_scaling, on the same optimizer and gradients.
+On CPU (no CUDA) Triton runs under TRITON_INTERPRET=1 at toy sizes and the compiled parts are
+skipped: the numbers there only prove the script runs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import triton  # noqa: E402
+
+from furnace_kernels.flash_attention import attention_triton  # noqa: E402
+from furnace_kernels.loss_scale import apply_, grad_stats, install_fused_loss_scaling  # noqa: E402
+
+
+def _sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def bench_ms(fn, quick=False):
+    """Mean time of fn in ms (triton.testing.do_bench on CUDA; a plain timer on CPU)."""
+    if CUDA:
+        return float(triton.testing.do_bench(fn, warmup=25 if not quick else 5, rep=100 if not quick else 20))
+    fn()
+    reps = 2 if quick else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def _attn_modes(run_fwd, inputs, quick):
+    """Times fwd, bwd, fwd+bwd of run_fwd(*inputs) in ms."""
+    out = run_fwd(*inputs)
+    do = torch.randn_like(out)
+
+    def fwd():
+        with torch.no_grad():
+            run_fwd(*inputs)
+
+    def fwd_bwd():
+        o = run_fwd(*inputs)
+        torch.autograd.grad(o, inputs, do)
+
+    o_keep = run_fwd(*inputs)
+
+    def bwd():
+        torch.autograd.grad(o_keep, inputs, do, retain_graph=True)
+
+    return {"fwd": bench_ms(fwd, quick), "bwd": bench_ms(bwd, quick), "fwd+bwd": bench_ms(fwd_bwd, quick)}
+
+
+def _tflops(ms, flops_fwd):
+    mult = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+    return {k: (flops_fwd * mult[k] / (v * 1e-3) / 1e12 if v and v > 0 else None) for k, v in ms.items()}
+
+
+def _record(name, ms, flops_fwd, **extra):
+    return {"impl": name, "ms": ms, "tflops": _tflops(ms, flops_fwd), **extra}
+
+
+def _safe(fn, *a, **k):
+    try:
+        return fn(*a, **k)
+    except Exception as e:  # a baseline that is not available here must not sink the run
+        return {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc(limit=3)}
+
+
+# --------------------------------------------------------------------------------------------- attention
+
+
+def bench_causal(quick, dtype):
+    dev = "cuda" if CUDA else "cpu"
+    shapes = [(1, 2, 64, 32)] if not CUDA else ([(2, 16, 1024, 128)] if quick else
+                                                 [(8, 16, 1024, 128), (4, 16, 2048, 128), (2, 16, 4096, 128),
+                                                  (4, 32, 2048, 64), (4, 16, 2048, 96)])
+    results = []
+    for b, h, l, d in shapes:
+        q, k, v = (torch.randn(b, h, l, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+        flops = 4 * b * h * l * l * d * 0.5  # causal: half the pairs
+        row = {"shape": {"B": b, "H": h, "L": l, "D": d}, "dtype": str(dtype), "results": []}
+        row["results"].append(_safe(lambda: _record(
+            "furnace_triton", _attn_modes(lambda q, k, v: attention_triton(q, k, v, causal=True), (q, k, v), quick), flops)))
+        if CUDA:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def sdpa_flash(q, k, v):
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+            row["results"].append(_safe(lambda: _record("sdpa_flash", _attn_modes(sdpa_flash, (q, k, v), quick), flops)))
+        results.append(row)
+    return results
+
+
+def _flamingo_segments(b, t_txt, n_img, n_lat, dev, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    qs = torch.zeros(b, t_txt, dtype=torch.int32)
+    for r in range(b):
+        # images interleaved with text: image i starts somewhere in the sequence
+        cuts = torch.sort(torch.randint(0, t_txt, (n_img,), generator=g)).values
+        cuts[0] = min(int(cuts[0]), t_txt // 16)
+        for c in cuts:
+            qs[r, c:] += 1
+    ks = torch.arange(1, n_img + 1, dtype=torch.int32).repeat_interleave(n_lat).expand(b, -1).contiguous()
+    return qs.to(dev), ks.to(dev)
+
+
+def bench_flamingo(quick, dtype):
+    dev = "cuda" if CUDA else "cpu"
+    if CUDA:
+        b, h, t_txt, n_img, n_lat, d = (2, 16, 1024, 5, 64, 128) if quick else (8, 16, 2048, 5, 64, 128)
+    else:
+        b, h, t_txt, n_img, n_lat, d = 1, 2, 48, 3, 8, 32
+    lk = n_img * n_lat
+    qs, ks = _flamingo_segments(b, t_txt, n_img, n_lat, dev)
+    q = torch.randn(b, h, t_txt, d, device=dev, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, h, lk, d, device=dev, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, h, lk, d, device=dev, dtype=dtype, requires_grad=True)
+    visible = (qs[:, :, None] == ks[:, None, :])
+    density = float(visible.float().mean())
+    flops_dense = 4 * b * h * t_txt * lk * d
+    row = {"shape": {"B": b, "H": h, "T_txt": t_txt, "images": n_img, "latents": n_lat, "D": d},
+           "dtype": str(dtype), "mask_density": density,
+           "note": "tflops = dense-equivalent (all Lq x Lk pairs); tflops_useful = visible pairs only",
+           "results": []}
+
+    def add(name, fn):
+        def go():
+            ms = _attn_modes(fn, (q, k, v), quick)
+            rec = _record(name, ms, flops_dense)
+            rec["tflops_useful"] = _tflops(ms, flops_dense * density)
+            return rec
+        row["results"].append(_safe(go))
+
+    add("furnace_triton", lambda q, k, v: attention_triton(q, k, v, q_segment=qs, kv_segment=ks))
+    if CUDA:
+        mask = visible[:, None]  # [B, 1, Lq, Lk]; rows that see nothing give NaN rows in SDPA (timing only)
+
+        def sdpa_mask(q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        add("sdpa_dense_bool_mask", sdpa_mask)
+
+        def flex():
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            def mask_mod(bi, hi, qi, ki):
+                return qs[bi, qi] == ks[bi, ki]
+
+            bm = create_block_mask(mask_mod, B=b, H=None, Q_LEN=t_txt, KV_LEN=lk, device=dev)
+            compiled = torch.compile(flex_attention)
+
+            def run(q, k, v):
+                return compiled(q, k, v, block_mask=bm)
+
+            ms = _attn_modes(run, (q, k, v), quick)
+            rec = _record("flex_attention_compiled", ms, flops_dense)
+            rec["tflops_useful"] = _tflops(ms, flops_dense * density)
+            return rec
+
+        row["results"].append(_safe(flex))
+    else:
+        row["skipped"] = ["sdpa_dense_bool_mask", "flex_attention_compiled"]
+    return row
+
+
+# --------------------------------------------------------------------------------------------- loss scaling
+
+
+def _grad_list(total, dtype, dev, seed=0):
+    """Odd-sized tensors like a transformer's gradient partitions, about `total` elements."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = []
+    while sum(sizes) < total:
+        sizes.append(int(torch.randint(1, max(2, total // 20), (1,), generator=g)) | 1)
+    return [torch.randn(n, device=dev, dtype=dtype) * 1e-2 for n in sizes]
+
+
+def copy_bandwidth(nbytes, quick):
+    dev = "cuda" if CUDA else "cpu"
+    src = torch.empty(nbytes // 4, device=dev, dtype=torch.float32).uniform_()
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src), quick)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def bench_loss_scale(quick):
+    dev = "cuda" if CUDA else "cpu"
+    total = (1 << 14) if not CUDA else ((1 << 24) if quick else (1 << 28))
+    out = {"elements": None, "results": []}
+    copy_gbs = copy_bandwidth(max(total * 4, 1 << 16), quick)
+    out["copy_bandwidth_gbs"] = copy_gbs
+    for dtype in (torch.float32, torch.float16):
+        grads = _grad_list(total, dtype, dev)
+        n = sum(t.numel() for t in grads)
+        nbytes = n * grads[0].element_size()
+        sect = {"dtype": str(dtype), "tensors": len(grads), "elements": n, "bytes": nbytes, "results": []}
+        backend = "triton"
+
+        def rec(name, ms, moved):
+            gbs = moved / (ms * 1e-3) / 1e9
+            return {"impl": name, "ms": ms, "bytes_moved": moved, "gbs": gbs, "fraction_of_copy_bw": gbs / copy_gbs}
+
+        sect["results"].append(_safe(lambda: rec("furnace_grad_stats", bench_ms(
+            lambda: grad_stats(grads, 1.0 / 1024, backend=backend)[0].item(), quick), nbytes)))
+
+        def fused_full():
+            s, nf = grad_stats(grads, 1.0 / 1024, backend=backend)
+            s, nf = float(s), bool(nf)
+            if not nf:
+                apply_(grads, 1.0 / 1024 / max(1.0, math.sqrt(s) / 1.0), backend=backend)
+
+        sect["results"].append(_safe(lambda: rec("furnace_grad_stats+apply_", bench_ms(fused_full, quick), 3 * nbytes)))
+
+        params = [torch.nn.Parameter(torch.empty_like(gr)) for gr in grads]
+        for p, gr in zip(params, grads):
+            p.grad = gr
+
+        def torch_path():
+            found = torch.zeros(1, device=dev)
+            inv = torch.full((1,), 1.0 / 1024, device=dev)
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, inv)
+            if not bool(found.item()):
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+
+        # unscale: read + write; clip_grad_norm_: read (norm) + read + write (multiply)
+        if CUDA or dtype == torch.float32:
+            sect["results"].append(_safe(lambda: rec("torch_amp_unscale+clip_grad_norm_", bench_ms(torch_path, quick), 5 * nbytes)))
+        out["results"].append(sect)
+    out["deepspeed_zero3"] = _safe(bench_deepspeed_zero3, quick, copy_gbs)
+    return out
+
+
+def bench_deepspeed_zero3(quick, copy_gbs):
+    """DeepSpeed ZeRO-3 step pieces on one optimizer: built-in vs fused (1 rank)."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29611")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    acc = get_accelerator()
+    if not acc.is_fp16_supported():  # CPU accelerator without oneDNN fp16: the path itself works
+        acc.is_fp16_supported = lambda: True
+    width = 64 if not CUDA else (1024 if quick else 4096)
+    layers = 2 if not CUDA else 8
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
+    cfg = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+           "fp16": {"enabled": True, "initial_scale_power": 8}, "steps_per_print": 10**9}
+    engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    x = torch.randn(2, width, device=engine.device, dtype=torch.float16)
+    engine.backward(engine(x).float().pow(2).mean())
+    grads = [g for i in range(len(opt.fp16_groups)) for g in opt.averaged_gradients[i]]
+    n = sum(g.numel() for g in grads)
+    nbytes_16 = n * 2
+    # unscale/clip touches the fp32 partitions: prepare them once, as step() does
+    for i in range(len(opt.fp16_groups)):
+        if opt.fp32_partitioned_groups_flat[i].grad is None:
+            opt.fp32_partitioned_groups_flat[i].grad = torch.zeros_like(opt.fp32_partitioned_groups_flat[i])
+
+    def builtin():
+        from deepspeed.runtime.utils import combine_grad_norm_groups
+        opt.has_overflow(partition_gradients=True)
+        norm = combine_grad_norm_groups(opt._get_norm_groups())
+        for i in range(len(opt.fp16_groups)):
+            opt.unscale_and_clip_grads(i, norm)
+
+    ms_builtin = bench_ms(builtin, quick)
+    install_fused_loss_scaling(opt, replace_scaler=False)
+
+    def fused():
+        from deepspeed.runtime.utils import combine_grad_norm_groups
+        opt._overflow_check_and_loss_scale_update(update_scale=False)
+        norm = combine_grad_norm_groups(opt._get_norm_groups())
+        for i in range(len(opt.fp16_groups)):
+            opt.unscale_and_clip_grads(i, norm)
+
+    ms_fused = bench_ms(fused, quick)
+    # bytes: fp16 partitions read (built-in reads them twice: isinf/isnan pass and norm pass) +
+    # fp32 partitions read+written once by the multiply
+    moved_fused = nbytes_16 + 2 * 4 * n
+    moved_builtin = 2 * nbytes_16 + 2 * 4 * n
+    return {
+        "elements": n,
+        "deepspeed_builtin": {"ms": ms_builtin, "bytes_moved": moved_builtin,
+                              "gbs": moved_builtin / (ms_builtin * 1e-3) / 1e9},
+        "furnace_fused": {"ms": ms_fused, "bytes_moved": moved_fused, "gbs": moved_fused / (ms_fused * 1e-3) / 1e9,
+                          "fraction_of_copy_bw": moved_fused / (ms_fused * 1e-3) / 1e9 / copy_gbs},
+        "speedup": ms_builtin / ms_fused,
+    }
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--quick", action="store_true", help="small shapes (CI smoke on CPU; a fast look on GPU)")
+    ap.add_argument("--only", choices=["attention", "loss_scale"], default=None)
+    args = ap.parse_args(argv)
+
+    import deepspeed
+
+    device = torch.cuda.get_device_name() if CUDA else f"cpu ({platform.processor() or platform.machine()})"
+    report = {
+        "device": device,
+        "cuda": CUDA,
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "versions": {"torch": torch.__version__, "triton": triton.__version__, "deepspeed": deepspeed.__version__,
+                     "cuda": torch.version.cuda, "python": platform.python_version()},
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv if argv is None else ["kernels.py"] + argv),
+        "quick": args.quick,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if not CUDA:
+        report["note"] = "no CUDA: Triton under the interpreter at toy sizes; numbers are not performance data"
+    if args.only in (None, "attention"):
+        dtypes = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]
+        report["attention_causal"] = [r for dt in dtypes for r in bench_causal(args.quick, dt)]
+        report["attention_flamingo"] = [bench_flamingo(args.quick, dt) for dt in dtypes]
+    if args.only in (None, "loss_scale"):
+        report["loss_scale"] = bench_loss_scale(args.quick)
+    report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps({k: report[k] for k in ("device", "versions", "command")}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,471 @@
+"""Fused loss scaling: one multi-tensor read pass for (squared norm, non-finite flag), a dynamic
+loss scaler with DeepSpeed's semantics, one multiply for unscale x clip, and a ZeRO-3 hook.
+
+    sumsq, nonfinite = grad_stats(tensors, inv_scale)
+        sumsq     fp32 0-dim tensor: sum over all elements of (g * inv_scale)^2 (accumulated in
+                  fp32 per block, blocks summed in fp64); inf/NaN when an element is non-finite
+                  or the sum overflows fp32.
+        nonfinite bool 0-dim tensor: some element of some tensor is inf or NaN.
+    apply_(tensors, factor)   in-place g *= factor (factor: float or 0-dim tensor), one pass.
+
+Backends: Triton on CUDA tensors (or anywhere with backend="triton" under TRITON_INTERPRET=1),
+torch elsewhere; `set_loss_scale_backend` / FURNACE_LOSS_SCALE_BACKEND ("auto", "triton",
+"torch") override.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Iterable, Sequence
+
+import torch
+
+_BACKENDS = ("auto", "triton", "torch")
+_backend = os.environ.get("FURNACE_LOSS_SCALE_BACKEND", "auto")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def set_loss_scale_backend(name: str) -> None:
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"loss-scale backend must be one of {_BACKENDS}; got {name!r}")
+    _backend = name
+
+
+def get_loss_scale_backend() -> str:
+    return _backend
+
+
+def _use_triton(tensors: Sequence[torch.Tensor], backend: str | None) -> bool:
+    backend = backend or _backend
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        return True
+    return len(tensors) > 0 and tensors[0].is_cuda
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton multi-tensor kernels. A launch covers all tensors of one dtype: program p handles chunk p
+# (CHUNK = BLOCK * ITERS elements of one tensor). Tensors are addressed relative to the first one
+# (element offset = (addr_i - addr_0) / itemsize), so the kernel sees ordinary typed pointers.
+
+_tl_kernels = None
+
+
+def _kernels():
+    global _tl_kernels
+    if _tl_kernels is not None:
+        return _tl_kernels
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _mt_stats(BASE, REL, NUMEL, CHUNK_T, CHUNK_S, PART_SQ, PART_NF, inv_scale,
+                  ALIGN: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        pid = tl.program_id(0)
+        t = tl.load(CHUNK_T + pid)
+        start = tl.load(CHUNK_S + pid)
+        n = tl.load(NUMEL + t)
+        rel = tl.load(REL + t)
+        if ALIGN > 1:
+            rel = tl.multiple_of(rel, ALIGN)
+        ptr = BASE + rel
+        acc = tl.zeros([BLOCK], tl.float32)
+        bad = tl.zeros([BLOCK], tl.int32)
+        for i in tl.static_range(ITERS):
+            offs = start + i * BLOCK + tl.arange(0, BLOCK)
+            m = offs < n
+            x = tl.load(ptr + offs, mask=m, other=0.0).to(tl.float32)
+            bad = bad | ((x != x) | (tl.abs(x) == float("inf"))).to(tl.int32)
+            y = x * inv_scale
+            acc += y * y
+        tl.store(PART_SQ + pid, tl.sum(acc, axis=0))
+        tl.store(PART_NF + pid, tl.max(bad, axis=0))
+
+    @triton.jit
+    def _mt_scale(BASE, REL, NUMEL, CHUNK_T, CHUNK_S, FACTOR,
+                  ALIGN: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        pid = tl.program_id(0)
+        t = tl.load(CHUNK_T + pid)
+        start = tl.load(CHUNK_S + pid)
+        n = tl.load(NUMEL + t)
+        rel = tl.load(REL + t)
+        if ALIGN > 1:
+            rel = tl.multiple_of(rel, ALIGN)
+        ptr = BASE + rel
+        f = tl.load(FACTOR)
+        for i in tl.static_range(ITERS):
+            offs = start + i * BLOCK + tl.arange(0, BLOCK)
+            m = offs < n
+            x = tl.load(ptr + offs, mask=m, other=0.0)
+            tl.store(ptr + offs, (x.to(tl.float32) * f).to(x.dtype), mask=m)
+
+    _tl_kernels = (_mt_stats, _mt_scale)
+    return _tl_kernels
+
+
+def _chunk_params():
+    # interpreter: small chunks keep numpy work per program small; GPU: 4 x 1024 per program
+    return (256, 2) if INTERPRET else (1024, 4)
+
+
+class _Plan:
+    """Chunk table for one list of same-dtype tensors (cached on their addresses and sizes)."""
+
+    def __init__(self, tensors: list[torch.Tensor], block: int, iters: int):
+        dev = tensors[0].device
+        isz = tensors[0].element_size()
+        base_addr = tensors[0].data_ptr()
+        rel, numel, counts = [], [], []
+        align_bytes = 16
+        for t in tensors:
+            d = t.data_ptr() - base_addr
+            assert d % isz == 0
+            rel.append(d // isz)
+            numel.append(t.numel())
+            counts.append(-(-t.numel() // (block * iters)))
+            while align_bytes > isz and (t.data_ptr() % align_bytes):
+                align_bytes //= 2
+        self.base = tensors[0]
+        self.align = max(1, align_bytes // isz)
+        self.rel = torch.tensor(rel, dtype=torch.int64, device=dev)
+        self.numel = torch.tensor(numel, dtype=torch.int64, device=dev)
+        cnt = torch.tensor(counts, dtype=torch.int64)
+        self.n_chunks = int(cnt.sum())
+        chunk_t = torch.repeat_interleave(torch.arange(len(tensors), dtype=torch.int32), cnt)
+        first = torch.cumsum(cnt, 0) - cnt
+        chunk_i = torch.arange(self.n_chunks, dtype=torch.int64) - torch.repeat_interleave(first, cnt)
+        self.chunk_t = chunk_t.to(dev)
+        self.chunk_s = (chunk_i * (block * iters)).to(dev)
+
+
+_plan_cache: dict = {}
+
+
+def _plans(tensors: Sequence[torch.Tensor]) -> list[_Plan]:
+    block, iters = _chunk_params()
+    groups: dict = {}
+    for t in tensors:
+        if t is None or t.numel() == 0:
+            continue
+        if not t.is_contiguous():
+            raise ValueError("grad_stats/apply_: tensors must be contiguous")
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    plans = []
+    for key, ts in groups.items():
+        ck = (key, block, iters, tuple((t.data_ptr(), t.numel()) for t in ts))
+        p = _plan_cache.get(ck)
+        if p is None:
+            if len(_plan_cache) > 64:
+                _plan_cache.clear()
+            p = _plan_cache[ck] = _Plan(ts, block, iters)
+        p.base = ts[0]  # the base tensor must be the live one passed now
+        plans.append(p)
+    return plans
+
+
+def _grad_stats_triton(tensors, inv_scale):
+    plans = _plans(tensors)
+    if not plans:
+        dev = tensors[0].device if tensors else "cpu"
+        return torch.zeros((), dtype=torch.float32, device=dev), torch.zeros((), dtype=torch.bool, device=dev)
+    mt_stats, _ = _kernels()
+    block, iters = _chunk_params()
+    dev = plans[0].base.device
+    total = sum(p.n_chunks for p in plans)
+    part_sq = torch.empty(total, dtype=torch.float32, device=dev)
+    part_nf = torch.empty(total, dtype=torch.int32, device=dev)
+    off = 0
+    for p in plans:
+        mt_stats[(p.n_chunks,)](
+            p.base, p.rel, p.numel, p.chunk_t, p.chunk_s, part_sq[off:], part_nf[off:], float(inv_scale),
+            ALIGN=p.align, BLOCK=block, ITERS=iters,
+        )
+        off += p.n_chunks
+    sumsq = part_sq.sum(dtype=torch.float64).to(torch.float32)
+    return sumsq, part_nf.amax() > 0
+
+
+def _grad_stats_torch(tensors, inv_scale):
+    ts = [t for t in tensors if t is not None and t.numel() > 0]
+    if not ts:
+        dev = tensors[0].device if tensors else "cpu"
+        return torch.zeros((), dtype=torch.float32, device=dev), torch.zeros((), dtype=torch.bool, device=dev)
+    sumsq = torch.zeros((), dtype=torch.float64, device=ts[0].device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=ts[0].device)
+    for t in ts:
+        x = t.float()
+        nonfinite |= ~torch.isfinite(x).all()
+        sumsq += (x * inv_scale).square().sum()
+    return sumsq.to(torch.float32), nonfinite
+
+
+def grad_stats(tensors: Iterable[torch.Tensor], inv_scale: float = 1.0, *, backend: str | None = None):
+    """(sum of squares of tensors * inv_scale as an fp32 0-dim tensor, non-finite flag as a bool 0-dim tensor).
+
+    One read of every element. Tensors may have different sizes and dtypes (one launch per dtype).
+    """
+    tensors = [t for t in tensors if t is not None]
+    if _use_triton(tensors, backend):
+        return _grad_stats_triton(tensors, inv_scale)
+    return _grad_stats_torch(tensors, inv_scale)
+
+
+def apply_(tensors: Iterable[torch.Tensor], factor, *, backend: str | None = None) -> None:
+    """In place: every tensor *= factor (float or 0-dim tensor), one pass over the data."""
+    tensors = [t for t in tensors if t is not None and t.numel() > 0]
+    if not tensors:
+        return
+    if not _use_triton(tensors, backend):
+        if torch.is_tensor(factor):
+            for t in tensors:
+                t.mul_(factor.to(t.device))
+        else:
+            torch._foreach_mul_(tensors, float(factor))
+        return
+    _, mt_scale = _kernels()
+    block, iters = _chunk_params()
+    for p in _plans(tensors):
+        f = factor if torch.is_tensor(factor) else torch.tensor(float(factor))
+        f = f.to(device=p.base.device, dtype=torch.float32).reshape(1)
+        mt_scale[(p.n_chunks,)](p.base, p.rel, p.numel, p.chunk_t, p.chunk_s, f,
+                                ALIGN=p.align, BLOCK=block, ITERS=iters)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamic loss scaler (DeepSpeed's semantics, deepspeed/runtime/fp16/loss_scaler.py)
+
+
+class DynamicLossScaler:
+    """Dynamic loss scale with DeepSpeed's rules:
+
+    * overflow: if hysteresis == 1 or the remaining hysteresis is 1, scale = max(scale * backoff,
+      min_scale) (raise if already at min_scale and raise_error_at_min_scale); otherwise only the
+      remaining hysteresis drops by one. The step is skipped either way.
+    * no overflow: with consecutive_hysteresis the remaining hysteresis refills; after
+      growth_interval steps since the last overflow the scale grows by growth_factor (and,
+      without consecutive_hysteresis, the hysteresis refills then).
+
+    Attribute names match DeepSpeed's scaler (cur_scale, cur_iter, last_overflow_iter,
+    cur_hysteresis, delayed_shift, scale_window, ...) so it can replace it inside a DeepSpeed
+    optimizer and be checkpointed with it.
+    """
+
+    dynamic = True
+
+    def __init__(self, init_scale: float = 2.0**16, *, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 1000, hysteresis: int = 2, consecutive_hysteresis: bool = False,
+                 min_scale: float = 1.0, raise_error_at_min_scale: bool = True, dtype=torch.float16):
+        self.cur_scale = float(init_scale)
+        self.growth_factor = float(growth_factor)
+        self.backoff_factor = float(backoff_factor)
+        self.scale_window = int(growth_interval)
+        self.delayed_shift = int(hysteresis)
+        self.cur_hysteresis = int(hysteresis)
+        self.consecutive_hysteresis = bool(consecutive_hysteresis)
+        self.min_scale = float(min_scale)
+        self.raise_error_at_min_scale = raise_error_at_min_scale
+        self.cur_iter = 0
+        self.last_overflow_iter = -1
+        self.dtype = dtype
+
+    @classmethod
+    def from_deepspeed(cls, ds_scaler) -> "DynamicLossScaler":
+        """Copy configuration and state from a deepspeed DynamicLossScaler."""
+        s = cls(ds_scaler.cur_scale, growth_factor=ds_scaler.scale_factor, backoff_factor=1.0 / ds_scaler.scale_factor,
+                growth_interval=ds_scaler.scale_window, hysteresis=ds_scaler.delayed_shift,
+                consecutive_hysteresis=ds_scaler.consecutive_hysteresis, min_scale=ds_scaler.min_scale,
+                raise_error_at_min_scale=getattr(ds_scaler, "raise_error_at_min_scale", True),
+                dtype=getattr(ds_scaler, "dtype", torch.float16))
+        s.cur_iter = ds_scaler.cur_iter
+        s.last_overflow_iter = ds_scaler.last_overflow_iter
+        s.cur_hysteresis = ds_scaler.cur_hysteresis
+        return s
+
+    # DeepSpeed-compatible surface
+    @property
+    def loss_scale(self) -> float:
+        return self.cur_scale
+
+    @property
+    def scale_factor(self) -> float:
+        return self.growth_factor
+
+    def scale_gradient(self, module, grad_in, grad_out):
+        return tuple(self.loss_scale * g for g in grad_in)
+
+    def scale_loss(self, loss):
+        return loss * self.loss_scale
+
+    def backward(self, loss, retain_graph=False):
+        self.scale_loss(loss).backward(retain_graph=retain_graph)
+
+    def update_scale(self, overflow: bool) -> bool:
+        """Advance one step; returns True when the step must be skipped (== overflow)."""
+        overflow = bool(overflow)
+        if overflow:
+            if self.delayed_shift == 1 or self.cur_hysteresis == 1:
+                if self.cur_scale == self.min_scale and self.raise_error_at_min_scale:
+                    raise RuntimeError("loss scale already at its minimum; cannot decrease it further")
+                self.cur_scale = max(self.cur_scale * self.backoff_factor, self.min_scale)
+            else:
+                self.cur_hysteresis -= 1
+            self.last_overflow_iter = self.cur_iter
+        else:
+            if self.consecutive_hysteresis:
+                self.cur_hysteresis = self.delayed_shift
+            stable = (self.cur_iter - self.last_overflow_iter) - 1
+            if stable > 0 and stable % self.scale_window == 0:
+                if not self.consecutive_hysteresis:
+                    self.cur_hysteresis = self.delayed_shift
+                self.cur_scale *= self.growth_factor
+        self.cur_iter += 1
+        return overflow
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k, v in sd.items():
+            setattr(self, k, v)
+
+
+def clip_factor(sumsq_unscaled: float, max_norm: float) -> float:
+    """DeepSpeed's clip: divide by max(1, (norm + 1e-6) / max_norm); returns the multiplier."""
+    if max_norm <= 0:
+        return 1.0
+    return 1.0 / max(1.0, (math.sqrt(sumsq_unscaled) + 1e-6) / max_norm)
+
+
+def unscale_clip_(tensors: Sequence[torch.Tensor], scaler: "DynamicLossScaler | None" = None, max_norm: float = 0.0,
+                  *, loss_scale: float | None = None, group=None, backend: str | None = None):
+    """The whole fused step outside DeepSpeed: one grad_stats pass, one all-reduce of
+    [sumsq, nonfinite] over `group` (when torch.distributed is initialised), the scaler update,
+    and, unless the step overflowed, one multiply by 1 / (scale * clip).
+
+    Returns (skip, grad_norm): skip is True when the step must be skipped (gradients left as
+    they are); grad_norm is the unscaled global norm (inf when skipped).
+    """
+    tensors = [t for t in tensors if t is not None]
+    scale = float(scaler.cur_scale if scaler is not None else (loss_scale or 1.0))
+    sumsq, nonfinite = grad_stats(tensors, 1.0 / scale, backend=backend)
+    buf = torch.stack([sumsq.to(torch.float32), nonfinite.to(torch.float32)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(buf, group=group)
+    s, nf = buf.tolist()
+    overflow = nf > 0 or not math.isfinite(s)
+    if scaler is not None:
+        scaler.update_scale(overflow)
+    if overflow:
+        return True, float("inf")
+    norm = math.sqrt(s)
+    apply_(tensors, clip_factor(s, max_norm) / scale, backend=backend)
+    return False, norm
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3 hook
+
+
+def install_fused_loss_scaling(engine_or_optimizer, *, replace_scaler: bool = True, backend: str | None = None):
+    """Route a DeepSpeed ZeRO-3 optimizer's overflow check, gradient norm and unscale/clip
+    through one `grad_stats` pass, one all-reduce and one multiply.
+
+    Per step (DeepSpeedZeroOptimizer_Stage3.step, DeepSpeed 0.19):
+      _overflow_check_and_loss_scale_update(update_scale=False)
+          -> grad_stats over this rank's gradient partitions (averaged_gradients) with
+             inv_scale = 1 / loss_scale; one all-reduce (SUM) of [sumsq, nonfinite] over the
+             data-parallel group (plus the model-parallel group when there is one);
+             overflow = nonfinite or sumsq not finite. (DeepSpeed's own path: an isinf/isnan
+             pass with a MAX all-reduce for fp16, then a norm pass with its own all-reduce, and
+             an invalid norm also counts as overflow; the decisions are the same.)
+      _get_norm_groups()  -> [sqrt(sumsq) * loss_scale] from that pass (no second read).
+      unscale_and_clip_grads(i, norm) -> one multiply of the fp32 partition by
+             1 / (loss_scale * max(1, (norm + 1e-6) / clip)), the same factor as DeepSpeed.
+    With replace_scaler, the optimizer's DeepSpeed DynamicLossScaler is replaced by
+    furnace's DynamicLossScaler (state copied), which then drives the skip decisions.
+    Returns the optimizer. Not supported: optimizer offload, Muon (raises).
+    """
+    from deepspeed import comm as dist
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    opt = engine_or_optimizer
+    if not isinstance(opt, DeepSpeedZeroOptimizer_Stage3):  # an engine: its ZeRO optimizer
+        opt = getattr(opt, "optimizer", opt)
+    if not isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+        raise TypeError(f"install_fused_loss_scaling needs a ZeRO-3 optimizer; got {type(opt).__name__}")
+    if getattr(opt, "offload_optimizer", False):
+        raise NotImplementedError("install_fused_loss_scaling: optimizer offload is not supported")
+    if getattr(opt, "use_muon", False):
+        raise NotImplementedError("install_fused_loss_scaling: Muon is not supported")
+    if getattr(opt, "_furnace_fused_loss_scaling", False):
+        return opt
+
+    if replace_scaler and getattr(opt.loss_scaler, "dynamic", False) and not isinstance(opt.loss_scaler, DynamicLossScaler):
+        opt.loss_scaler = DynamicLossScaler.from_deepspeed(opt.loss_scaler)
+
+    originals = {name: getattr(opt, name) for name in
+                 ("_overflow_check_and_loss_scale_update", "_get_norm_groups", "unscale_and_clip_grads")}
+    state = {"sumsq": None, "scale": None}
+
+    def _grads():
+        out = []
+        for i in range(len(opt.fp16_groups)):
+            out.extend(g for g in opt.averaged_gradients.get(i, None) or [] if g is not None)
+        return out
+
+    def fused_overflow_check(update_scale=True):
+        scale = float(opt.loss_scale)
+        grads = _grads()
+        dev = grads[0].device if grads else torch.device(opt.device)
+        sumsq, nonfinite = grad_stats(grads, 1.0 / scale, backend=backend)
+        buf = torch.stack([sumsq.to(torch.float32), nonfinite.to(torch.float32)]).to(dev)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=opt.dp_process_group)
+        from deepspeed.comm import pg_utils
+        if pg_utils.is_parallel(opt.model_parallel_group):
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=opt.model_parallel_group)
+        s, nf = buf.tolist()  # the one host sync of the step
+        opt.overflow = bool(nf > 0) or not math.isfinite(s)
+        state["sumsq"], state["scale"] = s, scale
+        if not update_scale:
+            return opt.overflow
+        return opt._loss_scale_update_and_overflow_cleanup()
+
+    def fused_norm_groups():
+        s = state["sumsq"]
+        dev = torch.device(opt.device)
+        if s is None or not math.isfinite(s):
+            return [torch.tensor(-1.0, device=dev)]
+        return [torch.tensor(math.sqrt(s) * state["scale"], dtype=torch.float32, device=dev)]
+
+    def fused_unscale_and_clip(sub_group_id, total_norm):
+        scale = float(opt.loss_scale)
+        combined = scale
+        if opt.clip_grad > 0.0:
+            norm = float(total_norm)
+            combined = max(((norm / scale) + 1e-6) / opt.clip_grad, 1.0) * scale
+        apply_([opt.fp32_partitioned_groups_flat[sub_group_id].grad], 1.0 / combined, backend=backend)
+
+    opt._overflow_check_and_loss_scale_update = fused_overflow_check
+    opt._get_norm_groups = fused_norm_groups
+    opt.unscale_and_clip_grads = fused_unscale_and_clip
+    opt._furnace_fused_loss_scaling = True
+    opt._furnace_originals = originals
+    return opt
+
+
+def uninstall_fused_loss_scaling(engine_or_optimizer):
+    opt = engine_or_optimizer
+    if not hasattr(opt, "_furnace_originals"):
+        opt = getattr(opt, "optimizer", opt)
+    for name, fn in getattr(opt, "_furnace_originals", {}).items():
+        # originals were bound methods of the instance; dropping the instance attribute restores them
+        if name in opt.__dict__:
+            del opt.__dict__[name]
+    opt._furnace_fused_loss_scaling = False
+    return opt
+
+
+__all__ = ["grad_stats", "apply_", "unscale_clip_", "DynamicLossScaler", "clip_factor", "install_fused_loss_scaling",
+           "uninstall_fused_loss_scaling", "set_loss_scale_backend", "get_loss_scale_backend"]

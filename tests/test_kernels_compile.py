@@ -1,0 +1,58 @@
+"""Without a GPU: compile the Triton kernels for sm_90 (frontend, LLVM and Triton's bundled ptxas),
+so a kernel that only the interpreter accepts is caught before a GPU session. On a CUDA machine
+the GPU tests compile them for real, so this is skipped there."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+CODE = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import triton
+from triton.backends.compiler import GPUTarget
+import furnace_kernels.flash_attention as fa
+import furnace_kernels.loss_scale as ls
+assert not fa.INTERPRET
+target = GPUTarget("cuda", 90, 32)
+
+def build(kernel, ptrs, constexprs, floats=()):
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    sig = {n: ("constexpr" if n in constexprs else ptrs.get(n, "fp32" if n in floats else "i32")) for n in fn.arg_names}
+    triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
+                   options={"num_warps": 4, "num_stages": 2})
+    print("compiled", fn.__name__, flush=True)
+
+ptrs = {n: "*fp16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
+ptrs.update({"LSE": "*fp32", "DELTA": "*fp32", "QSEG": "*i32", "KSEG": "*i32"})
+ce = dict(GROUP=2, CAUSAL=True, HAS_SEG=True, DOT_PREC="tf32", BLOCK_D=128, BLOCK_M=64, BLOCK_N=64)
+build(fa._attn_fwd, ptrs, ce, floats=("qk_scale",))
+build(fa._attn_bwd_dkdv, ptrs, ce, floats=("qk_scale", "sm_scale"))
+build(fa._attn_bwd_dq, ptrs, ce, floats=("qk_scale", "sm_scale"))
+build(fa._attn_bwd_delta, ptrs, dict(BLOCK_M=64, BLOCK_D=128))
+mt_stats, mt_scale = ls._kernels()
+p = {"BASE": "*bf16", "REL": "*i64", "NUMEL": "*i64", "CHUNK_T": "*i32", "CHUNK_S": "*i64", "PART_SQ": "*fp32",
+     "PART_NF": "*i32", "FACTOR": "*fp32"}
+build(mt_stats, p, dict(ALIGN=8, BLOCK=1024, ITERS=4), floats=("inv_scale",))
+build(mt_scale, p, dict(ALIGN=8, BLOCK=1024, ITERS=4))
+print("ALL OK")
+"""
+
+
+def _ptxas_available():
+    try:
+        import triton
+
+        return os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas"))
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU tests compile the kernels for real")
+@pytest.mark.skipif(not _ptxas_available(), reason="Triton's bundled ptxas not found")
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "ALL OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
