@@ -63,6 +63,9 @@ class XAttnConfig:
     heads: int = 8
     dim_head: int = 64
     ff_mult: int = 4
+    # tanh gates start at 0 so a pretrained LM is untouched at step 0 (Flamingo). An LM trained
+    # from scratch has nothing to protect; closed gates only delay learning to look.
+    gate_init: float = 0.0
 
 
 @dataclass

@@ -86,6 +86,11 @@ def initialize(cfg, model, topology, dp: int, grad_accum: int):
                            cfg.train.min_lr_ratio))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds, mpu=topology, dist_init_required=False)
+    if cfg.train.precision == "fp16" and cfg.parallel.zero_stage == 3 and cfg.train.fused_loss_scaling:
+        from furnace_kernels import install_fused_loss_scaling
+
+        # One fused pass for overflow check + grad norm, one multiply for unscale x clip.
+        install_fused_loss_scaling(engine)
     return engine, ds
 
 

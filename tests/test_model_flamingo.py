@@ -322,3 +322,9 @@ def test_save_and_load_whole_flamingo(tmp_path, tied):
     batch = make_batch([[1, IMG, 2, EOC, 3]], t_img=1)
     with torch.no_grad():
         assert torch.equal(again.logits(batch), model.logits(batch))
+
+
+def test_gates_start_closed_by_default_and_open_when_configured():
+    assert all(float(b.attn_gate) == 0.0 and float(b.ff_gate) == 0.0 for b in make_model().xattn)
+    opened = make_model(**{"xattn.gate_init": 0.5})
+    assert all(float(b.attn_gate) == 0.5 and float(b.ff_gate) == 0.5 for b in opened.xattn)

@@ -217,3 +217,35 @@ def test_invalid_configs_fail_early_with_one_line(sets, nproc, needle, capsys):
     assert len(err.splitlines()) == 1 and needle in err, err
     assert time.time() - t0 < 10  # nothing was launched
     assert not torch.distributed.is_initialized()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_over_loopback_with_the_deepspeed_launcher(data, tmp_path):
+    """Two 'nodes' on this machine: one `deepspeed --no_ssh` launcher per node rank, as on a cluster."""
+    import shutil
+    import sys
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = _free_port()
+    run_dir = tmp_path / "run"
+    base = train_cmd(run_dir, data, "train.max_steps=3", "train.save_every=0")[2:]  # drop python, train.py
+    base = [a for a in base if a not in ("--nproc", "2")]
+    ds = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
+    procs = [subprocess.Popen([ds, "--no_ssh", "--hostfile", str(hostfile), "--node_rank", str(r),
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), str(ROOT / "train.py"), *base],
+                              cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    assert [m["step"] for m in metrics(run_dir) if "loss" in m] == [1, 2, 3]
+    for r in (0, 1):
+        assert "world 2" in (run_dir / "logs" / f"rank{r:03d}.log").read_text()

@@ -64,7 +64,8 @@ class FlamingoModel(nn.Module):
                  vocab_size: int | None = None, xattn_every: int = 4, xattn_heads: int = 8,
                  xattn_dim_head: int = 64, xattn_ff_mult: int = 4, perceiver_depth: int = 6,
                  perceiver_heads: int = 8, perceiver_dim_head: int = 64, num_latents: int = 64,
-                 max_frames: int = 8, perceiver_ff_mult: int = 4, freeze_lm: bool = True):
+                 max_frames: int = 8, perceiver_ff_mult: int = 4, freeze_lm: bool = True,
+                 xattn_gate_init: float = 0.0):
         super().__init__()
         d, dv = lm.args.hidden_size, vision.hidden_size
         self.lm = lm
@@ -77,7 +78,8 @@ class FlamingoModel(nn.Module):
                                             dim_head=perceiver_dim_head, num_latents=num_latents,
                                             max_frames=max_frames, ff_mult=perceiver_ff_mult)
         self.xattn = nn.ModuleList(
-            GatedCrossAttentionBlock(d, dv, heads=xattn_heads, dim_head=xattn_dim_head, ff_mult=xattn_ff_mult)
+            GatedCrossAttentionBlock(d, dv, heads=xattn_heads, dim_head=xattn_dim_head, ff_mult=xattn_ff_mult,
+                                     gate_init=xattn_gate_init)
             for _ in range(lm.args.num_layers // xattn_every))
         self.base_vocab = lm.args.vocab_size
         n_extra = max(0, (vocab_size or self.base_vocab) - self.base_vocab)
@@ -275,7 +277,7 @@ def build_flamingo(mcfg, *, vocab_size: int, image_token_id: int, eoc_token_id: 
                           vocab_size=vocab_size, xattn_every=x.every, xattn_heads=x.heads, xattn_dim_head=x.dim_head,
                           xattn_ff_mult=x.ff_mult, perceiver_depth=p.depth, perceiver_heads=p.heads,
                           perceiver_dim_head=p.dim_head, num_latents=p.num_latents, max_frames=p.max_frames,
-                          perceiver_ff_mult=p.ff_mult, freeze_lm=mcfg.freeze_lm)
+                          perceiver_ff_mult=p.ff_mult, freeze_lm=mcfg.freeze_lm, xattn_gate_init=x.gate_init)
     model.activation_checkpointing = mcfg.activation_checkpointing
     return model
 

@@ -40,12 +40,13 @@ class CrossAttention(nn.Module):
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    def __init__(self, dim: int, dim_visual: int, *, heads: int = 8, dim_head: int = 64, ff_mult: int = 4):
+    def __init__(self, dim: int, dim_visual: int, *, heads: int = 8, dim_head: int = 64, ff_mult: int = 4,
+                 gate_init: float = 0.0):
         super().__init__()
         self.attn = CrossAttention(dim, dim_visual, heads, dim_head)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
         self.ff = FeedForward(dim, ff_mult)
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.ff_gate = nn.Parameter(torch.full((1,), float(gate_init)))
 
     def forward(self, x, latents, text_time, media_segment, media_kv: MediaKV | None = None):
         x = x + self.attn(x, latents, text_time, media_segment, media_kv) * self.attn_gate.tanh().to(x.dtype)
