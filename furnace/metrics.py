@@ -12,6 +12,7 @@ FLOP model (matmuls only; norms, softmax and elementwise work are ignored):
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,3 +173,31 @@ class MetricsWriter:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def run_info() -> dict:
+    """What every benchmark JSON records: device, library versions, the command line, the time."""
+    import datetime
+    import platform
+    import sys
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("triton", "deepspeed", "transformers", "webdataset"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # not installed here
+            versions[name] = None
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+        count = torch.cuda.device_count()
+    else:
+        device = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        count = 0
+    return {"device": device, "gpu_count": count, "versions": versions,
+            "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+            "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def percentiles(values, qs=(10, 50, 90)) -> dict:
+    t = torch.tensor(sorted(values), dtype=torch.float64)
+    return {f"p{q}": float(torch.quantile(t, q / 100)) for q in qs}

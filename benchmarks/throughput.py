@@ -1,0 +1,328 @@
+"""End-to-end training throughput through the real trainer path (DeepSpeed engine).
+
+    python benchmarks/throughput.py --preset flamingo-1b --steps 20 --out benchmarks/results/throughput-h100.json
+    python benchmarks/throughput.py --preset demo --steps 5 --out /tmp/demo.json            # CPU, seconds
+    python benchmarks/throughput.py --preset flamingo-1b --ablate all --out ...             # side-by-side ablations
+    torchrun --nproc_per_node 8 benchmarks/throughput.py --preset flamingo-9b ...           # several ranks
+
+Warm-up steps, then timed optimizer steps. Reported per variant: step time (median, p10, p90),
+tokens/s and samples/s (whole job), model TFLOP/s and MFU against the device's dense bf16
+peak, peak memory per rank, and the time split between data, forward, backward and optimizer
+step (phases are separated by device synchronisation, which the split costs a little).
+
+Data: the real loader on the synthetic shards (built if missing) or `--synthetic-data` random
+tensors, which removes the loader from the measurement.
+
+FLOPs: `furnace.metrics.flamingo_flops_per_sample` (its docstring has the formula): frozen parts
+count forward plus activation-gradient backward only (no weight-gradient GEMMs); a frozen vision
+tower counts forward only. Tokens are the non-padding tokens of the batches.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from furnace.config import ConfigError, gradient_accumulation_steps, load_config, validate  # noqa: E402
+from furnace.metrics import (StepShape, device_peak_tflops, flamingo_flops_per_sample, percentiles,  # noqa: E402
+                             run_info)
+from furnace.model.tokens import build_labels  # noqa: E402
+
+ABLATIONS = {
+    # name: (baseline overrides, [variant overrides, ...], what it compares)
+    "attention": (["model.attention_backend=triton"], [["model.attention_backend=reference"]],
+                  "Triton attention vs the SDPA reference path"),
+    "loss_scale": (["train.precision=fp16", "train.fused_loss_scaling=true"],
+                   [["train.precision=fp16", "train.fused_loss_scaling=false"]],
+                   "fp16: fused grad stats vs DeepSpeed's own overflow check / norm / unscale"),
+    "ckpt": (["model.activation_checkpointing=false"], [["model.activation_checkpointing=true"]],
+             "activation checkpointing off vs on"),
+    "zero": (["parallel.zero_stage=3"], [["parallel.zero_stage=1"], ["parallel.zero_stage=2"]],
+             "ZeRO-3 vs ZeRO-1 / ZeRO-2"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="demo")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    p.add_argument("--out", required=True, help="JSON file to write")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--synthetic-data", action="store_true", help="random tensors instead of the loader")
+    p.add_argument("--ablate", default="none", help=f"comma list of {sorted(ABLATIONS)}, 'all' or 'none'")
+    p.add_argument("--profile", default=None, help="write a torch.profiler table of the top ops to this file")
+    return p.parse_args(argv)
+
+
+def init_distributed():
+    import deepspeed
+
+    if "RANK" not in os.environ:  # single process without a launcher
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def synthetic_batches(cfg, tokenizer, vocab: int, image_size: int, n: int = 4):
+    """Full-length rows with max_images <image> tokens spread evenly (an <|endofchunk|> before
+    each next one); random ids elsewhere; fixed random images. Cycles through n batches."""
+    from furnace.model.tokens import EOC_TOKEN, IMAGE_TOKEN
+
+    img_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    eoc_id = tokenizer.convert_tokens_to_ids(EOC_TOKEN)
+    specials = torch.tensor(sorted({i for i in tokenizer.all_special_ids if i is not None} | {img_id, eoc_id}))
+    filler = next(i for i in range(vocab) if i not in set(specials.tolist()))
+    b, l, t = cfg.train.micro_batch_size, cfg.data.max_length, cfg.data.max_images
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (b, l), generator=g)
+        ids[torch.isin(ids, specials)] = filler
+        for k in range(t):
+            pos = k * l // t
+            ids[:, pos] = img_id
+            if k:
+                ids[:, pos - 1] = eoc_id
+        mask = torch.ones_like(ids)
+        batches.append({"input_ids": ids, "attention_mask": mask,
+                        "labels": build_labels(ids, mask, image_token_id=img_id, eoc_token_id=eoc_id),
+                        "images": torch.randn(b, t, 1, 3, image_size, image_size, generator=g),
+                        "media_valid": torch.ones(b, t, dtype=torch.bool)})
+    while True:
+        yield from batches
+
+
+def run_variant(name: str, cfg, args, world: int) -> dict:
+    import furnace_kernels
+    from furnace import engine as eng
+    from furnace.data.tokenizer import load_tokenizer
+    from furnace.model.flamingo import build_from_tokenizer
+    from furnace.parallel.topology import Topology
+
+    rank = dist.get_rank()
+    dp = validate(cfg, world, check_paths=True)
+    gas = gradient_accumulation_steps(cfg, dp)
+    if cfg.model.attention_backend == "triton" and not torch.cuda.is_available():
+        return {"variant": name, "skipped": "the Triton attention path needs CUDA"}
+    if cfg.train.precision == "fp16":
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            return {"variant": name, "skipped": "DeepSpeed does not support fp16 on this device"}
+    furnace_kernels.set_attention_backend(cfg.model.attention_backend)
+    topo = Topology(cfg.parallel.tp, cfg.parallel.pp)
+    if args.synthetic_data:
+        tok_dir = cfg.data.tokenizer
+        if tok_dir is None:
+            from furnace.data.tokenizer import build_demo_tokenizer
+
+            tokenizer = build_demo_tokenizer()
+        else:
+            tokenizer = load_tokenizer(tok_dir)
+    else:
+        from furnace.data.synthetic import ensure_demo_data
+
+        paths = ensure_demo_data(cfg.data, progress=rank == 0)
+        tokenizer = load_tokenizer(paths["tokenizer"])
+    torch.manual_seed(cfg.train.seed)
+    model = build_from_tokenizer(cfg.model, tokenizer)
+    fp = {}  # FLOPs per sample by number of images, computed before ZeRO partitions the weights
+
+    def flops_for(seq_len: float, images: float) -> float:
+        key = (round(seq_len, 2), round(images, 2))
+        if key not in fp:
+            fp[key] = flamingo_flops_per_sample(model, StepShape(seq_len=seq_len, images=images))["train"]
+        return fp[key]
+
+    flops_for(cfg.data.max_length, cfg.data.max_images)
+    image_size = model.vision.image_size
+    stats = model.vision.image_stats
+    engine, _ = eng.initialize(cfg, model, topo, dp, gas)
+    device = engine.device
+    if args.synthetic_data:
+        it = synthetic_batches(cfg, tokenizer, model.vocab_size, image_size)
+    else:
+        from furnace.data.loader import make_loader
+
+        it = iter(make_loader(cfg.data, tokenizer, split="train", batch_size=cfg.train.micro_batch_size,
+                              dp_rank=topo.coord.dp, dp_size=dp, seed=cfg.train.seed, image_size=image_size,
+                              mean=stats[0], std=stats[1]))
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    prof = None
+    records = []
+    for step in range(args.warmup + args.steps):
+        if args.profile and step == args.warmup:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
+                                          ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+            prof.__enter__()
+        split = dict(data=0.0, forward=0.0, backward=0.0, step=0.0)
+        tokens = samples = 0
+        flops = 0.0
+        sync()
+        t_step = time.perf_counter()
+        for _ in range(gas):
+            t0 = time.perf_counter()
+            batch = next(it)
+            n_tok = int(batch["attention_mask"].sum())
+            n_img = float(batch["media_valid"].sum()) / batch["media_valid"].shape[0]
+            b = batch["input_ids"].shape[0]
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            sync()
+            t1 = time.perf_counter()
+            loss = engine(batch)
+            sync()
+            t2 = time.perf_counter()
+            engine.backward(loss)
+            sync()
+            t3 = time.perf_counter()
+            engine.step()
+            sync()
+            t4 = time.perf_counter()
+            split["data"] += t1 - t0
+            split["forward"] += t2 - t1
+            split["backward"] += t3 - t2
+            split["step"] += t4 - t3
+            tokens += n_tok
+            samples += b
+            flops += b * flops_for(n_tok / b, n_img)
+        dt = time.perf_counter() - t_step
+        if step >= args.warmup:
+            records.append({"time": dt, "tokens": tokens, "samples": samples, "flops": flops, **split})
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        if rank == 0:
+            key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=25))
+    # Whole-job rates: every dp rank processes its own samples (tp/pp peers share theirs).
+    n_model = world // dp
+    totals = torch.tensor([sum(r["tokens"] for r in records), sum(r["samples"] for r in records),
+                           sum(r["flops"] for r in records)], dtype=torch.float64)
+    dist.all_reduce(totals)
+    totals /= n_model
+    times = [r["time"] for r in records]
+    elapsed = sum(times)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else _rss_gb()
+    mems = [None] * world
+    dist.all_gather_object(mems, round(mem, 3))
+    peak = device_peak_tflops()
+    tflops = float(totals[2]) / elapsed / 1e12
+    res = {
+        "variant": name, "overrides": getattr(cfg, "_overrides", []),
+        "step_time_s": {"median": statistics.median(times), **percentiles(times)},
+        "tokens_per_s": float(totals[0]) / elapsed, "samples_per_s": float(totals[1]) / elapsed,
+        "model_tflops": tflops, "model_tflops_per_gpu": tflops / world,
+        "mfu": (tflops / world / peak) if peak else None, "peak_bf16_tflops_per_gpu": peak,
+        "peak_memory_gb_per_rank": mems,
+        "time_split_s_per_step": {k: sum(r[k] for r in records) / len(records)
+                                  for k in ("data", "forward", "backward", "step")},
+        "train_flops_per_sample": flops_for(cfg.data.max_length, cfg.data.max_images),
+        "layout": {"world": world, "dp": dp, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
+                   "zero_stage": cfg.parallel.zero_stage, "grad_accum": gas,
+                   "micro_batch": cfg.train.micro_batch_size, "global_batch": cfg.train.global_batch_size},
+        "precision": cfg.train.precision, "attention_backend": cfg.model.attention_backend,
+        "activation_checkpointing": cfg.model.activation_checkpointing,
+    }
+    del engine, model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return res
+
+
+def _rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def variants(args):
+    """(name, overrides) in run order: the baseline first, then each ablation's baseline and variants."""
+    out = [("baseline", [])]
+    names = sorted(ABLATIONS) if args.ablate == "all" else [a for a in args.ablate.split(",") if a and a != "none"]
+    for a in names:
+        if a not in ABLATIONS:
+            raise ConfigError(f"--ablate: unknown ablation {a!r}; choose from {sorted(ABLATIONS)}, all or none")
+        base, variant_list, _ = ABLATIONS[a]
+        out.append((f"{a}:baseline", base))
+        out.extend((f"{a}:{' '.join(v)}", v) for v in variant_list)
+    return out
+
+
+def print_table(results: list[dict]) -> None:
+    head = f"{'variant':44s} {'step s':>8s} {'tok/s':>10s} {'smp/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GB':>7s}"
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        if "skipped" in r:
+            print(f"{r['variant']:44s} skipped: {r['skipped']}")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"{r['variant']:44s} {r['step_time_s']['median']:8.3f} {r['tokens_per_s']:10.0f} "
+              f"{r['samples_per_s']:8.1f} {r['model_tflops']:8.3f} {mfu:>6s} {max(r['peak_memory_gb_per_rank']):7.2f}")
+    by = {r["variant"]: r for r in results if "skipped" not in r}
+    for a, (_, _, what) in ABLATIONS.items():
+        base = by.get(f"{a}:baseline")
+        if base is None:
+            continue
+        for name, r in by.items():
+            if name.startswith(f"{a}:") and name != f"{a}:baseline":
+                ratio = r["step_time_s"]["median"] / base["step_time_s"]["median"]
+                print(f"  {what}: {name.split(':', 1)[1]} takes {ratio:.2f}x the baseline step time")
+
+
+def main(argv=None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's per-call deprecations
+    args = parse_args(argv)
+    init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    results = []
+    try:
+        for name, sets in variants(args):
+            cfg = load_config(args.preset, [*args.set, *sets])
+            cfg._overrides = [*args.set, *sets]
+            if rank == 0:
+                print(f"[{name}] {args.warmup} warm-up + {args.steps} timed steps", flush=True)
+            results.append(run_variant(name, cfg, args, world))
+    except ConfigError as e:
+        if rank == 0:
+            print(f"throughput: config error: {e}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        out = {**run_info(), "preset": args.preset, "steps": args.steps, "warmup": args.warmup,
+               "data": "synthetic tensors" if args.synthetic_data else "loader on the synthetic shards",
+               "results": results}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=2))
+        print_table(results)
+        print(f"wrote {args.out}")
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
