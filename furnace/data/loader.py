@@ -1,0 +1,601 @@
+"""Streaming webdataset loader -> padded Flamingo batches, with exact resume.
+
+    loader = ShardLoader("data/demo/train-{000000..000015}.tar", tokenizer, batch_size=16,
+                         dp_rank=r, dp_size=dp, seed=1234, image_size=32, num_workers=1)
+    it = iter(loader); batch = next(it)     # {input_ids, labels, attention_mask, images, media_valid}
+    state = loader.state_dict()             # after any number of batches
+    loader2 = ShardLoader(...same args...); loader2.load_state_dict(state)
+    # iter(loader2) yields exactly the batches `it` would have yielded next
+
+Batch contract: input_ids / labels / attention_mask LongTensor [B, L] (right padding to
+`max_length`), images FloatTensor [B, max_images, 1, 3, S, S] (valid images first, zeros after),
+media_valid BoolTensor [B, max_images]; row b holds exactly media_valid[b].sum() <image> tokens.
+
+Training mode (`training=True`, the default) is an infinite stream: slots = dp_size x
+num_workers; slot (dp_rank, worker) = dp_rank * num_workers + worker. Each epoch e of each source
+has a seeded plan: the shard list is permuted with seed (seed, source, e) and shard j goes to slot
+j % slots (when there are fewer shards than slots, every slot reads every shard and keeps raw
+sample i when i % slots == slot). A slot streams its shards, shuffles raw samples with a seeded
+buffer (seed, source, e, slot), decodes and tokenises them, and packs batches of `batch_size`;
+after epoch e it goes straight on to epoch e+1, so no rank ever runs dry: every rank yields one
+batch per `next()` forever, whatever the shard sizes, and ranks stay in lockstep. With uneven
+shards a slot with fewer samples starts its next epoch earlier (its samples are seen slightly more
+often over a fixed number of steps); count training in steps, not epochs. Several sources mix per
+sample with a counter-based seeded choice (seed, slot, sample index) weighted by `weight`.
+Worker w's batches come out at positions w, w+W, w+2W, ... (torch DataLoader's in-order round
+robin), so the batch sequence is a fixed function of (seed, shards, dp_rank, dp_size, workers).
+
+Exact resume: each batch carries its worker's position (per source: epoch and number of raw
+samples taken from that epoch's shuffled stream; the mixing counter). `state_dict()` stores the
+positions after the last batch handed out, the batch count and the skip counters. A resumed
+worker rebuilds the epoch plan and shuffle buffer and fast-forwards over the raw samples it
+already used without decoding them (cost: re-reading at most one epoch of that worker's tar
+bytes per source; no image decode, no tokenisation). Resuming needs the same sources, seed,
+batch_size, dp_size, num_workers, max_length/max_images (checked: a mismatch raises).
+
+Evaluation mode (`training=False`): one pass, no shuffling; every worker reads every shard in
+name order; raw sample i goes to dp rank i % dp_size, that rank's j-th sample to batch
+j // batch_size, batch k to worker k % num_workers. Every rank yields the same number of batches
+(ceil(ceil(N / dp_size) / batch_size)); a batch made short by corrupt samples is smaller, and one
+left with no sample holds a single filler row (labels all IGNORE_INDEX, no image, media_valid
+False) that metrics must skip (`TextEncoder.reference_caption` returns None for it).
+
+Corrupt data never raises: truncated/unreadable shards, undecodable images, missing captions
+or images, bad JSON, over-long captions are skipped and counted by reason in `loader.skipped`
+(included in the state dict). Only .jpg/.jpeg/.png/.webp (PIL, with formats restricted) and
+.txt/.json members are read; any other member (.pyd, .pickle, .pth, ...) is never decoded and is
+counted as `ignored_member`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from furnace.data.images import CLIP_MEAN, CLIP_STD, decode_image, is_image_member, normalize
+from furnace.data.text import SkipSample, TextEncoder
+from furnace.model.tokens import IGNORE_INDEX, build_labels
+
+TEXT_EXTS = ("txt", "json")
+STATE_VERSION = 1
+MAX_EMPTY_EPOCHS = 3
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Brace patterns ("a-{000000..000003}.tar"), "::"-joined lists, or a list of them."""
+    from webdataset.shardlists import expand_urls
+
+    if isinstance(spec, (str, os.PathLike)):
+        return list(expand_urls(os.fspath(spec)))
+    out: list[str] = []
+    for s in spec:
+        out.extend(expand_shards(s))
+    return out
+
+
+@dataclass
+class Source:
+    """One shard set to mix: `shards` is a brace pattern or a list of paths."""
+    shards: str | Sequence[str]
+    weight: float = 1.0
+    name: str | None = None
+
+
+def _member_allowed(ext: str) -> bool:
+    ext = ext.lower()
+    return ext in TEXT_EXTS or is_image_member(ext)
+
+
+def iter_shard_samples(url: str, counter: Counter) -> Iterator[dict]:
+    """Raw samples {"__key__", ext: bytes} of one tar, grouped by key; never raises on bad data.
+
+    Only whitelisted members are read; others are counted as `ignored_member`."""
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+
+    try:
+        f = open(url, "rb")
+    except OSError:
+        counter["unreadable_shard"] += 1
+        return
+    errors: list[Exception] = []
+
+    def handler(exn):
+        errors.append(exn)
+        return False
+
+    def select(fname):
+        _, ext = base_plus_ext(fname)
+        if ext is None:
+            counter["ignored_member"] += 1
+            return False
+        if not _member_allowed(ext):
+            counter["ignored_member"] += 1
+            return False
+        return True
+
+    current: dict | None = None
+    with f:
+        try:
+            for member in tar_file_iterator(f, handler=handler, select_files=select):
+                key, ext = base_plus_ext(member["fname"])
+                ext = ext.lower()
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                if ext in current:
+                    counter["duplicate_member"] += 1
+                    continue
+                current[ext] = member["data"]
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            errors.append(e)
+        if errors:
+            counter["bad_shard"] += 1
+            if current is not None:
+                current["__truncated__"] = True
+    if current is not None:
+        yield current
+
+
+class _Replay:
+    """A deterministic iterator over one source's samples for one slot, epochs concatenated.
+
+    Yields (epoch, raw_index, raw_sample); raw_index counts samples leaving the shuffle buffer
+    within the epoch. Starting at (epoch, skip) fast-forwards without decoding."""
+
+    def __init__(self, shards, src_idx, slot, slots, seed, shuffle_buffer, counter, start=(0, 0),
+                 epochs=None):
+        self.shards, self.src_idx, self.slot, self.slots = shards, src_idx, slot, slots
+        self.seed, self.buf, self.counter = seed, shuffle_buffer, counter
+        self.start, self.epochs = start, epochs
+
+    def plan(self, epoch: int) -> tuple[list[str], int, int]:
+        order = list(range(len(self.shards)))
+        random.Random(f"shards:{self.seed}:{self.src_idx}:{epoch}").shuffle(order)
+        if len(self.shards) >= self.slots:
+            return [self.shards[order[j]] for j in range(self.slot, len(order), self.slots)], 1, 0
+        return [self.shards[o] for o in order], self.slots, self.slot
+
+    def epoch_raw(self, epoch: int, counter: Counter) -> Iterator[dict]:
+        urls, stride, offset = self.plan(epoch)
+        i = 0
+        for url in urls:
+            for s in iter_shard_samples(url, counter):
+                if i % stride == offset:
+                    yield s
+                i += 1
+
+    def shuffled(self, epoch: int, counter: Counter) -> Iterator[dict]:
+        raw = self.epoch_raw(epoch, counter)
+        if self.buf <= 1:
+            yield from raw
+            return
+        rng = random.Random(f"buffer:{self.seed}:{self.src_idx}:{epoch}:{self.slot}")
+        buf: list = []
+        for s in raw:
+            buf.append(s)
+            if len(buf) >= self.buf:
+                j = rng.randrange(len(buf))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self):
+        epoch, skip = self.start
+        empty = 0
+        while self.epochs is None or epoch < self.epochs:
+            # Counts made while fast-forwarding were recorded before the restart: send them to a
+            # throwaway counter until the first new sample.
+            sink = _CounterProxy(Counter() if skip else self.counter)
+            n = 0
+            for k, s in enumerate(self.shuffled(epoch, sink)):
+                if k < skip:
+                    if k == skip - 1:  # reading ahead for sample `skip` counts again
+                        sink.target = self.counter
+                    continue
+                n += 1
+                yield epoch, k, s
+            sink.target = self.counter
+            empty = empty + 1 if (n == 0 and skip == 0) else 0
+            if self.epochs is None and empty >= MAX_EMPTY_EPOCHS:
+                raise RuntimeError(
+                    f"data slot {self.slot} of {self.slots} gets no samples from {len(self.shards)} "
+                    f"shard(s) of source {self.src_idx}; use fewer dp ranks x workers or more shards")
+            epoch, skip = epoch + 1, 0
+
+
+class _CounterProxy:
+    """`proxy[k] += 1` lands in whichever Counter `target` is at that moment."""
+
+    def __init__(self, target: Counter):
+        self.target = target
+
+    def __getitem__(self, k):
+        return self.target[k]
+
+    def __setitem__(self, k, v):
+        self.target[k] = v
+
+
+def _collate(rows, encoder: TextEncoder, *, batch_size_hint, max_length, max_images, image_size,
+             mean, std, pad_to_max) -> dict:
+    B = len(rows)
+    L = max_length if pad_to_max else max(len(r[0]) for r in rows)
+    input_ids = torch.full((B, L), encoder.pad_id, dtype=torch.long)
+    attention = torch.zeros((B, L), dtype=torch.long)
+    imgs = torch.zeros((B, max_images, 1, 3, image_size, image_size), dtype=torch.uint8)
+    imgs_np = imgs.numpy()  # numpy copies: no torch intra-op threads for 150 KB moves
+    valid = torch.zeros((B, max_images), dtype=torch.bool)
+    inter = torch.zeros((B,), dtype=torch.bool)
+    filler = torch.zeros((B,), dtype=torch.bool)
+    for b, (ids, images, is_doc, is_filler) in enumerate(rows):
+        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention[b, : len(ids)] = 1
+        for t, arr in enumerate(images):
+            imgs_np[b, t, 0] = arr.transpose(2, 0, 1)
+            valid[b, t] = True
+        inter[b] = is_doc
+        filler[b] = is_filler
+    labels = build_labels(input_ids, attention, image_token_id=encoder.image_id, eoc_token_id=encoder.eoc_id,
+                          interleaved=inter)
+    labels[filler] = IGNORE_INDEX
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        # Built in shared memory: handing the batch to the main process then needs no copy.
+        out = torch.empty(imgs.shape, dtype=torch.float32).share_memory_()
+    images = normalize(imgs, mean, std, channels_last=False, out=out)
+    if not bool(valid.all()):
+        images[~valid] = 0.0  # missing media are exact zeros (not the normalised black)
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
+            "images": images, "media_valid": valid}
+
+
+class _Dataset(torch.utils.data.IterableDataset):
+    """What each DataLoader worker runs; holds no torch state of its own."""
+
+    def __init__(self, loader: "ShardLoader", starts: list[dict], shift: int):
+        self.loader, self.starts, self.shift = loader, starts, shift
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        j = 0 if info is None else info.id
+        W = self.loader.num_workers_eff
+        w = (j + self.shift) % W
+        if self.loader.training:
+            yield from self.loader._train_worker(w, self.starts[w])
+        else:
+            yield from self.loader._eval_worker(w)
+
+
+def _identity(x):
+    return x
+
+
+class ShardLoader:
+    """Streaming loader over webdataset shards; see the module docstring for the scheme.
+
+    sources: brace pattern / list of paths / Source / list of Source (weighted mixing).
+    mean/std: the vision tower's normalisation (CLIP's by default; SigLIP: 0.5/0.5).
+    """
+
+    def __init__(self, sources, tokenizer, *, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
+                 seed: int = 0, max_length: int = 64, max_images: int = 1, image_size: int = 224,
+                 mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
+                 num_workers: int = 0, shuffle_buffer: int = 1000, training: bool = True,
+                 epochs: int | None = None, pad_to_max_length: bool = True, prefetch_factor: int = 2,
+                 pin_memory: bool = False, multiprocessing_context: str | None = None,
+                 check_files: bool = True):
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
+        if batch_size < 1 or max_length < 4 or max_images < 1 or image_size < 1:
+            raise ValueError("batch_size >= 1, max_length >= 4, max_images >= 1 and image_size >= 1 are required")
+        self.sources = self._normalise_sources(sources)
+        for src in self.sources:
+            if check_files and not any(os.path.isfile(p) for p in src["urls"]):
+                raise FileNotFoundError(f"no shard of {src['name']!r} exists ({len(src['urls'])} paths, first "
+                                        f"{src['urls'][0]!r}); write shards first (furnace-shards / "
+                                        "python -m furnace.data.synthetic)")
+        self.tokenizer = tokenizer
+        self.encoder = TextEncoder(tokenizer, max_length, max_images)
+        self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
+        self.max_length, self.max_images, self.image_size = max_length, max_images, image_size
+        self.mean, self.std = tuple(float(x) for x in mean), tuple(float(x) for x in std)
+        self.num_workers = num_workers
+        self.num_workers_eff = max(1, num_workers)
+        self.shuffle_buffer = shuffle_buffer if training else 0
+        self.training, self.epochs = training, epochs
+        self.pad_to_max = pad_to_max_length
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory, self.mp_context = pin_memory, multiprocessing_context
+        weights = np.array([s["weight"] for s in self.sources], dtype=np.float64)
+        if (weights <= 0).any():
+            raise ValueError("source weights must be positive")
+        self._cum = np.cumsum(weights / weights.sum()).tolist()
+        self._reset_state()
+
+    # ------------------------------------------------------------------ config helpers
+    @staticmethod
+    def _normalise_sources(sources) -> list[dict]:
+        if isinstance(sources, (str, os.PathLike, Source)):
+            sources = [sources]
+        elif isinstance(sources, (list, tuple)) and sources and all(isinstance(s, (str, os.PathLike)) for s in sources):
+            sources = [Source(list(sources))]
+        out = []
+        for i, s in enumerate(sources):
+            if not isinstance(s, Source):
+                s = Source(s)
+            urls = expand_shards(s.shards)
+            if not urls:
+                raise ValueError(f"source {i} has no shards")
+            out.append({"urls": urls, "weight": float(s.weight),
+                        "name": s.name or (s.shards if isinstance(s.shards, str) else f"source{i}")})
+        if not out:
+            raise ValueError("no data sources given")
+        return out
+
+    def _fingerprint(self) -> dict:
+        return {"sources": [[s["urls"], s["weight"]] for s in self.sources], "seed": self.seed,
+                "batch_size": self.batch_size, "dp_size": self.dp_size, "dp_rank": self.dp_rank,
+                "num_workers": self.num_workers_eff, "shuffle_buffer": self.shuffle_buffer,
+                "max_length": self.max_length, "max_images": self.max_images, "training": self.training}
+
+    def _reset_state(self):
+        W = self.num_workers_eff
+        self._starts = [{"mix": 0, "sources": [[0, 0] for _ in self.sources]} for _ in range(W)]
+        self._positions = [dict(p, sources=[list(x) for x in p["sources"]]) for p in self._starts]
+        self._batches = 0
+        self._skip_base: Counter = Counter()
+        self._worker_skips: list[Counter] = [Counter() for _ in range(W)]
+        self.last_keys: list[str] = []      # sample keys of the last batch (tests, debugging)
+        self.last_sources: list[int] = []   # source index of each of those samples
+        self.last_meta: dict = {}           # worker id, position, CPU seconds of the producing process
+
+    # ------------------------------------------------------------------ per-sample work
+    def _choose(self, slot: int, i: int) -> int:
+        if len(self.sources) == 1:
+            return 0
+        u = random.Random(f"mix:{self.seed}:{slot}:{i}").random()
+        for s, c in enumerate(self._cum):
+            if u < c:
+                return s
+        return len(self.sources) - 1
+
+    def _process(self, raw: dict) -> tuple:
+        """raw tar sample -> (ids, [uint8 HxWx3], interleaved, filler=False); raises SkipSample."""
+        doc = None
+        if "json" in raw:
+            try:
+                doc = json.loads(raw["json"].decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                raise SkipSample("bad_json") from None
+            if not isinstance(doc, dict):
+                raise SkipSample("bad_json")
+        if doc is not None and "segments" in doc:
+            segs = doc["segments"]
+            if not isinstance(segs, list) or not all(isinstance(s, dict) for s in segs):
+                raise SkipSample("bad_json")
+            ids, members = self.encoder.document(segs)
+            arrays = []
+            for m in members:
+                data = raw.get(str(m).lower())
+                if data is None:
+                    raise SkipSample("missing_image")
+                arrays.append(self._decode(data))
+            return ids, arrays, True, False
+        text = None
+        if "txt" in raw:
+            try:
+                text = raw["txt"].decode("utf-8")
+            except UnicodeDecodeError:
+                raise SkipSample("missing_caption") from None
+        elif doc is not None:
+            text = doc.get("caption") or next(iter(doc.get("captions") or []), None)
+        if not isinstance(text, str) or not text.strip():
+            raise SkipSample("missing_caption")
+        img = next((raw[k] for k in ("jpg", "jpeg", "png", "webp") if k in raw), None)
+        if img is None:
+            raise SkipSample("missing_image")
+        ids = self.encoder.caption(text.strip())
+        return ids, [self._decode(img)], False, False
+
+    def _decode(self, data: bytes) -> np.ndarray:
+        try:
+            return decode_image(data, self.image_size)
+        except Exception:  # any PIL failure on bad bytes
+            raise SkipSample("bad_image") from None
+
+    def _batch(self, rows) -> dict:
+        return _collate(rows, self.encoder, batch_size_hint=self.batch_size, max_length=self.max_length,
+                        max_images=self.max_images, image_size=self.image_size, mean=self.mean,
+                        std=self.std, pad_to_max=self.pad_to_max)
+
+    # ------------------------------------------------------------------ worker bodies
+    def _train_worker(self, w: int, start: dict):
+        W = self.num_workers_eff
+        slots, slot = self.dp_size * W, self.dp_rank * W + w
+        counter: Counter = Counter()
+        streams = []
+        for si, src in enumerate(self.sources):
+            e0, k0 = start["sources"][si]
+            streams.append(iter(_Replay(src["urls"], si, slot, slots, self.seed, self.shuffle_buffer,
+                                        counter, start=(e0, k0), epochs=self.epochs)))
+        pos = [list(x) for x in start["sources"]]
+        last_good = [p[0] for p in pos]  # epoch of the last good sample per source
+        i = start["mix"]
+        exhausted = [False] * len(streams)
+        rows, keys, srcs = [], [], []
+        while True:
+            if all(exhausted):
+                break
+            s = self._choose(slot, i)
+            if exhausted[s]:
+                s = next(k for k in range(len(streams)) if not exhausted[k])
+            got = False
+            while not got:
+                try:
+                    e, k, raw = next(streams[s])
+                except StopIteration:
+                    exhausted[s] = True
+                    break
+                pos[s] = [e, k + 1]
+                try:
+                    rows.append(self._process(raw))
+                    keys.append(raw["__key__"])
+                    srcs.append(s)
+                    got = True
+                    last_good[s] = e
+                except SkipSample as x:
+                    counter[x.reason] += 1
+                    if e - last_good[s] >= MAX_EMPTY_EPOCHS:  # fail loudly rather than spin forever
+                        raise RuntimeError(
+                            f"data slot {slot} (dp_rank {self.dp_rank}, worker {w}) found no usable sample in "
+                            f"{MAX_EMPTY_EPOCHS} epochs of {self.sources[s]['name']!r}; skipped so far: "
+                            f"{dict(counter)}") from None
+            if got:
+                i += 1
+            if rows and (len(rows) == self.batch_size or (all(exhausted))):
+                meta = {"worker": w, "pos": {"mix": i, "sources": [list(p) for p in pos]},
+                        "skipped": dict(counter), "keys": keys, "sources": srcs, "cpu": time.process_time()}
+                yield self._batch(rows), meta
+                rows, keys, srcs = [], [], []
+
+    def _eval_worker(self, w: int):
+        W, dp, B = self.num_workers_eff, self.dp_size, self.batch_size
+        counter: Counter = Counter()
+        rows, keys, cur = [], [], None
+        emitted = set()
+
+        def emit(k):
+            nonlocal rows, keys
+            batch_rows = rows or [(self.encoder.filler(), [], False, True)]
+            meta = {"worker": w, "pos": None, "skipped": dict(counter), "keys": keys or [None],
+                    "sources": [0] * max(1, len(keys)), "index": k}
+            emitted.add(k)
+            out = (self._batch(batch_rows), meta)
+            rows, keys = [], []
+            return out
+
+        n = 0
+        for si, src in enumerate(self.sources):
+            for url in sorted(src["urls"]):
+                # shard-level problems are counted once (worker 0), sample-level ones by their owner
+                for raw in iter_shard_samples(url, counter if w == 0 else Counter()):
+                    i = n
+                    n += 1
+                    if i % dp != self.dp_rank:
+                        continue
+                    k = (i // dp) // B
+                    if k % W != w:
+                        continue
+                    if cur is not None and k != cur:
+                        yield emit(cur)
+                    cur = k
+                    try:
+                        rows.append(self._process(raw))
+                        keys.append(raw["__key__"])
+                    except SkipSample as x:
+                        counter[x.reason] += 1
+        if cur is not None:
+            yield emit(cur)
+        total = -(-(-(-n // dp)) // B)  # ceil(ceil(n / dp) / B)
+        for k in range(w, total, W):
+            if k not in emitted:
+                yield emit(k)
+
+    # ------------------------------------------------------------------ iteration / state
+    def __iter__(self):
+        W = self.num_workers_eff
+        shift = self._batches % W if self.training else 0
+        starts = [None] * W
+        for w in range(W):
+            starts[w] = self._positions[w]
+        ds = _Dataset(self, starts, shift)
+        if self.num_workers > 0:
+            dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                             collate_fn=_identity, prefetch_factor=self.prefetch_factor,
+                                             persistent_workers=False, pin_memory=self.pin_memory,
+                                             multiprocessing_context=self.mp_context)
+        else:
+            dl = ds
+        # Counters restart in fresh workers: fold what they reported into the base first.
+        for w in range(W):
+            self._skip_base.update(self._worker_skips[w])
+            self._worker_skips[w] = Counter()
+        for batch, meta in dl:
+            w = meta["worker"]
+            if meta["pos"] is not None:
+                self._positions[w] = meta["pos"]
+            self._worker_skips[w] = Counter(meta["skipped"])
+            self._batches += 1
+            self.last_keys, self.last_sources = meta["keys"], meta["sources"]
+            self.last_meta = meta
+            yield batch
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Samples / members skipped so far, by reason (survives resume)."""
+        total = Counter(self._skip_base)
+        for c in self._worker_skips:
+            total.update(c)
+        return dict(sorted(total.items()))
+
+    @property
+    def batches_yielded(self) -> int:
+        return self._batches
+
+    def state_dict(self) -> dict:
+        if not self.training:
+            raise RuntimeError("evaluation loaders are single-pass and not resumable")
+        return {"version": STATE_VERSION, "fingerprint": self._fingerprint(), "batches": self._batches,
+                "workers": [{"mix": p["mix"], "sources": [list(x) for x in p["sources"]]} for p in self._positions],
+                "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+        mine, theirs = self._fingerprint(), state["fingerprint"]
+        diff = [k for k in mine if json.dumps(mine[k]) != json.dumps(theirs.get(k))]
+        if diff:
+            raise ValueError(f"loader state was saved with different {', '.join(diff)}; resume needs the same "
+                             "sources, seed, batch size, dp size/rank, workers, shuffle buffer and lengths")
+        self._reset_state()
+        self._positions = [{"mix": p["mix"], "sources": [list(x) for x in p["sources"]]} for p in state["workers"]]
+        self._batches = int(state["batches"])
+        self._skip_base = Counter(state.get("skipped", {}))
+
+
+def make_loader(data_cfg, tokenizer, *, split: str = "train", batch_size: int, dp_rank: int = 0,
+                dp_size: int = 1, seed: int = 0, image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD,
+                num_workers: int | None = None) -> ShardLoader:
+    """Build the train (infinite, shuffled, resumable) or val (one pass) loader from DataConfig.
+
+    data_cfg.train_shards may name several sources separated by ';' with weights in
+    data_cfg.train_weights ("0.7,0.3")."""
+    if split == "train":
+        patterns = [p.strip() for p in data_cfg.train_shards.split(";") if p.strip()]
+        wspec = getattr(data_cfg, "train_weights", None)
+        weights = [float(x) for x in str(wspec).split(",")] if wspec else [1.0] * len(patterns)
+        if len(weights) != len(patterns):
+            raise ValueError(f"data.train_weights has {len(weights)} values for {len(patterns)} sources")
+        sources = [Source(p, w) for p, w in zip(patterns, weights)]
+        training = True
+    elif split in ("val", "eval"):
+        sources = [Source(p) for p in data_cfg.val_shards.split(";") if p.strip()]
+        training = False
+    else:
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    return ShardLoader(sources, tokenizer, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
+                       max_length=data_cfg.max_length, max_images=data_cfg.max_images, image_size=image_size,
+                       mean=mean, std=std,
+                       num_workers=data_cfg.num_workers if num_workers is None else num_workers,
+                       shuffle_buffer=data_cfg.shuffle_buffer, training=training)

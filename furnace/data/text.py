@@ -1,0 +1,106 @@
+"""Token layout of samples.
+
+Caption pair:   [bos] <image> caption <|endofchunk|> eos      (bos only if the tokenizer has one)
+Interleaved:    [bos] text <image> chunk <|endofchunk|> <image> chunk <|endofchunk|> ... eos
+                each image's following text chunk ends with <|endofchunk|>.
+Literal "<image>" / "<|endofchunk|>" strings in user text are removed before tokenising.
+"""
+from __future__ import annotations
+
+from furnace.model.tokens import EOC_TOKEN, IMAGE_TOKEN
+from furnace.data.tokenizer import special_ids
+
+
+class SkipSample(Exception):
+    """The sample is dropped; `reason` is the counter key."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class TextEncoder:
+    def __init__(self, tokenizer, max_length: int, max_images: int):
+        ids = special_ids(tokenizer)
+        self.image_id, self.eoc_id = ids["image"], ids["eoc"]
+        self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
+        self.max_length, self.max_images = max_length, max_images
+        self.tokenizer = tokenizer
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._prefix = [self.bos_id] if self.bos_id is not None else []
+
+    def encode(self, text: str) -> list[int]:
+        text = text.replace(IMAGE_TOKEN, " ").replace(EOC_TOKEN, " ")
+        if self._backend is not None:
+            return list(self._backend.encode(text, add_special_tokens=False).ids)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def caption(self, caption: str) -> list[int]:
+        ids = self._prefix + [self.image_id] + self.encode(caption) + [self.eoc_id, self.eos_id]
+        if len(ids) > self.max_length:
+            raise SkipSample("too_long")
+        return ids
+
+    def document(self, segments: list[dict]) -> tuple[list[int], list[str]]:
+        """segments: [{"text": str} | {"image": member}] -> (ids, image members kept, in order).
+
+        At most `max_images` images (the document is cut before the next one); truncated to
+        `max_length`, dropping images whose <image> token was cut (and a trailing <image>).
+        """
+        ids = list(self._prefix)
+        images: list[str] = []
+        open_chunk = False
+        for seg in segments:
+            if "image" in seg:
+                if len(images) >= self.max_images:
+                    break
+                if open_chunk:
+                    ids.append(self.eoc_id)
+                ids.append(self.image_id)
+                images.append(seg["image"])
+                open_chunk = True
+            elif isinstance(seg.get("text"), str):
+                ids.extend(self.encode(seg["text"]))
+            if len(ids) > self.max_length + 1:
+                break
+        if open_chunk:
+            ids.append(self.eoc_id)
+        ids.append(self.eos_id)
+        if len(ids) > self.max_length:
+            ids = ids[: self.max_length]
+            while ids and ids[-1] == self.image_id:
+                ids.pop()
+            images = images[: sum(1 for t in ids if t == self.image_id)]
+        if not images:
+            raise SkipSample("too_long" if any(t == self.image_id for t in ids) or len(ids) >= self.max_length
+                             else "no_images")
+        return ids, images
+
+    def filler(self) -> list[int]:
+        return self._prefix + [self.eos_id]
+
+    # -- generation helpers for caption evaluation
+    def caption_prompt(self) -> list[int]:
+        """Prompt for captioning one image: [bos] <image>."""
+        return self._prefix + [self.image_id]
+
+    def reference_caption(self, ids) -> str | None:
+        """The caption text of an encoded caption pair (tokens after the first <image> up to
+        <|endofchunk|>); None for rows without an <image> (filler rows)."""
+        ids = [int(t) for t in ids]
+        if self.image_id not in ids:
+            return None
+        start = ids.index(self.image_id) + 1
+        end = ids.index(self.eoc_id, start) if self.eoc_id in ids[start:] else len(ids)
+        return self.decode(ids[start:end])
+
+    def decode(self, ids) -> str:
+        """Generated ids -> text, cut at the first <|endofchunk|> / eos / pad."""
+        out = []
+        for t in (int(x) for x in ids):
+            if t in (self.eoc_id, self.eos_id, self.pad_id):
+                break
+            if t in (self.image_id, self.bos_id):
+                continue
+            out.append(t)
+        return self.tokenizer.decode(out, skip_special_tokens=True).strip()

@@ -1,0 +1,109 @@
+"""Tokenizers: a local HF tokenizer directory, or the demo's word-level tokenizer built offline.
+
+`load_tokenizer(path)` always returns a `PreTrainedTokenizerFast` that knows Flamingo's special
+tokens (`<image>`, `<|endofchunk|>`), has a pad token and an eos token (and a bos when the
+tokenizer defines one). Nothing is downloaded: `path` must be a local directory.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+from furnace.model.tokens import EOC_TOKEN, IMAGE_TOKEN
+
+DEMO_PAD, DEMO_UNK, DEMO_BOS, DEMO_EOS = "<pad>", "<unk>", "<s>", "</s>"
+
+
+def _ensure_specials(tok):
+    """Register <image>/<|endofchunk|> (and a pad token when missing) as special tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(tok, PreTrainedTokenizerFast):
+        raise TypeError(f"expected a fast (tokenizers-backed) tokenizer, got {type(tok).__name__}")
+    extra = [t for t in (IMAGE_TOKEN, EOC_TOKEN) if t not in tok.get_vocab()
+             or t not in tok.all_special_tokens]
+    if extra:
+        current = list(getattr(tok, "extra_special_tokens", None) or [])
+        if isinstance(current, dict):  # some versions keep a name -> token mapping
+            current = list(current.values())
+        tok.add_special_tokens({"extra_special_tokens": current + [t for t in extra if t not in current]},
+                               replace_extra_special_tokens=True)
+    if tok.eos_token is None:
+        tok.add_special_tokens({"eos_token": DEMO_EOS})
+    if tok.pad_token is None:
+        tok.add_special_tokens({"pad_token": DEMO_PAD})
+    for t in (IMAGE_TOKEN, EOC_TOKEN):
+        if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id):
+            raise RuntimeError(f"tokenizer failed to register {t}")
+    return tok
+
+
+def build_word_tokenizer(words: Iterable[str]):
+    """A word-level `PreTrainedTokenizerFast` over `words` (lower-cased, split on whitespace
+    and punctuation) with <pad>, <unk>, <s>, </s>, <image>, <|endofchunk|>."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [DEMO_PAD, DEMO_UNK, DEMO_BOS, DEMO_EOS, IMAGE_TOKEN, EOC_TOKEN]
+    vocab: dict[str, int] = {t: i for i, t in enumerate(specials)}
+    for w in sorted({w.lower() for w in words}):
+        if w not in vocab:
+            vocab[w] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=DEMO_UNK))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    core.add_special_tokens(specials)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=DEMO_BOS, eos_token=DEMO_EOS, unk_token=DEMO_UNK,
+        pad_token=DEMO_PAD, extra_special_tokens=[IMAGE_TOKEN, EOC_TOKEN],
+        model_max_length=1024, padding_side="right")
+    return _ensure_specials(tok)
+
+
+def build_demo_tokenizer(save_dir: str | os.PathLike | None = None):
+    """The demo tokenizer: word level over the synthetic caption vocabulary (deterministic)."""
+    from furnace.data.synthetic import vocabulary
+
+    tok = build_word_tokenizer(vocabulary())
+    if save_dir is not None:
+        save_tokenizer(tok, save_dir)
+    return tok
+
+
+def save_tokenizer(tok, path: str | os.PathLike) -> None:
+    os.makedirs(path, exist_ok=True)
+    tok.save_pretrained(str(path))
+
+
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """`path`: a local HF tokenizer directory (tokenizer.json etc.), or None for the demo tokenizer."""
+    if path is None:
+        return build_demo_tokenizer()
+    path = str(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"tokenizer directory {path!r} not found; pass a local HF tokenizer dir "
+                                "(nothing is downloaded) or None for the demo tokenizer")
+    from transformers import PreTrainedTokenizerFast
+
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        # The fast tokenizer file is complete (model, specials, added tokens); loading it directly
+        # skips the Auto* class resolution, which costs seconds of imports.
+        tok = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    else:  # e.g. a sentencepiece-only dir: let transformers convert it
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
+    tok.padding_side = "right"
+    return _ensure_specials(tok)
+
+
+def special_ids(tok) -> dict[str, int | None]:
+    """Ids the loader and the model need."""
+    return {
+        "image": tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        "eoc": tok.convert_tokens_to_ids(EOC_TOKEN),
+        "pad": tok.pad_token_id,
+        "eos": tok.eos_token_id,
+        "bos": tok.bos_token_id,
+    }
