@@ -16,6 +16,7 @@ def tiny_cfg(**over):
     cfg.lm.num_layers, cfg.xattn.every = 4, 2
     cfg.perceiver.num_latents, cfg.perceiver.depth = 4, 1
     cfg.vision.num_layers = 1
+    cfg.xattn.gate_init = 0.0  # Flamingo's default (the demo preset opens them)
     for k, v in over.items():
         obj = cfg
         *path, last = k.split(".")
