@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -28,6 +27,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from PIL import Image  # noqa: E402
+
+from furnace.metrics import run_info  # noqa: E402
 
 
 def make_shards(out: str, n: int, shards: int, size: int, seed: int = 0) -> tuple[list[str], float]:
@@ -47,36 +48,6 @@ def make_shards(out: str, n: int, shards: int, size: int, seed: int = 0) -> tupl
         w.add_caption(buf.getvalue(), cap)
     stats = w.close()
     return [os.path.join(out, s["name"]) for s in stats["shards"]], nbytes / n
-
-
-def device_info() -> dict:
-    model = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"kind": "cpu", "model": model, "logical_cores": os.cpu_count(), "usable_cores": usable,
-            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-
-
-def versions() -> dict:
-    import PIL
-    import tokenizers
-    import torch
-    import transformers
-    import webdataset
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "pillow": PIL.__version__,
-            "numpy": np.__version__, "webdataset": webdataset.__version__,
-            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
 
 
 def run(shards, tok, workers: int, batches: int, batch_size: int, size: int, warmup: int,
@@ -141,9 +112,7 @@ def main(argv=None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
     report = {
         "benchmark": "dataloader",
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "device": device_info(),
-        "versions": versions(),
+        **run_info(),
         "config": {"n": a.n, "shards": a.shards, "image_size": a.image_size, "batch_size": a.batch_size,
                    "batches": a.batches, "warmup": a.warmup, "avg_jpeg_bytes": round(avg_bytes),
                    "write_seconds": round(write_s, 2)},
@@ -154,8 +123,7 @@ def main(argv=None) -> int:
     for r in results:
         print(f"{r['workers']:>8} {r['samples_per_s']:>10.1f} {r['samples_per_s_per_worker']:>11.1f} "
               f"{r['samples_per_cpu_s_per_worker']:>15.1f}")
-    print(f"device: {report['device']['model']} ({report['device']['usable_cores']} cores, "
-          f"load {report['device']['load_avg_1m']})")
+    print(f"device: {report['device']} (load {report['cpu']['load_avg_1m']})")
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
 import traceback
@@ -40,6 +39,7 @@ import triton  # noqa: E402
 
 from furnace_kernels.flash_attention import attention_triton  # noqa: E402
 from furnace_kernels.loss_scale import apply_, grad_stats, install_fused_loss_scaling  # noqa: E402
+from furnace.metrics import run_info  # noqa: E402
 
 
 def _sync():
@@ -335,16 +335,10 @@ def main(argv=None):
     ap.add_argument("--only", choices=["attention", "loss_scale"], default=None)
     args = ap.parse_args(argv)
 
-    import deepspeed
-
-    device = torch.cuda.get_device_name() if CUDA else f"cpu ({platform.processor() or platform.machine()})"
     report = {
-        "device": device,
+        **run_info(argv),
         "cuda": CUDA,
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
-        "versions": {"torch": torch.__version__, "triton": triton.__version__, "deepspeed": deepspeed.__version__,
-                     "cuda": torch.version.cuda, "python": platform.python_version()},
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv if argv is None else ["kernels.py"] + argv),
         "quick": args.quick,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -20,7 +20,6 @@ tower counts forward only. Tokens are the non-padding tokens of the batches.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
@@ -148,7 +147,7 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
         tokenizer = load_tokenizer(paths["tokenizer"])
     torch.manual_seed(cfg.train.seed)
     model = build_from_tokenizer(cfg.model, tokenizer)
-    fp = {}  # FLOPs per sample by number of images, computed before ZeRO partitions the weights
+    fp = {}  # FLOPs per sample by (tokens, images); the FLOP model reads full sizes under ZeRO-3 too
 
     def flops_for(seq_len: float, images: float) -> float:
         key = (round(seq_len, 2), round(images, 2))
@@ -245,10 +244,6 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
         "precision": cfg.train.precision, "attention_backend": cfg.model.attention_backend,
         "activation_checkpointing": cfg.model.activation_checkpointing,
     }
-    del engine, model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return res
 
 
@@ -308,6 +303,9 @@ def main(argv=None) -> int:
             if rank == 0:
                 print(f"[{name}] {args.warmup} warm-up + {args.steps} timed steps", flush=True)
             results.append(run_variant(name, cfg, args, world))
+            gc.collect()  # free the variant's engine before the next one is built
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
     except ConfigError as e:
         if rank == 0:
             print(f"throughput: config error: {e}", file=sys.stderr)

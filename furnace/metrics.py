@@ -41,7 +41,7 @@ def _linear_params(module: nn.Module) -> tuple[int, int]:
     frozen = trainable = 0
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            n = m.weight.numel()
+            n = getattr(m.weight, "ds_numel", m.weight.numel())  # full size even when ZeRO-3 partitioned it
             if m.weight.requires_grad:
                 trainable += n
             else:
@@ -175,26 +175,42 @@ class MetricsWriter:
             self.tb.close()
 
 
-def run_info() -> dict:
-    """What every benchmark JSON records: device, library versions, the command line, the time."""
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_info(argv: list[str] | None = None) -> dict:
+    """What every benchmark JSON records: device, library versions, the command line, the time,
+    and the machine's load (numbers taken on a shared machine say so)."""
     import datetime
     import platform
     import sys
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for name in ("triton", "deepspeed", "transformers", "webdataset"):
+    for name in ("triton", "deepspeed", "transformers", "webdataset", "tokenizers", "numpy", "PIL"):
         try:
-            versions[name] = __import__(name).__version__
+            versions[name.lower()] = __import__(name).__version__
         except Exception:  # not installed here
-            versions[name] = None
+            versions[name.lower()] = None
+    cpu = {"model": _cpu_model(), "logical_cores": os.cpu_count(),
+           "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+           "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if torch.cuda.is_available():
-        device = torch.cuda.get_device_name()
-        count = torch.cuda.device_count()
+        device, count = torch.cuda.get_device_name(), torch.cuda.device_count()
     else:
-        device = f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-        count = 0
-    return {"device": device, "gpu_count": count, "versions": versions,
-            "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+        device, count = f"cpu ({cpu['model']}, {cpu['usable_cores']} cores)", 0
+    args = sys.argv if argv is None else [sys.argv[0], *argv]
+    return {"device": device, "gpu_count": count, "cpu": cpu, "versions": versions,
+            "command": " ".join([sys.executable.rsplit("/", 1)[-1], *args]),
             "time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -69,3 +69,13 @@ def test_flop_model_counts_frozen_parts_as_documented():
         open_tower = build_flamingo(cfg, vocab_size=128256, image_token_id=5, eoc_token_id=6)
     g = flamingo_flops_per_sample(open_tower, StepShape(seq_len=512, images=5))
     assert g["backward_by_part"]["vision"] == pytest.approx(2 * g["forward_by_part"]["vision"])
+
+
+def test_kernel_and_dataloader_benchmarks_smoke(tmp_path):
+    for cmd, out in ((["benchmarks/kernels.py", "--quick", "--only", "loss_scale"], "k.json"),
+                     (["benchmarks/dataloader.py", "--n", "64", "--batches", "2", "--workers", "0"], "d.json")):
+        res = subprocess.run([sys.executable, *cmd, "--out", str(tmp_path / out)], cwd=ROOT, env=env(),
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        data = json.loads((tmp_path / out).read_text())
+        assert data["device"] and data["versions"]["torch"] and data["command"]
