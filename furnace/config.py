@@ -237,10 +237,16 @@ def validate(cfg: Config, world_size: int, *, check_paths: bool = True) -> int:
         raise ConfigError("parallel.tp and parallel.pp must be >= 1")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0..3; got {p.zero_stage}")
-    if p.pp > 1 and p.zero_stage > 1:
+    # Two layouts: A = ZeRO-3 x TP x DP (pp = 1), B = ZeRO-1 x TP x PP x DP. (Plain data
+    # parallelism, tp = pp = 1, also accepts ZeRO-0/1/2 for ablations.)
+    if p.pp > 1 and p.zero_stage != 1:
         raise ConfigError(
-            f"parallel.pp={p.pp} needs parallel.zero_stage 0 or 1 (DeepSpeed's pipeline engine refuses ZeRO-{p.zero_stage}); "
-            "set --set parallel.zero_stage=1 or parallel.pp=1")
+            f"parallel.pp={p.pp} is layout B (ZeRO-1 x TP x PP x DP) and needs parallel.zero_stage=1 (DeepSpeed's "
+            f"pipeline engine refuses ZeRO-2/3); set --set parallel.zero_stage=1 or parallel.pp=1")
+    if p.pp == 1 and p.tp > 1 and p.zero_stage != 3:
+        raise ConfigError(
+            f"parallel.tp={p.tp} with parallel.pp=1 is layout A (ZeRO-3 x TP x DP) and needs parallel.zero_stage=3; "
+            "set --set parallel.zero_stage=3, or parallel.pp>1 with zero_stage=1 for layout B")
     if world_size % (p.tp * p.pp) != 0:
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.pp = {p.tp * p.pp}; "
                           "change tp/pp or the number of ranks")
@@ -251,6 +257,11 @@ def validate(cfg: Config, world_size: int, *, check_paths: bool = True) -> int:
                               f"model.lm.num_kv_heads={m.lm.num_kv_heads}; pick a tp that divides both")
         if m.lm.num_heads % m.lm.num_kv_heads:
             raise ConfigError("model.lm.num_kv_heads must divide model.lm.num_heads")
+        if m.lm.intermediate_size % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} must divide model.lm.intermediate_size={m.lm.intermediate_size}")
+        if p.pp > m.lm.num_layers:
+            raise ConfigError(f"parallel.pp={p.pp} exceeds model.lm.num_layers={m.lm.num_layers}; "
+                              "use at most one pipeline stage per decoder layer")
     if m.xattn.heads % p.tp or m.perceiver.heads % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} must divide model.xattn.heads={m.xattn.heads} and "
                           f"model.perceiver.heads={m.perceiver.heads}")

@@ -51,7 +51,12 @@ def build_ds_config(cfg, dp: int, grad_accum: int) -> dict:
     elif t.precision == "fp16":
         ds["fp16"] = base
     if p.pp > 1:
-        ds.setdefault("pipeline", {})["activation_checkpoint_interval"] = p.pipeline_activation_checkpoint_interval
+        pipe = ds.setdefault("pipeline", {})
+        pipe["activation_checkpoint_interval"] = p.pipeline_activation_checkpoint_interval
+        # Send whole activations between stages: the latents travel with the hidden states and
+        # need their gradients back, which DeepSpeed's tp-partitioned sends do not carry.
+        pipe["pipe_partitioned"] = False
+        pipe["grad_partitioned"] = False
     return ds
 
 
@@ -84,8 +89,12 @@ def initialize(cfg, model, topology, dp: int, grad_accum: int):
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(cfg.train.warmup_steps, cfg.train.lr_decay_steps or cfg.train.max_steps,
                            cfg.train.min_lr_ratio))
+    # A PipelineModule brings its own grid (the same rank order) and DeepSpeed takes the mpu from it.
+    from deepspeed.pipe import PipelineModule
+
+    mpu = None if isinstance(model, PipelineModule) else topology
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, config=ds, mpu=topology, dist_init_required=False)
+        model=model, optimizer=opt, lr_scheduler=sched, config=ds, mpu=mpu, dist_init_required=False)
     if cfg.train.precision == "fp16" and cfg.parallel.zero_stage == 3 and cfg.train.fused_loss_scaling:
         from furnace_kernels import install_fused_loss_scaling
 
@@ -147,8 +156,14 @@ def _atomic_write(path: Path, text: str) -> None:
         os.close(dfd)
 
 
-def save_checkpoint(engine, run_dir, step: int, rank_state: dict, config: dict, *, keep: int = 2) -> str:
-    """Collective: every rank calls it. Returns the tag."""
+FULL_MODEL = "full_model.safetensors"
+
+
+def save_checkpoint(engine, run_dir, step: int, rank_state: dict, config: dict, *, keep: int = 2,
+                    full_state: dict | None = None) -> str:
+    """Collective: every rank calls it. Returns the tag. `full_state` (tensor/pipeline-parallel
+    layouts: the model gathered into one plain state_dict) is written by rank 0 next to
+    DeepSpeed's files, for export; resuming uses DeepSpeed's per-rank files."""
     ckdir = checkpoint_dir(run_dir)
     tag = f"step{step:08d}"
     rank = dist.get_rank()
@@ -156,6 +171,10 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, config: dict, 
     torch.save(rank_state, ckdir / tag / f"furnace_rank{rank:05d}.pt")
     if rank == 0:
         (ckdir / tag / "config.json").write_text(json.dumps(config, indent=2))
+        if full_state is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in full_state.items()}, str(ckdir / tag / FULL_MODEL))
     dist.barrier()
     faults.maybe_die(step)
     if rank == 0:

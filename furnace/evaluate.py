@@ -17,6 +17,14 @@ def refresh_replica(replica: torch.nn.Module, module: torch.nn.Module) -> None:
     """Copy the (possibly ZeRO-3 partitioned) parameters of `module` into `replica`. Collective."""
     import deepspeed
 
+    if getattr(module, "tp_size", 1) > 1:  # tensor-parallel shards: gather them into whole tensors
+        from furnace.parallel.apply import full_state_dict
+
+        state = full_state_dict(module)
+        with torch.no_grad():
+            for name, dst in replica.named_parameters():
+                dst.data.copy_(state[name])
+        return
     src = dict(module.named_parameters())
     with torch.no_grad():
         for name, dst in replica.named_parameters():

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from furnace.config import Config, _apply
-from furnace.engine import checkpoint_dir, latest_tag
+from furnace.engine import FULL_MODEL, checkpoint_dir, latest_tag
 
 
 def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
@@ -23,6 +23,11 @@ def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
     tag = tag or latest_tag(run_dir)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)} (no `latest`)")
+    full = checkpoint_dir(run_dir) / tag / FULL_MODEL
+    if full.exists():  # tensor/pipeline-parallel run: the trainer gathered shards and stages at save time
+        from safetensors.torch import load_file
+
+        return load_file(str(full)), tag
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=tag), tag
 
 

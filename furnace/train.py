@@ -150,11 +150,22 @@ class Trainer:
         from furnace.model.flamingo import build_from_tokenizer
 
         model = build_from_tokenizer(cfg.model, self.tokenizer)
+        self.flops = self._flop_model(model)  # of the whole model, before sharding
+        if cfg.parallel.tp > 1:
+            from furnace.parallel.apply import parallelize
+
+            parallelize(model, self.topo)  # this rank's shards of the full, seeded weights
         self.model = model
-        self.flops = self._flop_model(model)
+        self.pipe = None
+        if cfg.parallel.pp > 1:
+            from furnace.parallel.pipeline import flamingo_pipeline
+
+            self.pipe = flamingo_pipeline(
+                model, self.topo, activation_checkpoint_interval=cfg.parallel.pipeline_activation_checkpoint_interval)
         from furnace import engine as eng
 
-        self.engine, self.ds_config = eng.initialize(cfg, model, self.topo, self.dp, self.grad_accum)
+        self.engine, self.ds_config = eng.initialize(cfg, self.pipe if self.pipe is not None else model, self.topo,
+                                                     self.dp, self.grad_accum)
         self.device = self.engine.device
         self.vision_stats = model.vision.image_stats
         self.image_size = model.vision.image_size
@@ -162,9 +173,19 @@ class Trainer:
         from furnace.data.loader import make_loader
 
         mean, std = self.vision_stats
+        replicated = os.environ.get("FURNACE_REPLICATED_DATA") == "1"
         self.loader = make_loader(cfg.data, self.tokenizer, split="train", batch_size=cfg.train.micro_batch_size,
-                                  dp_rank=self.topo.coord.dp, dp_size=self.dp, seed=cfg.train.seed,
-                                  image_size=self.image_size, mean=mean, std=std)
+                                  dp_rank=0 if replicated else self.topo.coord.dp, dp_size=1 if replicated else self.dp,
+                                  seed=cfg.train.seed, image_size=self.image_size, mean=mean, std=std)
+        if replicated:
+            # Layout-independent data (parity tests): every rank reads the 1-rank stream of
+            # micro-batches and keeps those with index % dp == its dp rank, so each optimizer
+            # step sees the same micro-batches (same grouping of samples) as a 1-rank run.
+            self.loader = DPSlice(self.loader, self.topo.coord.dp, self.dp)
+        self.log_gate_grads = os.environ.get("FURNACE_LOG_GATE_GRADS") == "1"
+        self.gate_grads: dict[str, float] = {}
+        if self.log_gate_grads and self.pipe is not None:
+            self._install_gate_hooks()
         self.step = 0
         state = eng.load_checkpoint(self.engine, cfg.train.run_dir)
         if state is not None:
@@ -191,8 +212,54 @@ class Trainer:
         batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         loss = faults.corrupt_loss(self.engine(batch), self.step + 1)
         self.engine.backward(loss)
+        if self.log_gate_grads and self.engine.is_gradient_accumulation_boundary():
+            self.gate_grads = self._gate_grads()
         self.engine.step()
         return loss.detach().float().cpu(), tokens, samples
+
+    def _pipe_step(self, it) -> tuple[torch.Tensor, int, int]:
+        """One optimizer step of the pipeline engine (it runs the micro-batches itself). Every
+        rank draws the step's micro-batches, so loaders stay in lockstep whatever the stage."""
+        from furnace.parallel.pipeline import batch_to_pipe
+
+        batches = [next(it) for _ in range(self.grad_accum)]
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        samples = sum(int(b["input_ids"].shape[0]) for b in batches)
+        loss = self.engine.train_batch(data_iter=iter([batch_to_pipe(b) for b in batches]))
+        if self.log_gate_grads:
+            self.gate_grads = self._pipe_gate_grads()
+        return loss.detach().float().cpu(), tokens, samples
+
+    def _install_gate_hooks(self) -> None:
+        """Pipeline: the gates live on different stages; hooks sum each micro-batch's gradient
+        (already divided by the accumulation steps) and one all-reduce assembles them."""
+        self._gate_names = [f"xattn.{j}.{g}" for j in range(len(self.model.xattn)) for g in ("attn_gate", "ff_gate")]
+        self._gate_acc = torch.zeros(len(self._gate_names), dtype=torch.float64)
+        owned = {id(p) for p in self.pipe.parameters()}
+        for k, name in enumerate(self._gate_names):
+            j, g = name.split(".")[1:]
+            p = getattr(self.model.xattn[int(j)], g)
+            if id(p) in owned:
+                p.register_hook(lambda grad, k=k: self._gate_acc.__setitem__(k, self._gate_acc[k] + float(grad.reshape(-1)[0])))
+
+    def _pipe_gate_grads(self) -> dict[str, float]:
+        acc = self._gate_acc.clone()
+        dist.all_reduce(acc)  # owners only; tp peers hold equal values, dp replicas are averaged
+        acc /= self.topo.tp * self.dp
+        self._gate_acc.zero_()
+        return {f"gate_grad/{n}": float(v) for n, v in zip(self._gate_names, acc)}
+
+    def _gate_grads(self) -> dict[str, float]:
+        """Full gradients of the xattn tanh gates before the optimizer step (collective under
+        ZeRO-3): averaged over the global batch, unclipped and unscaled."""
+        from deepspeed.utils import safe_get_full_grad
+
+        out = {}
+        for name, p in self.engine.module.named_parameters():
+            if name.startswith("xattn.") and name.endswith(("attn_gate", "ff_gate")):
+                g = safe_get_full_grad(p)
+                out[f"gate_grad/{name}"] = float(g.reshape(-1)[0]) if g is not None else float("nan")
+        return out
 
     def _loss_scale(self):
         opt = self.engine.optimizer
@@ -210,8 +277,13 @@ class Trainer:
         from furnace import engine as eng
 
         state = {"step": self.step, "loader": self.loader.state_dict(), "rng": eng.rng_state()}
+        full = None
+        if self.topo.tp > 1 or self.topo.pp > 1:  # export cannot reassemble these offline: gather now
+            from furnace.parallel.apply import full_state_dict
+
+            full = full_state_dict(self.model, pipe=self.pipe, topology=self.topo)
         tag = eng.save_checkpoint(self.engine, self.cfg.train.run_dir, self.step, state, eng.config_snapshot(self.cfg),
-                                  keep=self.cfg.train.keep_checkpoints)
+                                  keep=self.cfg.train.keep_checkpoints, full_state=full)
         log.warning(f"saved checkpoint {tag}")
 
     def evaluate(self) -> dict:
@@ -223,7 +295,12 @@ class Trainer:
             from furnace.model.flamingo import build_from_tokenizer
 
             self.replica = build_from_tokenizer(self.cfg.model, self.tokenizer).to(self.device)
-        refresh_replica(self.replica, self.engine.module)
+        if self.pipe is not None:  # gather the stages (and tp shards) into the plain replica
+            from furnace.parallel.apply import full_state_dict
+
+            self.replica.load_state_dict(full_state_dict(self.model, pipe=self.pipe, topology=self.topo), strict=False)
+        else:
+            refresh_replica(self.replica, self.engine.module)
         mean, std = self.vision_stats
         val = make_loader(self.cfg.data, self.tokenizer, split="val", batch_size=4 * self.cfg.train.micro_batch_size,
                           dp_rank=self.topo.coord.dp, dp_size=self.dp, seed=self.cfg.train.seed,
@@ -257,8 +334,8 @@ class Trainer:
         last_eval = None
         while self.step < t.max_steps:
             losses, tokens, samples = [], 0, 0
-            for _ in range(self.grad_accum):
-                loss, n_tok, n_s = self._micro_step(it)
+            for _ in range(self.grad_accum if self.pipe is None else 1):
+                loss, n_tok, n_s = self._micro_step(it) if self.pipe is None else self._pipe_step(it)
                 losses.append(loss)
                 tokens += n_tok
                 samples += n_s
@@ -291,6 +368,7 @@ class Trainer:
                 }
                 if peak:
                     rec["mfu"] = rates["tflops"] / self.world / peak
+                rec.update(self.gate_grads)
                 self.writer.write(rec)
                 log.info("step %d %s", self.step, rec)
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.2e}", scale=f"{rec['loss_scale']:.0f}",
@@ -324,6 +402,21 @@ class Trainer:
         log.warning(f"eval at step {self.step}: val loss {res['val_loss']:.4f}, caption accuracy "
                     f"{res['caption_accuracy']:.3f}; e.g. {res['examples'][:2]}")
         return res
+
+
+class DPSlice:
+    """Micro-batches j of `loader` with j % dp_size == dp_rank (FURNACE_REPLICATED_DATA=1)."""
+
+    def __init__(self, loader, dp_rank: int, dp_size: int):
+        self.loader, self.dp_rank, self.dp_size = loader, dp_rank, dp_size
+
+    def __iter__(self):
+        for j, batch in enumerate(self.loader):
+            if j % self.dp_size == self.dp_rank:
+                yield batch
+
+    def __getattr__(self, name):  # state_dict, load_state_dict, skipped ...
+        return getattr(self.loader, name)
 
 
 def _rss_gb() -> float:

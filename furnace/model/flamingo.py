@@ -87,6 +87,9 @@ class FlamingoModel(nn.Module):
             raise ValueError(f"token ids {image_token_id}/{eoc_token_id} exceed the vocabulary ({self.base_vocab + n_extra})")
         self.new_tokens = NewTokens(lm, n_extra) if n_extra else None
         self.activation_checkpointing = False
+        # The loss over the head's logits; tensor parallelism swaps in the vocab-parallel CE
+        # (furnace.parallel.apply), which reads this rank's vocabulary slice of the logits.
+        self.loss_fn = causal_lm_loss
         self.lm.requires_grad_(not freeze_lm)
 
     # -------------------------------------------------------------- pieces
@@ -178,7 +181,7 @@ class FlamingoModel(nn.Module):
         if labels is None:
             labels = build_labels(batch["input_ids"], batch.get("attention_mask"),
                                   image_token_id=self.image_token_id, eoc_token_id=self.eoc_token_id)
-        return causal_lm_loss(self.logits(batch), labels)
+        return self.loss_fn(self.logits(batch), labels)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]

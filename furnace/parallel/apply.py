@@ -1,0 +1,165 @@
+"""`parallelize(model, topology)`: tensor parallelism applied to a built FlamingoModel.
+
+torchtitan's approach: the model is written once, unaware of parallelism; this module swaps
+its linear layers and embeddings for the Megatron ones of `furnace.parallel.tensor`, taking
+this rank's shard of the full weights. Building the full model with the training seed on every
+rank and then sharding reproduces the 1-rank initialisation exactly (what the parity tests need);
+a large pretrained LM should instead be loaded per rank (from_hf) and sharded the same way.
+
+Plan per block (C = column-parallel, R = row-parallel, V = vocab-parallel):
+
+    decoder layer   self_attn.{q,k,v}_proj C, o_proj R;  mlp.{gate,up}_proj C, down_proj R
+    embeddings      lm.embed_tokens V, lm.lm_head C over the (padded) vocabulary, tied if the LM is
+    xattn block     attn.{to_q,to_k,to_v} C, to_out R;   ff.fc1 C, ff.fc2 R
+    perceiver       layers[d][0].{to_q,to_k,to_v} C, to_out R;  layers[d][1].fc1 C, fc2 R
+    replicated      norms, gates, latents, frame embeddings, new_tokens, the vision tower
+
+Heads are split contiguously, so each rank keeps whole query heads together with their GQA
+key/value heads (tp divides num_kv_heads). The loss becomes the vocab-parallel CE, with the
+new-token logits (replicated) joined into the same log-sum-exp.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMLoss,
+                     _mark, vocab_range)
+
+
+# Leaf module names that parallelize() shards (the plan in the docstring).
+SHARDED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "to_q", "to_k",
+                   "to_v", "to_out", "fc1", "fc2", "embed_tokens", "lm_head")
+
+
+def is_tp_sharded(param_name: str) -> bool:
+    """Whether parallelize() splits this parameter (by name; the same for the plain model)."""
+    parts = param_name.split(".")
+    return len(parts) >= 2 and parts[-2] in SHARDED_MODULES and not param_name.startswith("vision.") \
+        and not (parts[-2] in ("o_proj", "down_proj", "to_out", "fc2") and parts[-1] == "bias")
+
+
+def _col(parent: nn.Module, name: str, group) -> None:
+    setattr(parent, name, ColumnParallelLinear.from_linear(getattr(parent, name), group))
+
+
+def _row(parent: nn.Module, name: str, group) -> None:
+    setattr(parent, name, RowParallelLinear.from_linear(getattr(parent, name), group))
+
+
+def _attn_mlp(attn: nn.Module, qkv: tuple[str, ...], out: str, mlp: nn.Module, up: tuple[str, ...], down: str,
+              group) -> None:
+    for n in qkv:
+        _col(attn, n, group)
+    _row(attn, out, group)
+    for n in up:
+        _col(mlp, n, group)
+    _row(mlp, down, group)
+
+
+def _vocab_head(lm_head: nn.Linear, embed: VocabParallelEmbedding | None, group) -> ColumnParallelLinear:
+    n, r = dist.get_world_size(group), dist.get_rank(group)
+    vocab, d = lm_head.out_features, lm_head.in_features
+    start, end, per = vocab_range(vocab, r, n)
+    head = ColumnParallelLinear(d, per * n, bias=False, group=group, dtype=lm_head.weight.dtype,
+                                device=lm_head.weight.device)
+    if embed is not None:  # tied: the very same Parameter as the embedding's shard
+        head.weight = embed.weight
+    else:
+        with torch.no_grad():
+            head.weight.zero_()
+            head.weight[: end - start].copy_(lm_head.weight.data[start:end])
+        _mark(head.weight, 0)
+        head.requires_grad_(lm_head.weight.requires_grad)
+    head.vocab_size = vocab
+    return head
+
+
+def parallelize(model, topology) -> nn.Module:
+    """Apply tensor parallelism in place (tp = 1: nothing changes). Returns the model."""
+    tp = topology.get_tensor_model_parallel_world_size()
+    model.tp_size = tp
+    if tp == 1:
+        return model
+    group = topology.get_tensor_model_parallel_group()
+    model.tp_group = group
+    lm = model.lm
+    a = lm.args
+    for name, div in (("num_heads", a.num_heads), ("num_kv_heads", a.num_kv_heads)):
+        if div % tp:
+            raise ValueError(f"tensor parallel size {tp} must divide model.lm.{name}={div}")
+    for layer in lm.layers:
+        _attn_mlp(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "o_proj", layer.mlp, ("gate_proj", "up_proj"),
+                  "down_proj", group)
+    for blk in model.xattn:
+        _attn_mlp(blk.attn, ("to_q", "to_k", "to_v"), "to_out", blk.ff, ("fc1",), "fc2", group)
+    for attn, ff in model.perceiver.layers:
+        _attn_mlp(attn, ("to_q", "to_k", "to_v"), "to_out", ff, ("fc1",), "fc2", group)
+    tied = a.tie_word_embeddings
+    embed = VocabParallelEmbedding.from_embedding(lm.embed_tokens, group)
+    lm.embed_tokens = embed
+    lm.lm_head = _vocab_head(lm.lm_head, embed if tied else None, group)
+    n_new = 0 if model.new_tokens is None else model.new_tokens.count
+    model.loss_fn = VocabParallelLMLoss(model.base_vocab, n_new, group)
+    return model
+
+
+# ------------------------------------------------------------------ gathering back to one model
+
+def _gather_dim(t: torch.Tensor, dim: int, group) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    parts = [torch.empty_like(t) for _ in range(n)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def full_state_dict(model, *, pipe=None, topology=None) -> dict[str, torch.Tensor]:
+    """The plain (unsharded) model's state_dict from a tensor-parallel, ZeRO-3 partitioned or
+    pipelined one: ZeRO-3 gathers each parameter over data-parallel peers, tensor-parallel
+    shards are all-gathered (vocabulary padding trimmed), and with `pipe` (the PipelineModule
+    built over `model`) each parameter comes from the first stage that holds it. Collective over
+    all ranks; every rank gets the whole state on the CPU."""
+    import deepspeed
+
+    group = getattr(model, "tp_group", None)
+    mods = dict(model.named_modules())
+    owner = None
+    if pipe is not None:
+        owned = {id(p) for p in pipe.parameters()}
+        mine = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in owned]
+        pp_group = topology.get_pipe_parallel_group()
+        everyone: list = [None] * topology.pp
+        dist.all_gather_object(everyone, mine, group=pp_group)
+        owner = {}
+        for stage, names in enumerate(everyone):
+            for n in names:
+                owner.setdefault(n, stage)
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            t = p.data.detach().clone()
+        shape = getattr(p, "ds_shape", None)
+        if shape is not None:
+            t = t.view(shape)
+        if group is not None and getattr(p, "tensor_model_parallel", False):
+            t = _gather_dim(t, p.partition_dim, group)
+            mod = mods[name.rsplit(".", 1)[0]]
+            vocab = getattr(mod, "vocab_size", None) or getattr(mod, "num_embeddings", None)
+            if vocab is not None and p.partition_dim == 0:
+                n = dist.get_world_size(group)
+                per = vocab_range(vocab, 0, n)[2]
+                t = torch.cat([t[i * per: min((i + 1) * per, vocab)] for i in range(n)])
+        if owner is not None:
+            if name not in owner:
+                raise RuntimeError(f"parameter {name} is on no pipeline stage")
+            c = topology.coord
+            src = topology.rank_of(owner[name], c.dp, c.tp)
+            t = t.contiguous()
+            dist.broadcast(t, src=src, group=topology.get_pipe_parallel_group())
+        out[name] = t.cpu()
+    keys = set(model.state_dict().keys())  # persistent buffers only, tied names included
+    for name, b in model.named_buffers():
+        if name in keys:
+            out[name] = b.detach().cpu()
+    return out

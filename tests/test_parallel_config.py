@@ -1,0 +1,28 @@
+"""Config validation of the parallel layouts: A = ZeRO-3 x TP x DP, B = ZeRO-1 x TP x PP x DP."""
+import pytest
+
+from furnace.config import ConfigError, load_config, validate
+
+
+@pytest.mark.parametrize("sets,world,dp", [
+    (["parallel.tp=2"], 4, 2),
+    (["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"], 8, 2),
+    (["parallel.pp=2", "parallel.zero_stage=1"], 2, 1),
+    (["parallel.zero_stage=1"], 2, 2),  # plain data parallelism keeps ZeRO-0/1/2 for ablations
+])
+def test_valid_layouts(sets, world, dp):
+    assert validate(load_config("demo", sets + ["train.global_batch_size=16", "train.micro_batch_size=4"]), world, check_paths=False) == dp
+
+
+@pytest.mark.parametrize("sets,world,needle", [
+    (["parallel.pp=2"], 2, "--set parallel.zero_stage=1"),
+    (["parallel.pp=2", "parallel.zero_stage=0"], 2, "--set parallel.zero_stage=1"),
+    (["parallel.tp=2", "parallel.zero_stage=1"], 2, "--set parallel.zero_stage=3"),
+    (["parallel.tp=3"], 3, "must divide model.lm.num_heads"),
+    (["parallel.pp=64", "parallel.zero_stage=1"], 64, "exceeds model.lm.num_layers"),
+])
+def test_invalid_layouts_fail_with_one_line_naming_the_fix(sets, world, needle):
+    with pytest.raises(ConfigError) as e:
+        validate(load_config("demo", sets), world, check_paths=False)
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
