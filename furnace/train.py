@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -308,9 +307,9 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision, torch.float32)
         with torch.autocast(self.device.type if hasattr(self.device, "type") else "cpu", dtype=dtype,
                             enabled=dtype != torch.float32):
-            stats = evaluate_local(self.replica, val, self.tokenizer, device=self.device,
-                                   max_new_tokens=self.cfg.data.max_length, accuracy_fn=caption_accuracy)
-        return summarize(stats, self.topo.get_data_parallel_group())
+            stats, examples = evaluate_local(self.replica, val, self.tokenizer, device=self.device,
+                                             max_new_tokens=self.cfg.data.max_length, accuracy_fn=caption_accuracy)
+        return summarize(stats, examples, self.topo.get_data_parallel_group())
 
     def run(self) -> int:
         try:
@@ -325,12 +324,11 @@ class Trainer:
 
         from furnace.metrics import ThroughputMeter, device_peak_tflops
 
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         it = iter(self.loader)
         meter = ThroughputMeter()
         peak = device_peak_tflops()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc="train")
-        dp_group = self.topo.get_data_parallel_group()
         last_eval = None
         while self.step < t.max_steps:
             losses, tokens, samples = [], 0, 0

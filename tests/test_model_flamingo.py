@@ -70,7 +70,7 @@ def dense_xattn_reference(block, x, latents, ids):
     before i; no image yet -> the attention branch contributes exactly 0."""
     a = block.attn
     b, l, _ = x.shape
-    t, n = latents.shape[1], latents.shape[2]
+    n = latents.shape[2]
     dh = a.dim_head
     out = torch.zeros_like(x, dtype=torch.float64)
     xn = a.norm(x).double()
