@@ -7,6 +7,7 @@ rank finished: a kill at any point of a save leaves `latest` on the previous com
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -95,12 +96,66 @@ def initialize(cfg, model, topology, dp: int, grad_accum: int):
     mpu = None if isinstance(model, PipelineModule) else topology
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds, mpu=mpu, dist_init_required=False)
+    use_safe_checkpoint_loading(engine)
     if cfg.train.precision == "fp16" and cfg.parallel.zero_stage == 3 and cfg.train.fused_loss_scaling:
         from furnace_kernels import install_fused_loss_scaling
 
         # One fused pass for overflow check + grad norm, one multiply for unscale x clip.
         install_fused_loss_scaling(engine)
     return engine, ds
+
+
+# ------------------------------------------------------------------ safe checkpoint loading
+
+def _checkpoint_globals() -> list:
+    """The only non-tensor classes DeepSpeed's checkpoints hold (checked on ZeRO-1/3 and
+    pipeline checkpoints): everything else must be plain data."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    try:
+        from furnace_kernels.loss_scale import DynamicLossScaler as FusedScaler
+
+        allowed.append(FusedScaler)
+    except ImportError:
+        pass
+    return allowed
+
+
+def safe_load(path, map_location=None, **kw):
+    """torch.load with weights_only=True and the allowlist above: a checkpoint cannot run code."""
+    kw["weights_only"] = True
+    with torch.serialization.safe_globals(_checkpoint_globals()):
+        return _TORCH_LOAD(path, map_location=map_location, **kw)
+
+
+_TORCH_LOAD = torch.load
+
+
+def use_safe_checkpoint_loading(engine) -> None:
+    """DeepSpeed's torch checkpoint engine unpickles with weights_only=False; swap in a subclass
+    whose load is `safe_load` (saving is unchanged)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            return safe_load(path, map_location=map_location)
+
+    ce = getattr(engine, "checkpoint_engine", None)
+    if type(ce) is TorchCheckpointEngine:
+        ce.__class__ = SafeTorchCheckpointEngine
+
+
+@contextlib.contextmanager
+def safe_torch_load():
+    """Route every torch.load inside the block through `safe_load` (for DeepSpeed utilities such
+    as zero_to_fp32 that call torch.load(weights_only=False) themselves)."""
+    torch.load = lambda f, *a, **k: safe_load(f, *a, **{x: y for x, y in k.items() if x != "weights_only"})
+    try:
+        yield
+    finally:
+        torch.load = _TORCH_LOAD
 
 
 # ------------------------------------------------------------------ RNG state

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from furnace.config import Config, _apply
-from furnace.engine import FULL_MODEL, checkpoint_dir, latest_tag
+from furnace.engine import FULL_MODEL, checkpoint_dir, latest_tag, safe_torch_load
 
 
 def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
@@ -28,7 +28,8 @@ def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
         from safetensors.torch import load_file
 
         return load_file(str(full)), tag
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=tag), tag
+    with safe_torch_load():  # zero_to_fp32 itself unpickles with weights_only=False
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=tag), tag
 
 
 def load_run_model(run_dir, tag: str | None = None):
