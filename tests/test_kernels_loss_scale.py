@@ -176,6 +176,25 @@ def test_scaler_min_scale_raises_like_deepspeed():
 # test lifts that sanity check to exercise the real fp16 ZeRO-3 path (DynamicLossScaler).
 
 
+@pytest.fixture(scope="module")
+def in_process_rank():
+    """A 1-rank process group inside the pytest process for this module's engine tests (DeepSpeed
+    does not re-initialise cleanly, so once per module). The environment, the group,
+    DeepSpeed's comm backend and the fp16 patch are undone afterwards: later tests launch their
+    own ranks and must not inherit RANK/WORLD_SIZE or a live group."""
+    import deepspeed.comm.comm as ds_comm
+    from deepspeed.accelerator import get_accelerator
+
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    ds_comm.cdb = None
+    get_accelerator().__dict__.pop("is_fp16_supported", None)
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _dist_env():
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29000 + os.getpid() % 1000))
@@ -240,7 +259,7 @@ def _run_engine(fused, precision, inject, steps, clip=1.0, plant=(), rank=0):
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_zero3_hook_matches_deepspeed(precision):
+def test_zero3_hook_matches_deepspeed(precision, in_process_rank):
     inject = {2: float("inf"), 3: float("nan"), 7: float("inf"), 8: float("inf"), 9: float("inf")} \
         if precision == "fp16" else {4: float("nan")}
     steps = 14 if precision == "fp16" else 8

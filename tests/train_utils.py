@@ -32,9 +32,14 @@ def train_cmd(run_dir, data: dict, *extra: str, nproc: int = 2) -> list[str]:
     return args
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
 def env(**extra) -> dict:
-    e = dict(os.environ)
-    e.pop("FURNACE_FAULT", None)
+    """The environment of a child run: no fault injection, and none of a launcher's variables
+    (with RANK/WORLD_SIZE set, train.py would take itself for an already launched rank)."""
+    e = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and k != "FURNACE_FAULT"}
     e.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra})
     return e
 
