@@ -112,8 +112,9 @@ def _checkpoint_globals() -> list:
     pipeline checkpoints): everything else must be plain data."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
     try:
         from furnace_kernels.loss_scale import DynamicLossScaler as FusedScaler
 
