@@ -32,11 +32,15 @@ def ds_config_name(cfg) -> str:
     return "zero3_fp16" if cfg.train.precision == "fp16" else "zero3_bf16"
 
 
+def _read_ds_config(name: str) -> dict:
+    with open(DS_CONFIG_DIR / f"{name}.json") as f:
+        return json.load(f)
+
+
 def build_ds_config(cfg, dp: int, grad_accum: int) -> dict:
     """The DeepSpeed JSON for this run: the layout's base file, then batch sizes, precision,
     ZeRO stage and clipping from the furnace config (one source of truth)."""
-    with open(DS_CONFIG_DIR / f"{ds_config_name(cfg)}.json") as f:
-        ds = json.load(f)
+    ds = _read_ds_config(ds_config_name(cfg))
     t, p = cfg.train, cfg.parallel
     ds["train_batch_size"] = t.global_batch_size
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
@@ -44,13 +48,12 @@ def build_ds_config(cfg, dp: int, grad_accum: int) -> dict:
     ds["gradient_clipping"] = t.grad_clip
     ds["zero_optimization"]["stage"] = p.zero_stage
     ds["zero_allow_untested_optimizer"] = True  # torch AdamW as the client optimizer
+    fp16 = ds.pop("fp16", None)
     ds.pop("bf16", None)
-    ds.pop("fp16", None)
-    base = json.load(open(DS_CONFIG_DIR / "zero3_fp16.json"))["fp16"]
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
-    elif t.precision == "fp16":
-        ds["fp16"] = base
+    elif t.precision == "fp16":  # dynamic loss scaling settings live in zero3_fp16.json
+        ds["fp16"] = fp16 or _read_ds_config("zero3_fp16")["fp16"]
     if p.pp > 1:
         pipe = ds.setdefault("pipeline", {})
         pipe["activation_checkpoint_interval"] = p.pipeline_activation_checkpoint_interval

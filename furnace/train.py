@@ -216,6 +216,18 @@ class Trainer:
         self.engine.step()
         return loss.detach().float().cpu(), tokens, samples
 
+    def _train_step(self, it) -> tuple[torch.Tensor, int, int]:
+        """One optimizer step: (mean loss over its micro-batches, tokens, samples) on this rank."""
+        if self.pipe is not None:
+            return self._pipe_step(it)
+        losses, tokens, samples = [], 0, 0
+        for _ in range(self.grad_accum):
+            loss, n_tok, n_s = self._micro_step(it)
+            losses.append(loss)
+            tokens += n_tok
+            samples += n_s
+        return torch.stack(losses).mean(), tokens, samples
+
     def _pipe_step(self, it) -> tuple[torch.Tensor, int, int]:
         """One optimizer step of the pipeline engine (it runs the micro-batches itself). Every
         rank draws the step's micro-batches, so loaders stay in lockstep whatever the stage."""
@@ -331,14 +343,8 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc="train")
         last_eval = None
         while self.step < t.max_steps:
-            losses, tokens, samples = [], 0, 0
-            for _ in range(self.grad_accum if self.pipe is None else 1):
-                loss, n_tok, n_s = self._micro_step(it) if self.pipe is None else self._pipe_step(it)
-                losses.append(loss)
-                tokens += n_tok
-                samples += n_s
+            local, tokens, samples = self._train_step(it)
             self.step += 1
-            local = torch.stack(losses).mean()
             finite = bool(torch.isfinite(local))
             # one small all-reduce: loss, tokens, samples, non-finite count, stop request, skipped
             stats = torch.tensor([float(local) if finite else 0.0, tokens, samples, 0 if finite else 1,
