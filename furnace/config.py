@@ -45,6 +45,7 @@ class VisionConfig:
     intermediate_size: int = 512
     num_layers: int = 2
     num_heads: int = 4
+    sincos_positions: bool = True      # from scratch: start the position rows at a 2-D sin-cos code
 
 
 @dataclass

@@ -22,7 +22,9 @@ def _img(path, size=(40, 30), colour=(200, 10, 10), fmt=None):
 
 def _members(tar):
     with tarfile.open(tar) as tf:
-        return {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+        members = tf.getmembers()
+        assert not any(m.pax_headers for m in members)  # plain ustar headers: one block per member
+        return {m.name: tf.extractfile(m).read() for m in members}
 
 
 @pytest.fixture

@@ -58,6 +58,28 @@ def test_larger_object_is_named_first():
     assert checked > 40
 
 
+def test_relation_is_unambiguous():
+    """Two-object images of distinct colours: the centroid offset along the named axis has the
+    named sign and dominates the offset across it (no "left of" that could be "below")."""
+    from furnace.data.synthetic import COLOURS
+
+    checked = 0
+    for img, cap in generate(200, seed=7, image_size=64):
+        m = TWO.match(cap)
+        if not m or m.group(1) == m.group(4):
+            continue
+        px = np.asarray(img).astype(int)
+        (y1, x1), (y2, x2) = [np.argwhere(np.abs(px - np.array(COLOURS[c])).sum(-1) < 60).mean(0)
+                              for c in (m.group(1), m.group(4))]
+        along, across = {"left of": (x2 - x1, y2 - y1), "right of": (x1 - x2, y2 - y1),
+                         "above": (y2 - y1, x2 - x1), "below": (y1 - y2, x2 - x1)}[m.group(3)]
+        # centres: 0.44-0.56 of the side apart along, <= 0.12 across; a triangle's centroid sits
+        # 1/6 of its height below its box centre
+        assert along > 0.35 * 64 and abs(across) < 0.22 * 64 and along > 1.5 * abs(across), (cap, along, across)
+        checked += 1
+    assert checked > 60
+
+
 def test_cli_writes_layout_and_tokenizer(tmp_path):
     out = tmp_path / "syn"
     assert synthetic.main(["--out", str(out), "--n", "40", "--seed", "3", "--shards", "4", "--no-progress"]) == 0
@@ -105,6 +127,25 @@ def test_ensure_demo_data_concurrent_ranks(tmp_path):
                      synthetic_dir=d, synthetic_n=32)
     with pytest.raises(FileNotFoundError, match="does not match"):
         ensure_demo_data(bad)
+
+
+def test_ensure_demo_data_rebuilds_a_set_from_another_generator_version(tmp_path):
+    from furnace.config import DataConfig
+
+    d = str(tmp_path / "demo")
+    cfg = DataConfig(train_shards=f"{d}/train-{{000000..000015}}.tar", val_shards=f"{d}/val-000000.tar",
+                     synthetic_dir=d, synthetic_n=16)
+    ensure_demo_data(cfg)
+    marker = os.path.join(d, synthetic.COMPLETE_MARKER)
+    meta = json.loads(open(marker).read())
+    assert meta["version"] == synthetic.GENERATOR_VERSION
+    del meta["version"]  # what a version-1 set wrote
+    open(marker, "w").write(json.dumps(meta))
+    shard = os.path.join(d, "train-000000.tar")
+    open(shard, "wb").write(b"old drawing")
+    ensure_demo_data(cfg)
+    assert json.loads(open(marker).read())["version"] == synthetic.GENERATOR_VERSION
+    assert tarfile.is_tarfile(shard)
 
 
 def test_caption_accuracy():

@@ -329,3 +329,19 @@ def test_gates_start_closed_by_default_and_open_when_configured():
     assert all(float(b.attn_gate) == 0.0 and float(b.ff_gate) == 0.0 for b in make_model().xattn)
     opened = make_model(**{"xattn.gate_init": 0.5})
     assert all(float(b.attn_gate) == 0.5 and float(b.ff_gate) == 0.5 for b in opened.xattn)
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_from_scratch_tower_starts_at_sincos_positions(kind):
+    from furnace.model.vision import sincos_2d, vision_from_config
+
+    kw = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+    w = vision_from_config(kind, **kw).model.embeddings.position_embedding.weight.detach()
+    rows = w[1:] if kind == "clip" else w  # CLIP's class-token row comes first and starts at 0
+    code = sincos_2d(4, 32)
+    assert torch.equal(rows, code) and (kind == "siglip" or not w[0].any())
+    # x lives in the first half of the channels, y in the second; patches are row-major
+    assert torch.equal(code[1, :16], code[5, :16]) and torch.equal(code[4, 16:], code[5, 16:])
+    assert torch.cdist(code, code).add(torch.eye(16)).min() > 0.1  # every patch distinguishable
+    rnd = vision_from_config(kind, sincos_positions=False, **kw).model.embeddings.position_embedding.weight
+    assert (rnd[-16:] - code).abs().max() > 0.5  # opting out keeps the transformers init

@@ -127,7 +127,7 @@ class ShardWriter:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._tmp = os.path.join(self.out_dir, name + ".tmp")
         self._name = name
-        self._tar = TarWriter(self._tmp, encoder=False, mtime=0.0)
+        self._tar = TarWriter(self._tmp, encoder=False, mtime=0)  # int: a float mtime costs a PAX header per member
         self._count = 0
         self._bytes = 0
 

@@ -13,7 +13,8 @@ Caption grammar (every caption is a deterministic function of the image):
     one object  (1/3): "a {size} {colour} {shape}"              e.g. "a small red circle"
     two objects (2/3): "a {colour} {shape} {relation} a {colour} {shape}"
         the larger object is named first; relation = where it is relative to the smaller one
-        e.g. "a blue square left of a yellow triangle"
+        e.g. "a blue square left of a yellow triangle". The two centres are half the image apart
+        along the relation's axis and close across it, so the relation is never ambiguous.
     size: small | large; colour: red | green | blue | yellow; shape: circle | square | triangle;
     relation: left of | right of | above | below.
 Sample i of split s is drawn from its own RNG seeded by (seed, s, i): train and validation
@@ -44,6 +45,9 @@ SIZES = ("small", "large")
 RELATIONS = ("left of", "right of", "above", "below")
 SUPERSAMPLE = 4
 COMPLETE_MARKER = ".complete"
+# Bumped whenever the drawing changes; a demo set written by another version is rebuilt.
+# 2: relations unambiguous (objects centred across the axis), larger objects.
+GENERATOR_VERSION = 2
 TRAIN_SHARDS = 16
 
 
@@ -80,23 +84,25 @@ def draw_sample(rng: random.Random, image_size: int = 32) -> tuple[Image.Image, 
         caption = f"a {size} {colour} {shape}"
     else:
         (c1, s1), (c2, s2) = [(rng.choice(colour_names), rng.choice(SHAPES)) for _ in range(2)]
-        # bounding-box sides 0.42 vs 0.255 of the image: even a big triangle (half its box) covers
+        # bounding-box sides 0.48 vs 0.30 of the image: even a big triangle (half its box) covers
         # more pixels than a small square, so "the larger one" is never ambiguous
-        big = S * 0.42 * rng.uniform(0.95, 1.05)
-        small = S * 0.255 * rng.uniform(0.95, 1.05)
+        big = S * 0.48 * rng.uniform(0.95, 1.05)
+        small = S * 0.30 * rng.uniform(0.95, 1.05)
         horizontal = rng.random() < 0.5
         big_first = rng.random() < 0.5          # the big object is left (or top)
         q = S / 4
-        along = [q + rng.uniform(-0.04, 0.04) * S, 3 * q + rng.uniform(-0.04, 0.04) * S]
+        along = [q + rng.uniform(-0.03, 0.03) * S, 3 * q + rng.uniform(-0.03, 0.03) * S]
         if not big_first:
             along.reverse()
 
-        def across(side):
-            m = side / 2 + S * 0.04
-            return rng.uniform(m, S - m)
+        # Centres half the image apart along the relation's axis and within 0.12 of it across:
+        # free placement across made some pairs as far apart across as along ("left of" or
+        # "below"?), captions no one could get right.
+        def across():
+            return S / 2 + rng.uniform(-0.06, 0.06) * S
 
-        pos_big = (along[0], across(big))
-        pos_small = (along[1], across(small))
+        pos_big = (along[0], across())
+        pos_small = (along[1], across())
         if not horizontal:
             pos_big, pos_small = pos_big[::-1], pos_small[::-1]
         _draw_shape(d, s1, *pos_big, big, COLOURS[c1])
@@ -147,7 +153,7 @@ def build(out: str, n: int, seed: int = 0, image_size: int = 32, shards: int = T
     train = write_split(out, "train", n, seed, image_size, shards, progress)
     val = write_split(out, "val", n_val, seed, image_size, 1, progress)
     build_demo_tokenizer(os.path.join(out, "tokenizer"))
-    meta = {"n": n, "n_val": n_val, "seed": seed, "image_size": image_size, "shards": shards,
+    meta = {"version": GENERATOR_VERSION, "n": n, "n_val": n_val, "seed": seed, "image_size": image_size, "shards": shards,
             "train_pattern": shard_pattern(out, "train", len(train["shards"])),
             "val_pattern": shard_pattern(out, "val", len(val["shards"]))}
     with open(os.path.join(out, COMPLETE_MARKER), "w") as f:
@@ -183,8 +189,18 @@ def _all_exist(pattern: str) -> bool:
     return bool(files) and all(os.path.isfile(f) for f in files)
 
 
+def _stale(out: str) -> bool:
+    """`out` holds a complete synthetic set drawn by another generator version."""
+    try:
+        with open(os.path.join(out, COMPLETE_MARKER)) as f:
+            return json.load(f).get("version", 1) != GENERATOR_VERSION
+    except (OSError, ValueError):
+        return False
+
+
 def ensure_demo_data(data_cfg, *, progress: bool = False) -> dict:
-    """Build the synthetic set into `data_cfg.synthetic_dir` unless the configured shards exist.
+    """Build the synthetic set into `data_cfg.synthetic_dir` unless the configured shards exist
+    (a set from another generator version is rebuilt).
 
     Safe when several ranks (processes on one machine) call it at once: an exclusive file
     lock (`<synthetic_dir>.lock`) serialises them; the set is built in a temporary folder, moved
@@ -193,7 +209,8 @@ def ensure_demo_data(data_cfg, *, progress: bool = False) -> dict:
     """
     out = data_cfg.synthetic_dir
     tok_dir = data_cfg.tokenizer
-    if _all_exist(data_cfg.train_shards) and _all_exist(data_cfg.val_shards):
+    stale = bool(out) and _stale(out)
+    if not stale and _all_exist(data_cfg.train_shards) and _all_exist(data_cfg.val_shards):
         if tok_dir is None and out and os.path.isdir(os.path.join(out, "tokenizer")):
             tok_dir = os.path.join(out, "tokenizer")
         return {"train_shards": data_cfg.train_shards, "val_shards": data_cfg.val_shards, "tokenizer": tok_dir}
@@ -206,7 +223,7 @@ def ensure_demo_data(data_cfg, *, progress: bool = False) -> dict:
     seed = int(getattr(data_cfg, "synthetic_seed", 0))
     size = int(getattr(data_cfg, "synthetic_image_size", 32))
     with _file_lock(out + ".lock"):
-        if not os.path.exists(os.path.join(out, COMPLETE_MARKER)):
+        if not os.path.exists(os.path.join(out, COMPLETE_MARKER)) or _stale(out):
             tmp = f"{out}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             build(tmp, n, seed, size, progress=progress)

@@ -274,7 +274,8 @@ def build_flamingo(mcfg, *, vocab_size: int, image_token_id: int, eoc_token_id: 
         vision = (vision_from_hf(v.path, frozen=mcfg.freeze_vision) if v.path else
                   vision_from_config(v.kind, image_size=v.image_size, patch_size=v.patch_size,
                                      hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                                     num_layers=v.num_layers, num_heads=v.num_heads, frozen=mcfg.freeze_vision))
+                                     num_layers=v.num_layers, num_heads=v.num_heads, frozen=mcfg.freeze_vision,
+                                     sincos_positions=v.sincos_positions))
     p, x = mcfg.perceiver, mcfg.xattn
     model = FlamingoModel(lm, vision, image_token_id=image_token_id, eoc_token_id=eoc_token_id,
                           vocab_size=vocab_size, xattn_every=x.every, xattn_heads=x.heads, xattn_dim_head=x.dim_head,

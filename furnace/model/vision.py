@@ -65,11 +65,45 @@ def vision_from_hf(path: str, frozen: bool = True, dtype: torch.dtype = torch.fl
     return VisionTower(model, kind, frozen)
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """[grid*grid, dim] fixed 2-D sine-cosine position code, patches in row-major order: a quarter
+    of the channels each for sin(x), cos(x), sin(y), cos(y) at geometric frequencies."""
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / max(q, 1))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
+    parts = []
+    for coord in (xs.flatten(), ys.flatten()):
+        angle = coord[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    code = torch.cat(parts, 1)
+    return torch.cat([code, code.new_zeros(grid * grid, dim - code.shape[1])], 1).float()
+
+
+def init_sincos_positions(model: nn.Module) -> None:
+    """Start a from-scratch tower's learned position embeddings at a 2-D sine-cosine code (the
+    MAE / MoCo v3 practice). The default N(0, 0.02) start carries almost no position signal next
+    to the patch content, so spatial relations are learnt late; the rows stay trainable."""
+    emb = model.embeddings.position_embedding.weight
+    n, d = emb.shape
+    grid = model.config.image_size // model.config.patch_size
+    extra = n - grid * grid  # CLIP's class token has a row of its own (left at 0); SigLIP has none
+    if extra not in (0, 1):
+        raise ValueError(f"{n} position rows for a {grid}x{grid} patch grid")
+    with torch.no_grad():
+        emb[extra:] = sincos_2d(grid, d).to(emb.dtype)
+        emb[:extra] = 0
+
+
 def vision_from_config(kind: str, *, image_size: int, patch_size: int, hidden_size: int, intermediate_size: int,
-                       num_layers: int, num_heads: int, frozen: bool = False) -> VisionTower:
+                       num_layers: int, num_heads: int, frozen: bool = False,
+                       sincos_positions: bool = True) -> VisionTower:
     if kind not in KINDS:
         raise ValueError(f"model.vision.kind must be one of {sorted(KINDS)}; got {kind!r}")
     cfg_cls, cls = KINDS[kind]
     cfg = cfg_cls(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
                   intermediate_size=intermediate_size, num_hidden_layers=num_layers, num_attention_heads=num_heads)
-    return VisionTower(cls(cfg), kind, frozen)
+    model = cls(cfg)
+    if sincos_positions:
+        init_sincos_positions(model)
+    return VisionTower(model, kind, frozen)
