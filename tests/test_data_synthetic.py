@@ -28,6 +28,8 @@ def test_deterministic_and_disjoint_streams():
     v = [np.asarray(i) for i, _ in generate(20, seed=1, split="val")]
     assert not any((x[0] == y).all() for x, y in zip(a, c))
     assert not any((x[0] == y).all() for x, y in zip(a, v))
+    pooled = [(np.asarray(i), c) for i, c in generate(1200, seed=1, workers=2)][:20]
+    assert all((x[0] == y[0]).all() and x[1] == y[1] for x, y in zip(a, pooled))
     assert a[0][0].shape == (32, 32, 3) and np.asarray(draw_sample(sample_rng(0, "x", 0), 48)[0]).shape == (48, 48, 3)
 
 

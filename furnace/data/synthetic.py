@@ -120,9 +120,22 @@ def sample_rng(seed: int, split: str, index: int) -> random.Random:
     return random.Random(f"furnace-synthetic:{seed}:{split}:{index}")
 
 
-def generate(n: int, seed: int, split: str = "train", image_size: int = 32):
-    for i in range(n):
-        yield draw_sample(sample_rng(seed, split, i), image_size)
+def _draw_index(args):
+    seed, split, i, image_size = args
+    return draw_sample(sample_rng(seed, split, i), image_size)
+
+
+def generate(n: int, seed: int, split: str = "train", image_size: int = 32, workers: int = 1):
+    """Samples 0..n-1 in order; `workers` > 1 draws them in a process pool (same output: each
+    sample has its own RNG)."""
+    jobs = ((seed, split, i, image_size) for i in range(n))
+    if workers <= 1 or n < 1000:
+        yield from map(_draw_index, jobs)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap(_draw_index, jobs, chunksize=250)
 
 
 def default_val_count(n: int) -> int:
@@ -137,7 +150,8 @@ def write_split(out: str, split: str, n: int, seed: int, image_size: int = 32, s
 
     maxcount = max(1, math.ceil(n / max(1, shards)))
     writer = ShardWriter(out, split, maxcount=maxcount, image_format="png")
-    for img, cap in tqdm(generate(n, seed, split, image_size), total=n, desc=f"synthetic {split}",
+    workers = min(8, len(os.sched_getaffinity(0)))
+    for img, cap in tqdm(generate(n, seed, split, image_size, workers), total=n, desc=f"synthetic {split}",
                          disable=not progress, unit="sample"):
         writer.add_caption(img, cap)
     return writer.close()
