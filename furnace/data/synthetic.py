@@ -204,7 +204,8 @@ def _all_exist(pattern: str) -> bool:
 
 
 def _stale(out: str) -> bool:
-    """`out` holds a complete synthetic set drawn by another generator version."""
+    """`out` holds a complete synthetic set drawn by another generator version. (Sets written
+    with other n/seed/image_size are kept: tests and users build those on purpose.)"""
     try:
         with open(os.path.join(out, COMPLETE_MARKER)) as f:
             return json.load(f).get("version", 1) != GENERATOR_VERSION
@@ -214,7 +215,7 @@ def _stale(out: str) -> bool:
 
 def ensure_demo_data(data_cfg, *, progress: bool = False) -> dict:
     """Build the synthetic set into `data_cfg.synthetic_dir` unless the configured shards exist
-    (a set from another generator version is rebuilt).
+    (a set drawn by another generator version is rebuilt).
 
     Safe when several ranks (processes on one machine) call it at once: an exclusive file
     lock (`<synthetic_dir>.lock`) serialises them; the set is built in a temporary folder, moved
