@@ -44,40 +44,38 @@ def test_caption_grammar_and_coverage():
     assert max(len(c.split()) for c in caps) <= 10
 
 
-def test_larger_object_is_named_first():
-    """Two-object images: the named-first colour covers more pixels than the second."""
+def two_object_masks(n: int, seed: int):
+    """(caption match, pixel mask of the first-named object, of the second) for the two-object
+    images of distinct colours among the first n, drawn at 64 px."""
     from furnace.data.synthetic import COLOURS
 
-    checked = 0
-    for img, cap in generate(150, seed=5, image_size=64):
+    for img, cap in generate(n, seed=seed, image_size=64):
         m = TWO.match(cap)
-        if not m or m.group(1) == m.group(4):
-            continue
-        px = np.asarray(img).astype(int)
-        area = [(np.abs(px - np.array(COLOURS[c])).sum(-1) < 60).sum() for c in (m.group(1), m.group(4))]
-        assert area[0] > area[1], cap
+        if m and m.group(1) != m.group(4):
+            px = np.asarray(img).astype(int)
+            yield m, *[np.abs(px - np.array(COLOURS[c])).sum(-1) < 60 for c in (m.group(1), m.group(4))]
+
+
+def test_larger_object_is_named_first():
+    """Two-object images: the named-first colour covers more pixels than the second."""
+    checked = 0
+    for m, first, second in two_object_masks(150, seed=5):
+        assert first.sum() > second.sum(), m.group(0)
         checked += 1
     assert checked > 40
 
 
 def test_relation_is_unambiguous():
-    """Two-object images of distinct colours: the centroid offset along the named axis has the
-    named sign and dominates the offset across it (no "left of" that could be "below")."""
-    from furnace.data.synthetic import COLOURS
-
+    """The centroid offset along the named axis has the named sign and dominates the offset
+    across it (no "left of" that could be "below")."""
     checked = 0
-    for img, cap in generate(200, seed=7, image_size=64):
-        m = TWO.match(cap)
-        if not m or m.group(1) == m.group(4):
-            continue
-        px = np.asarray(img).astype(int)
-        (y1, x1), (y2, x2) = [np.argwhere(np.abs(px - np.array(COLOURS[c])).sum(-1) < 60).mean(0)
-                              for c in (m.group(1), m.group(4))]
+    for m, first, second in two_object_masks(200, seed=7):
+        (y1, x1), (y2, x2) = np.argwhere(first).mean(0), np.argwhere(second).mean(0)
         along, across = {"left of": (x2 - x1, y2 - y1), "right of": (x1 - x2, y2 - y1),
                          "above": (y2 - y1, x2 - x1), "below": (y1 - y2, x2 - x1)}[m.group(3)]
         # centres: 0.44-0.56 of the side apart along, <= 0.12 across; a triangle's centroid sits
         # 1/6 of its height below its box centre
-        assert along > 0.35 * 64 and abs(across) < 0.22 * 64 and along > 1.5 * abs(across), (cap, along, across)
+        assert along > 0.35 * 64 and abs(across) < 0.22 * 64 and along > 1.5 * abs(across), (m.group(0), along, across)
         checked += 1
     assert checked > 60
 
