@@ -167,7 +167,8 @@ def build(out: str, n: int, seed: int = 0, image_size: int = 32, shards: int = T
     train = write_split(out, "train", n, seed, image_size, shards, progress)
     val = write_split(out, "val", n_val, seed, image_size, 1, progress)
     build_demo_tokenizer(os.path.join(out, "tokenizer"))
-    meta = {"version": GENERATOR_VERSION, "n": n, "n_val": n_val, "seed": seed, "image_size": image_size, "shards": shards,
+    meta = {"version": GENERATOR_VERSION, "n": n, "n_val": n_val, "seed": seed, "image_size": image_size,
+            "shards": shards,
             "train_pattern": shard_pattern(out, "train", len(train["shards"])),
             "val_pattern": shard_pattern(out, "val", len(val["shards"]))}
     with open(os.path.join(out, COMPLETE_MARKER), "w") as f:
