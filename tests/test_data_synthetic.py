@@ -122,6 +122,8 @@ def test_ensure_demo_data_concurrent_ranks(tmp_path):
     assert res[0]["tokenizer"] == os.path.join(d, "tokenizer")
     assert len([f for f in os.listdir(d) if f.startswith("train-")]) == 16
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]
+    meta = json.loads(open(os.path.join(d, synthetic.COMPLETE_MARKER)).read())
+    assert meta["train_pattern"] == cfg.train_shards and meta["val_pattern"] == cfg.val_shards
     assert ensure_demo_data(cfg)["train_shards"] == cfg.train_shards   # present: no rebuild
     bad = DataConfig(train_shards=f"{d}/train-{{000000..000031}}.tar", val_shards=cfg.val_shards,
                      synthetic_dir=d, synthetic_n=32)

@@ -158,8 +158,9 @@ def write_split(out: str, split: str, n: int, seed: int, image_size: int = 32, s
 
 
 def build(out: str, n: int, seed: int = 0, image_size: int = 32, shards: int = TRAIN_SHARDS,
-          n_val: int | None = None, progress: bool = False) -> dict:
-    """Write the whole synthetic set into `out` (files as in the module docstring)."""
+          n_val: int | None = None, progress: bool = False, home: str | None = None) -> dict:
+    """Write the whole synthetic set into `out` (files as in the module docstring). `home`: the
+    folder the set will be moved to (the shard patterns in `.complete` name it), default `out`."""
     from furnace.data.tokenizer import build_demo_tokenizer
 
     os.makedirs(out, exist_ok=True)
@@ -169,8 +170,8 @@ def build(out: str, n: int, seed: int = 0, image_size: int = 32, shards: int = T
     build_demo_tokenizer(os.path.join(out, "tokenizer"))
     meta = {"version": GENERATOR_VERSION, "n": n, "n_val": n_val, "seed": seed, "image_size": image_size,
             "shards": shards,
-            "train_pattern": shard_pattern(out, "train", len(train["shards"])),
-            "val_pattern": shard_pattern(out, "val", len(val["shards"]))}
+            "train_pattern": shard_pattern(home or out, "train", len(train["shards"])),
+            "val_pattern": shard_pattern(home or out, "val", len(val["shards"]))}
     with open(os.path.join(out, COMPLETE_MARKER), "w") as f:
         json.dump(meta, f)
     return meta
@@ -242,7 +243,7 @@ def ensure_demo_data(data_cfg, *, progress: bool = False) -> dict:
         if not os.path.exists(os.path.join(out, COMPLETE_MARKER)) or _stale(out):
             tmp = f"{out}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            build(tmp, n, seed, size, progress=progress)
+            build(tmp, n, seed, size, progress=progress, home=out)
             os.makedirs(out, exist_ok=True)
             for name in sorted(os.listdir(tmp), key=lambda x: x == COMPLETE_MARKER):  # marker last
                 dst = os.path.join(out, name)
