@@ -5,7 +5,7 @@ from furnace.config import ConfigError, load_config, validate
 
 
 @pytest.mark.parametrize("sets,world,dp", [
-    (["parallel.tp=2"], 4, 2),
+    (["parallel.tp=2", "parallel.zero_stage=3"], 4, 2),
     (["parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1"], 8, 2),
     (["parallel.pp=2", "parallel.zero_stage=1"], 2, 1),
     (["parallel.zero_stage=1"], 2, 2),  # plain data parallelism keeps ZeRO-0/1/2 for ablations
@@ -18,7 +18,7 @@ def test_valid_layouts(sets, world, dp):
     (["parallel.pp=2"], 2, "--set parallel.zero_stage=1"),
     (["parallel.pp=2", "parallel.zero_stage=0"], 2, "--set parallel.zero_stage=1"),
     (["parallel.tp=2", "parallel.zero_stage=1"], 2, "--set parallel.zero_stage=3"),
-    (["parallel.tp=3"], 3, "must divide model.lm.num_heads"),
+    (["parallel.tp=3", "parallel.zero_stage=3"], 3, "must divide model.lm.num_heads"),
     (["parallel.pp=64", "parallel.zero_stage=1"], 64, "exceeds model.lm.num_layers"),
 ])
 def test_invalid_layouts_fail_with_one_line_naming_the_fix(sets, world, needle):

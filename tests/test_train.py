@@ -197,7 +197,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(data, tmp_path):
 
 @pytest.mark.parametrize("sets,nproc,needle", [
     (["parallel.pp=2", "parallel.zero_stage=3"], 4, "parallel.zero_stage=1"),
-    (["parallel.tp=3"], 6, "must divide model.lm.num_heads"),
+    (["parallel.tp=3", "parallel.zero_stage=3"], 6, "must divide model.lm.num_heads"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"], 2, "train.global_batch_size="),
     (["model.lm.path=/nonexistent/llama"], 2, "model.lm.path"),
     (["train.precision=fp8"], 2, "train.precision"),
