@@ -150,7 +150,8 @@ def write_split(out: str, split: str, n: int, seed: int, image_size: int = 32, s
 
     maxcount = max(1, math.ceil(n / max(1, shards)))
     writer = ShardWriter(out, split, maxcount=maxcount, image_format="png")
-    workers = min(8, len(os.sched_getaffinity(0)))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # macOS lacks it
+    workers = min(8, cpus)
     for img, cap in tqdm(generate(n, seed, split, image_size, workers), total=n, desc=f"synthetic {split}",
                          disable=not progress, unit="sample"):
         writer.add_caption(img, cap)
