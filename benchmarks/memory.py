@@ -50,7 +50,6 @@ def _bytes(t) -> int:
 
 
 def worker(args) -> None:
-    import deepspeed
     import torch.distributed as dist
 
     from furnace import engine as eng
@@ -59,7 +58,7 @@ def worker(args) -> None:
     from furnace.parallel.apply import is_tp_sharded, parallelize
     from furnace.parallel.topology import Topology
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    eng.init_distributed("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

@@ -67,8 +67,6 @@ def parse_args(argv=None):
 
 
 def init_distributed():
-    import deepspeed
-
     if "RANK" not in os.environ:  # single process without a launcher
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -76,7 +74,9 @@ def init_distributed():
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    from furnace.engine import init_distributed
+
+    init_distributed("nccl" if torch.cuda.is_available() else "gloo")
 
 
 def sync():

@@ -112,7 +112,6 @@ class Trainer:
     def setup(self) -> None:
         import warnings
 
-        import deepspeed
         from deepspeed.utils import logger as ds_logger
 
         # DeepSpeed's per-call deprecation warnings would bury the progress bar.
@@ -127,7 +126,9 @@ class Trainer:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=30))
+        from furnace.engine import init_distributed
+
+        init_distributed(backend, timeout=datetime.timedelta(minutes=30))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self._setup_logging(self.rank)
         log.info("pid %d, world %d, host %s", os.getpid(), self.world, os.uname().nodename)

@@ -32,6 +32,7 @@ def full_run(data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full") / "run"
     res = run(train_cmd(run_dir, data, "train.max_steps=6", "train.save_every=3", "train.lr_decay_steps=6"))
     assert res.returncode == 0, res.stderr[-3000:]
+    (run_dir.parent / "output.txt").write_text(res.stdout + res.stderr)
     return run_dir
 
 
@@ -48,6 +49,24 @@ def test_zero3_two_rank_smoke(full_run):
     assert list((full_run / "tensorboard").glob("events.out.tfevents.*"))
     ds_cfg = json.loads((full_run / "checkpoints" / "step00000006" / "config.json").read_text())
     assert ds_cfg["train"]["max_steps"] == 6
+    # DeepSpeed's CPU shm all-reduce op serves only its inference TP: never compiled for training
+    assert "shm_comm_op" not in (full_run.parent / "output.txt").read_text()
+
+
+def test_skip_inference_shm_op_replaces_deepspeeds_builder():
+    import importlib
+
+    from furnace.engine import skip_inference_shm_op
+
+    ds_comm = importlib.import_module("deepspeed.comm.torch")
+
+    assert hasattr(ds_comm, "build_shm_op"), "DeepSpeed renamed the hook furnace disables"
+    saved = ds_comm.build_shm_op
+    try:
+        skip_inference_shm_op()
+        assert ds_comm.build_shm_op() is None
+    finally:
+        ds_comm.build_shm_op = saved
 
 
 def test_resume_reproduces_uninterrupted_losses(full_run, data, tmp_path):
