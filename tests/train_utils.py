@@ -17,7 +17,7 @@ TINY = [
     "model.vision.intermediate_size=64", "model.vision.num_heads=2", "data.max_length=24", "data.num_workers=0",
     "data.shuffle_buffer=64", "train.micro_batch_size=4", "train.global_batch_size=16", "train.eval_every=0",
     "train.log_every=1", "train.precision=fp32", "train.warmup_steps=2", "train.lr=1e-3",
-    "parallel.zero_stage=3",  # the demo preset runs ZeRO-2; these tests are about ZeRO-3
+    "parallel.zero_stage=3",  # the demo preset runs ZeRO-0; these tests are about ZeRO-3
 ]
 
 
