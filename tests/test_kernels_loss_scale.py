@@ -226,6 +226,9 @@ def _run_engine(fused, precision, inject, steps, clip=1.0, plant=(), rank=0):
                        "min_loss_scale": 1}
     elif precision == "bf16":
         cfg["bf16"] = {"enabled": True}
+    from furnace.engine import skip_inference_shm_op
+
+    skip_inference_shm_op()  # no 80 s C++ build of an op only DeepSpeed's inference uses
     engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     if fused:
         install_fused_loss_scaling(engine, backend="triton" if TRITON_OK else "torch")
