@@ -48,9 +48,11 @@ def _sync():
 
 
 def bench_ms(fn, quick=False):
-    """Mean time of fn in ms (triton.testing.do_bench on CUDA; a plain timer on CPU)."""
+    """Median time of fn in ms (triton.testing.do_bench on CUDA: L2 flushed before each call,
+    launch latency included; a plain timer on CPU)."""
     if CUDA:
-        return float(triton.testing.do_bench(fn, warmup=25 if not quick else 5, rep=100 if not quick else 20))
+        return float(triton.testing.do_bench(fn, warmup=25 if not quick else 5, rep=100 if not quick else 20,
+                                             return_mode="median"))
     fn()
     reps = 2 if quick else 5
     t = time.perf_counter()
@@ -77,7 +79,32 @@ def _attn_modes(run_fwd, inputs, quick):
     def bwd():
         torch.autograd.grad(o_keep, inputs, do, retain_graph=True)
 
-    return {"fwd": bench_ms(fwd, quick), "bwd": bench_ms(bwd, quick), "fwd+bwd": bench_ms(fwd_bwd, quick)}
+    ms = {"fwd": bench_ms(fwd, quick), "bwd": bench_ms(bwd, quick), "fwd+bwd": bench_ms(fwd_bwd, quick)}
+    graph = {}
+    # Opt-in (FURNACE_BENCH_CUDAGRAPH=1): device time alone from graph replays. On an H100 a capture
+    # left torch's CUDA generator unusable ("Offset increment outside graph capture").
+    if CUDA and os.environ.get("FURNACE_BENCH_CUDAGRAPH") == "1":
+        for mode, fn in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
+            try:
+                graph[mode] = float(triton.testing.do_bench_cudagraph(fn, rep=20 if quick else 100,
+                                                                      return_mode="median"))
+            except Exception as e:  # a path that cannot be captured keeps its eager numbers
+                graph[mode] = None
+                graph.setdefault("errors", []).append(f"{mode}: {type(e).__name__}: {e}"[:300])
+    return ms, graph
+
+
+def rel_errors(run_fwd, run_ref, inputs):
+    """||x - ref|| / ||ref|| of the output and every input gradient; ref in float32."""
+    out = run_fwd(*inputs)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, do)
+    ref_in = [x.detach().float().requires_grad_() for x in inputs]
+    ref = run_ref(*ref_in)
+    ref_grads = torch.autograd.grad(ref, ref_in, do.float())
+    names = ["out"] + [f"d{n}" for n in "qkv"][:len(inputs)]
+    return {n: float((a.float() - b).norm() / b.norm())
+            for n, a, b in zip(names, [out, *grads], [ref, *ref_grads])}
 
 
 def _tflops(ms, flops_fwd):
@@ -85,8 +112,13 @@ def _tflops(ms, flops_fwd):
     return {k: (flops_fwd * mult[k] / (v * 1e-3) / 1e12 if v and v > 0 else None) for k, v in ms.items()}
 
 
-def _record(name, ms, flops_fwd, **extra):
-    return {"impl": name, "ms": ms, "tflops": _tflops(ms, flops_fwd), **extra}
+def _record(name, times, flops_fwd, **extra):
+    ms, graph = times
+    rec = {"impl": name, "ms": ms, "tflops": _tflops(ms, flops_fwd), **extra}
+    if graph:
+        rec["ms_cudagraph"] = graph
+        rec["tflops_cudagraph"] = _tflops({k: v for k, v in graph.items() if k != "errors"}, flops_fwd)
+    return rec
 
 
 def _safe(fn, *a, **k):
@@ -111,6 +143,9 @@ def bench_causal(quick, dtype):
         row = {"shape": {"B": b, "H": h, "L": l, "D": d}, "dtype": str(dtype), "results": []}
         row["results"].append(_safe(lambda: _record(
             "furnace_triton", _attn_modes(lambda q, k, v: attention_triton(q, k, v, causal=True), (q, k, v), quick), flops)))
+        row["furnace_rel_err_vs_fp32"] = _safe(rel_errors, lambda q, k, v: attention_triton(q, k, v, causal=True),
+                                               lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+                                                   q, k, v, is_causal=True), (q, k, v))
         if CUDA:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -157,13 +192,18 @@ def bench_flamingo(quick, dtype):
 
     def add(name, fn):
         def go():
-            ms = _attn_modes(fn, (q, k, v), quick)
-            rec = _record(name, ms, flops_dense)
-            rec["tflops_useful"] = _tflops(ms, flops_dense * density)
+            times = _attn_modes(fn, (q, k, v), quick)
+            rec = _record(name, times, flops_dense)
+            rec["tflops_useful"] = _tflops(times[0], flops_dense * density)
             return rec
         row["results"].append(_safe(go))
 
     add("furnace_triton", lambda q, k, v: attention_triton(q, k, v, q_segment=qs, kv_segment=ks))
+    from furnace_kernels import attention_reference
+
+    row["furnace_rel_err_vs_fp32"] = _safe(
+        rel_errors, lambda q, k, v: attention_triton(q, k, v, q_segment=qs, kv_segment=ks),
+        lambda q, k, v: attention_reference(q, k, v, q_segment=qs, kv_segment=ks), (q, k, v))
     if CUDA:
         mask = visible[:, None]  # [B, 1, Lq, Lk]; rows that see nothing give NaN rows in SDPA (timing only)
 
@@ -184,9 +224,9 @@ def bench_flamingo(quick, dtype):
             def run(q, k, v):
                 return compiled(q, k, v, block_mask=bm)
 
-            ms = _attn_modes(run, (q, k, v), quick)
-            rec = _record("flex_attention_compiled", ms, flops_dense)
-            rec["tflops_useful"] = _tflops(ms, flops_dense * density)
+            times = _attn_modes(run, (q, k, v), quick)
+            rec = _record("flex_attention_compiled", times, flops_dense)
+            rec["tflops_useful"] = _tflops(times[0], flops_dense * density)
             return rec
 
         row["results"].append(_safe(flex))

@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--synthetic-data", action="store_true", help="random tensors instead of the loader")
     p.add_argument("--ablate", default="none", help=f"comma list of {sorted(ABLATIONS)}, 'all' or 'none'")
-    p.add_argument("--profile", default=None, help="write a torch.profiler table of the top ops to this file")
+    p.add_argument("--profile", default=None,
+                   help="write a torch.profiler table of the baseline's top ops (2 extra steps) to this file")
     return p.parse_args(argv)
 
 
@@ -168,12 +169,17 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
         it = iter(make_loader(cfg.data, tokenizer, split="train", batch_size=cfg.train.micro_batch_size,
                               dp_rank=topo.coord.dp, dp_size=dp, seed=cfg.train.seed, image_size=image_size,
                               mean=stats[0], std=stats[1]))
+    mem_at_start = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     prof = None
     records = []
-    for step in range(args.warmup + args.steps):
-        if args.profile and step == args.warmup:
+    # The profiler runs on extra steps after the timed ones (its overhead stays out of the
+    # numbers), and only for the first variant (the run's baseline).
+    profile = bool(args.profile) and name == "baseline"
+    n_prof = 2 if profile else 0
+    for step in range(args.warmup + args.steps + n_prof):
+        if profile and step == args.warmup + args.steps:
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] +
                                           ([torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
             prof.__enter__()
@@ -208,17 +214,19 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
             samples += b
             flops += b * flops_for(n_tok / b, n_img)
         dt = time.perf_counter() - t_step
-        if step >= args.warmup:
+        if args.warmup <= step < args.warmup + args.steps:
             records.append({"time": dt, "tokens": tokens, "samples": samples, "flops": flops, **split})
     if prof is not None:
         prof.__exit__(None, None, None)
         if rank == 0:
-            key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-            Path(args.profile).write_text(prof.key_averages().table(sort_by=key, row_limit=25))
+            key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            table = prof.key_averages().table(sort_by=key, row_limit=30)
+            Path(args.profile).write_text(f"torch.profiler, {n_prof} steps after the timed ones, sorted by {key}\n"
+                                          + table)
     # Whole-job rates: every dp rank processes its own samples (tp/pp peers share theirs).
     n_model = world // dp
     totals = torch.tensor([sum(r["tokens"] for r in records), sum(r["samples"] for r in records),
-                           sum(r["flops"] for r in records)], dtype=torch.float64)
+                           sum(r["flops"] for r in records)], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     totals /= n_model
     times = [r["time"] for r in records]
@@ -235,6 +243,7 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
         "model_tflops": tflops, "model_tflops_per_gpu": tflops / world,
         "mfu": (tflops / world / peak) if peak else None, "peak_bf16_tflops_per_gpu": peak,
         "peak_memory_gb_per_rank": mems,
+        "memory_gb_at_start": round(mem_at_start, 3),
         "time_split_s_per_step": {k: sum(r[k] for r in records) / len(records)
                                   for k in ("data", "forward", "backward", "step")},
         "train_flops_per_sample": flops_for(cfg.data.max_length, cfg.data.max_images),
@@ -266,18 +275,28 @@ def variants(args):
     return out
 
 
+def effective_config(cfg) -> str:
+    """The config as the run will see it ("auto" attention resolved), to spot duplicate variants."""
+    import dataclasses
+
+    d = dataclasses.asdict(cfg)
+    if d["model"]["attention_backend"] == "auto":
+        d["model"]["attention_backend"] = "triton" if torch.cuda.is_available() else "reference"
+    return json.dumps(d, sort_keys=True, default=str)
+
+
 def print_table(results: list[dict]) -> None:
     head = f"{'variant':44s} {'step s':>8s} {'tok/s':>10s} {'smp/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'mem GB':>7s}"
     print(head)
     print("-" * len(head))
     for r in results:
-        if "skipped" in r:
-            print(f"{r['variant']:44s} skipped: {r['skipped']}")
+        if "skipped" in r or "error" in r:
+            print(f"{r['variant']:44s} {'skipped' if 'skipped' in r else 'failed'}: {r.get('skipped', r.get('error'))}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         print(f"{r['variant']:44s} {r['step_time_s']['median']:8.3f} {r['tokens_per_s']:10.0f} "
               f"{r['samples_per_s']:8.1f} {r['model_tflops']:8.3f} {mfu:>6s} {max(r['peak_memory_gb_per_rank']):7.2f}")
-    by = {r["variant"]: r for r in results if "skipped" not in r}
+    by = {r["variant"]: r for r in results if "skipped" not in r and "error" not in r}
     for a, (_, _, what) in ABLATIONS.items():
         base = by.get(f"{a}:baseline")
         if base is None:
@@ -288,6 +307,14 @@ def print_table(results: list[dict]) -> None:
                 print(f"  {what}: {name.split(':', 1)[1]} takes {ratio:.2f}x the baseline step time")
 
 
+def write_report(args, results: list[dict]) -> None:
+    out = {**run_info(), "preset": args.preset, "steps": args.steps, "warmup": args.warmup,
+           "data": "synthetic tensors" if args.synthetic_data else "loader on the synthetic shards",
+           "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+
+
 def main(argv=None) -> int:
     import warnings
 
@@ -296,26 +323,44 @@ def main(argv=None) -> int:
     init_distributed()
     world, rank = dist.get_world_size(), dist.get_rank()
     results = []
+    done = {}  # effective config -> result: an ablation's baseline that equals the run's is not re-run
     try:
         for name, sets in variants(args):
             cfg = load_config(args.preset, [*args.set, *sets])
             cfg._overrides = [*args.set, *sets]
+            key = effective_config(cfg)
+            if key in done:
+                results.append({**done[key], "variant": name, "overrides": cfg._overrides,
+                                "same_run_as": done[key]["variant"]})
+                if rank == 0:
+                    print(f"[{name}] same configuration as [{done[key]['variant']}]: not re-run", flush=True)
+                continue
             if rank == 0:
                 print(f"[{name}] {args.warmup} warm-up + {args.steps} timed steps", flush=True)
-            results.append(run_variant(name, cfg, args, world))
+            t0 = time.perf_counter()
+            try:
+                results.append(run_variant(name, cfg, args, world))
+            except (ConfigError, KeyboardInterrupt):
+                raise
+            except Exception as e:
+                if world > 1:  # the other ranks may be inside a collective: stop them all
+                    raise
+                # one process: a variant that fails (out of memory, say) must not cost the others
+                results.append({"variant": name, "overrides": cfg._overrides, "error": f"{type(e).__name__}: {e}"})
+                print(f"[{name}] failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            results[-1]["wall_s"] = round(time.perf_counter() - t0, 1)
+            done[key] = results[-1]
             gc.collect()  # free the variant's engine before the next one is built
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            if rank == 0:  # after every variant, so a run cut short still leaves its numbers
+                write_report(args, results)
     except ConfigError as e:
         if rank == 0:
             print(f"throughput: config error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
-        out = {**run_info(), "preset": args.preset, "steps": args.steps, "warmup": args.warmup,
-               "data": "synthetic tensors" if args.synthetic_data else "loader on the synthetic shards",
-               "results": results}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=2))
+        write_report(args, results)
         print_table(results)
         print(f"wrote {args.out}")
     dist.barrier()

@@ -32,6 +32,7 @@ Without segments, tiles that all queries of the block see entirely run without m
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -54,16 +55,48 @@ _BWD_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(64, 64, 8, 3), _cfg(32, 64, 4, 2), _cfg
                 _cfg(32, 32, 4, 1)]
 
 
+# FURNACE_ATTN_AUTOTUNE=0 (read at import): one config per kernel instead of the lists above. The
+# GPU tests use it: autotuning compiles every config for every mask/dtype/head-dim combination,
+# minutes on a fresh machine; test_gpu_every_config checks each listed config through
+# `forced_configs` instead.
+AUTOTUNE = os.environ.get("FURNACE_ATTN_AUTOTUNE", "1") != "0"
+_ONE_CONFIG = _cfg(64, 32, 4, 2)  # fits shared memory for fp32 at head dim 128
+
+
 def _fwd_configs():
     if INTERPRET:  # the interpreter cannot benchmark several configs
         return [_cfg(16, 16, 4, 1)]
-    return _FWD_CONFIGS
+    return _FWD_CONFIGS if AUTOTUNE else [_ONE_CONFIG]
 
 
 def _bwd_configs():
     if INTERPRET:
         return [_cfg(16, 16, 4, 1)]
-    return _BWD_CONFIGS
+    return _BWD_CONFIGS if AUTOTUNE else [_ONE_CONFIG]
+
+
+_forced = {"fwd": None, "bwd": None}
+
+
+@contextlib.contextmanager
+def forced_configs(fwd: triton.Config | None = None, bwd: triton.Config | None = None):
+    """Launch the forward (and the two backward kernels) with these configs, bypassing the
+    autotuner, so that a test can check every config the autotuner may pick."""
+    saved = dict(_forced)
+    _forced.update(fwd=fwd, bwd=bwd)
+    try:
+        yield
+    finally:
+        _forced.update(saved)
+
+
+def _launcher(kernel, which: str, grid):
+    """kernel[grid] through the autotuner, or the plain kernel with the forced config's meta."""
+    cfg = _forced[which]
+    if cfg is None:
+        return kernel[grid]
+    launch = kernel.fn[grid]
+    return lambda *args, **kw: launch(*args, **kw, **cfg.all_kwargs())
 
 
 def _prune(configs, named_args, **kwargs):
@@ -464,7 +497,7 @@ def _forward(q, k, v, qseg, kseg, causal, sm_scale):
     def grid(meta):
         return (triton.cdiv(m["lq"], meta["BLOCK_M"]), m["b"] * m["h"])
 
-    _attn_fwd[grid](
+    _launcher(_attn_fwd, "fwd", grid)(
         q, k, v, o, lse, segq, segk,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         m["h"], m["lq"], m["lk"], m["d"], sm_scale * _LOG2E,
@@ -495,7 +528,7 @@ def _backward(do, q, k, v, o, lse, qseg, kseg, causal, sm_scale):
     def grid_kv(meta):
         return (triton.cdiv(m["lk"], meta["BLOCK_N"]), m["b"] * m["hkv"])
 
-    _attn_bwd_dkdv[grid_kv](
+    _launcher(_attn_bwd_dkdv, "bwd", grid_kv)(
         q, k, v, do, lse, delta, dk, dv, segq, segk,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         m["h"], m["hkv"], m["lq"], m["lk"], m["d"], sm_scale * _LOG2E, sm_scale,
@@ -505,7 +538,7 @@ def _backward(do, q, k, v, o, lse, qseg, kseg, causal, sm_scale):
     def grid_q(meta):
         return (triton.cdiv(m["lq"], meta["BLOCK_M"]), m["b"] * m["h"])
 
-    _attn_bwd_dq[grid_q](
+    _launcher(_attn_bwd_dq, "bwd", grid_q)(
         q, k, v, do, lse, delta, dq, segq, segk,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         m["h"], m["lq"], m["lk"], m["d"], sm_scale * _LOG2E, sm_scale,
@@ -549,4 +582,4 @@ def attention_triton(q, k, v, *, causal=False, q_segment=None, kv_segment=None, 
     return FlashAttentionFunction.apply(q, k, v, qseg, kseg, bool(causal), sm_scale)
 
 
-__all__ = ["attention_triton", "FlashAttentionFunction"]
+__all__ = ["attention_triton", "FlashAttentionFunction", "forced_configs"]

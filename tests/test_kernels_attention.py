@@ -250,3 +250,38 @@ def test_gpu_flamingo(dtype, d):
 def test_gpu_packed_causal(dtype):
     segs = packed_segments(2, 1500, 5, gen=torch.Generator().manual_seed(1))
     _check(2, 4, 4, 1500, 1500, 96, dtype, causal=True, segs=segs, seed=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every config the autotuner may pick, launched directly (the other CUDA tests run with
+# FURNACE_ATTN_AUTOTUNE=0, one config per kernel). On CPU two small tiles check the mechanism.
+
+if CUDA:
+    FWD_CFGS, BWD_CFGS, CFG_DTYPES, CFG_D = fa._FWD_CONFIGS, fa._BWD_CONFIGS, GPU_DTYPES, 96
+else:
+    FWD_CFGS = BWD_CFGS = [fa._cfg(16, 16, 4, 1), fa._cfg(32, 16, 4, 1)]
+    CFG_DTYPES, CFG_D = [torch.float32], 32
+N_CFG = max(len(FWD_CFGS), len(BWD_CFGS))
+
+
+def _cfg_id(i):
+    f, b = FWD_CFGS[i % len(FWD_CFGS)], BWD_CFGS[i % len(BWD_CFGS)]
+    return (f"fwd{f.kwargs['BLOCK_M']}x{f.kwargs['BLOCK_N']}w{f.num_warps}s{f.num_stages}-"
+            f"bwd{b.kwargs['BLOCK_M']}x{b.kwargs['BLOCK_N']}w{b.num_warps}s{b.num_stages}")
+
+
+@pytest.mark.parametrize("dtype", CFG_DTYPES, ids=[str(t).split(".")[1] for t in CFG_DTYPES])
+@pytest.mark.parametrize("i", range(N_CFG), ids=[_cfg_id(i) for i in range(N_CFG)])
+@pytest.mark.parametrize("mask", ["flamingo", "packed-causal"])
+def test_every_config(mask, i, dtype):
+    gen = torch.Generator().manual_seed(i)
+    lq = 300 if CUDA else 45
+    if mask == "flamingo":
+        n_lat = 64 if CUDA else 8
+        segs = flamingo_segments(2, lq, 4, n_lat, pad_imgs=1, gen=gen)
+        lk, causal = 5 * n_lat, False
+    else:
+        segs = packed_segments(2, lq, 4, gen=gen)
+        lk, causal = lq, True
+    with fa.forced_configs(fwd=FWD_CFGS[i % len(FWD_CFGS)], bwd=BWD_CFGS[i % len(BWD_CFGS)]):
+        _check(2, 4, 2, lq, lk, CFG_D, dtype, causal=causal, segs=segs, seed=i)

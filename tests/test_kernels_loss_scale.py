@@ -231,7 +231,9 @@ def _run_engine(fused, precision, inject, steps, clip=1.0, plant=(), rank=0):
     skip_inference_shm_op()  # no 80 s C++ build of an op only DeepSpeed's inference uses
     engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     if fused:
-        install_fused_loss_scaling(engine, backend="triton" if TRITON_OK else "torch")
+        # the engine is a CPU one (gloo): Triton reaches CPU tensors only through the interpreter;
+        # on a CUDA host benchmarks/kernels.py runs the hook on a CUDA engine
+        install_fused_loss_scaling(engine, backend="triton" if ls.INTERPRET else "torch")
         assert isinstance(opt.loss_scaler, DynamicLossScaler) == (precision == "fp16")
     dtype = next(engine.parameters()).dtype
     g = torch.Generator().manual_seed(1 + rank)
