@@ -50,6 +50,9 @@ ABLATIONS = {
              "activation checkpointing off vs on"),
     "zero": (["parallel.zero_stage=3"], [["parallel.zero_stage=1"], ["parallel.zero_stage=2"]],
              "ZeRO-3 vs ZeRO-1 / ZeRO-2"),
+    "zero3_gather": (["parallel.zero_stage=3", "parallel.zero3_gather=block"],
+                     [["parallel.zero_stage=3", "parallel.zero3_gather=module"]],
+                     "ZeRO-3 gathering per block vs per module"),
 }
 
 

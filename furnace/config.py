@@ -102,6 +102,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     zero_stage: int = 3
+    zero3_gather: str = "block"        # ZeRO-3 gathers whole repeated blocks ("block") or every module ("module")
     pipeline_activation_checkpoint_interval: int = 0
 
 
@@ -238,6 +239,8 @@ def validate(cfg: Config, world_size: int, *, check_paths: bool = True) -> int:
         raise ConfigError("parallel.tp and parallel.pp must be >= 1")
     if p.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"parallel.zero_stage must be 0..3; got {p.zero_stage}")
+    if p.zero3_gather not in ("block", "module"):
+        raise ConfigError(f"parallel.zero3_gather must be block or module; got {p.zero3_gather!r}")
     # Two layouts: A = ZeRO-3 x TP x DP (pp = 1), B = ZeRO-1 x TP x PP x DP. (Plain data
     # parallelism, tp = pp = 1, also accepts ZeRO-0/1/2 for ablations.)
     if p.pp > 1 and p.zero_stage != 1:

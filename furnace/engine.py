@@ -124,6 +124,10 @@ def initialize(cfg, model, topology, dp: int, grad_accum: int):
     from deepspeed.pipe import PipelineModule
 
     mpu = None if isinstance(model, PipelineModule) else topology
+    if cfg.parallel.zero_stage == 3 and cfg.parallel.zero3_gather == "block" and mpu is not None:
+        from furnace.parallel.zero3 import gather_by_block
+
+        gather_by_block(model)  # one ZeRO-3 hook per block, not per submodule: the host-side cost
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, config=ds, mpu=mpu, dist_init_required=False)
     use_safe_checkpoint_loading(engine)

@@ -20,9 +20,29 @@ def test_valid_layouts(sets, world, dp):
     (["parallel.tp=2", "parallel.zero_stage=1"], 2, "--set parallel.zero_stage=3"),
     (["parallel.tp=3", "parallel.zero_stage=3"], 3, "must divide model.lm.num_heads"),
     (["parallel.pp=64", "parallel.zero_stage=1"], 64, "exceeds model.lm.num_layers"),
+    (["parallel.zero3_gather=layer"], 1, "parallel.zero3_gather must be block or module"),
 ])
 def test_invalid_layouts_fail_with_one_line_naming_the_fix(sets, world, needle):
     with pytest.raises(ConfigError) as e:
         validate(load_config("demo", sets), world, check_paths=False)
     msg = str(e.value)
     assert needle in msg and "\n" not in msg
+
+
+def test_zero3_blocks_are_the_repeated_layers():
+    """ZeRO-3 gathers per block (furnace.parallel.zero3): exactly the decoder layers, vision
+    encoder layers, perceiver attention / feed-forward pairs and xattn blocks."""
+    import deepspeed.utils
+
+    from furnace.data.tokenizer import build_demo_tokenizer
+    from furnace.model.flamingo import build_from_tokenizer
+    from furnace.parallel.zero3 import gather_by_block, repeated_blocks
+
+    cfg = load_config("demo", ["model.perceiver.depth=2", "model.lm.num_layers=3"])
+    model = build_from_tokenizer(cfg.model, build_demo_tokenizer())
+    blocks = repeated_blocks(model)
+    expect = [*model.lm.layers, *model.vision.model.encoder.layers,
+              *(m for pair in model.perceiver.layers for m in pair), *model.xattn]
+    assert {id(b) for b in blocks} == {id(b) for b in expect} and len(blocks) == len(expect) == 3 + 2 + 4 + 3
+    assert gather_by_block(model) == len(expect)
+    assert {id(m) for m in deepspeed.utils.get_z3_leaf_modules(model)} == {id(b) for b in expect}

@@ -65,6 +65,8 @@ LAYOUTS = {
     # layout A: ZeRO-3 x TP x DP
     "tp2": (2, ("parallel.tp=2",)),
     "dp2_zero3": (2, ()),
+    # ZeRO-3 hooks on every module instead of per block (the reference gathers per block)
+    "dp2_zero3_per_module": (2, ("parallel.zero3_gather=module",)),
     "tp2_dp2_zero3": (4, ("parallel.tp=2",)),
     # layout B: ZeRO-1 x TP x PP x DP (DeepSpeed PipelineEngine)
     "pp2_zero1": (2, ("parallel.pp=2", "parallel.zero_stage=1")),
