@@ -6,9 +6,9 @@
 #   bash benchmarks/gpu_session.sh throughput                   # second call: the end-to-end numbers
 #
 # Stages: env (GPU, driver, versions), smoke (flamingo-1b, a few steps), tests (the CUDA kernel
-# tests), kernels (benchmarks/kernels.py), throughput (flamingo-1b with every ablation and a
-# profile of the baseline). DeepSpeed and webdataset must be importable first: see
-# ../shared/device/prepare-wheels.sh for the wheelhouse and the install lines.
+# tests), kernels (benchmarks/kernels.py), throughput (flamingo-1b with every ablation, or those
+# named in ABLATE=zero3_gather,zero, and a profile of the baseline). DeepSpeed and webdataset must
+# be importable first: see ../shared/device/prepare-wheels.sh for the wheelhouse and install lines.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -44,7 +44,7 @@ numpy.__version__, torch.cuda.get_device_name())'" ;;
       stage kernels "${KERNELS_S:-290}" $py benchmarks/kernels.py --out "$OUT/kernels.json" ;;
     throughput)
       TAIL=40 stage throughput "${THROUGHPUT_S:-480}" $py benchmarks/throughput.py --preset flamingo-1b \
-        --synthetic-data --warmup "${WARMUP:-2}" --steps "${STEPS:-8}" --ablate all \
+        --synthetic-data --warmup "${WARMUP:-2}" --steps "${STEPS:-8}" --ablate "${ABLATE:-all}" \
         --profile "$OUT/profile.txt" --out "$OUT/throughput.json" ;;
     *) echo "unknown stage $s"; status=1 ;;
   esac

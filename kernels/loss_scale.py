@@ -108,8 +108,9 @@ def _kernels():
 def _chunk_params(element_size: int) -> tuple[int, int, int]:
     """(BLOCK, ITERS, num_warps). GPU: 64 KB per program whatever the dtype, 32 bytes per thread
     per iteration, 8 independent iterations, so that each program has many loads in flight and
-    its four dependent table loads are amortised (4 x 1024 elements per program reached 75% of
-    copy bandwidth in fp32 but only 35% in fp16 on an H100). Interpreter: small chunks."""
+    its four dependent table loads are amortised. On an H100 (one run each), grad_stats went from
+    35% to 53% of copy bandwidth in fp16 and from 75% to 66% in fp32 against 4 x 1024 elements per
+    program (benchmarks/results/h100-notes.md). Interpreter: small chunks."""
     if INTERPRET:
         return 256, 2, 4
     warps = 8
