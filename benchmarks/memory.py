@@ -58,10 +58,8 @@ def worker(args) -> None:
     from furnace.parallel.apply import is_tp_sharded, parallelize
     from furnace.parallel.topology import Topology
 
-    eng.init_distributed("nccl" if torch.cuda.is_available() else "gloo")
+    eng.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     mb = 2
     cfg = load_config(args.preset, [*args.set, f"parallel.tp={args.tp}", "parallel.zero_stage=3",
                                     f"train.micro_batch_size={mb}", f"train.global_batch_size={mb * world // args.tp}",

@@ -76,11 +76,9 @@ def init_distributed():
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     from furnace.engine import init_distributed
 
-    init_distributed("nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed()
 
 
 def sync():

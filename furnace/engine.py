@@ -101,11 +101,14 @@ def skip_inference_shm_op() -> None:
         ds_torch_comm.build_shm_op = lambda: None
 
 
-def init_distributed(backend: str, **kw) -> None:
+def init_distributed(**kw) -> None:
+    """DeepSpeed's process group: NCCL with this rank's GPU (LOCAL_RANK) on CUDA hosts, gloo elsewhere."""
     import deepspeed
 
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     skip_inference_shm_op()
-    deepspeed.init_distributed(dist_backend=backend, **kw)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **kw)
 
 
 def initialize(cfg, model, topology, dp: int, grad_accum: int):

@@ -123,12 +123,9 @@ class Trainer:
         from furnace.data.synthetic import ensure_demo_data
         from furnace.data.tokenizer import load_tokenizer
 
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         from furnace.engine import init_distributed
 
-        init_distributed(backend, timeout=datetime.timedelta(minutes=30))
+        init_distributed(timeout=datetime.timedelta(minutes=30))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self._setup_logging(self.rank)
         log.info("pid %d, world %d, host %s", os.getpid(), self.world, os.uname().nodename)

@@ -57,7 +57,7 @@ _BWD_CONFIGS = [_cfg(64, 64, 4, 2), _cfg(64, 64, 8, 3), _cfg(32, 64, 4, 2), _cfg
 
 # FURNACE_ATTN_AUTOTUNE=0 (read at import): one config per kernel instead of the lists above. The
 # GPU tests use it: autotuning compiles every config for every mask/dtype/head-dim combination,
-# minutes on a fresh machine; test_gpu_every_config checks each listed config through
+# minutes on a fresh machine; tests/test_kernels_attention.py::test_every_config checks each listed config through
 # `forced_configs` instead.
 AUTOTUNE = os.environ.get("FURNACE_ATTN_AUTOTUNE", "1") != "0"
 _ONE_CONFIG = _cfg(64, 32, 4, 2)  # fits shared memory for fp32 at head dim 128

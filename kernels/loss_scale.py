@@ -122,7 +122,8 @@ class _Plan:
     """Chunk table for one list of same-dtype tensors (cached on their addresses and sizes)."""
 
     def __init__(self, tensors: list[torch.Tensor]):
-        block, iters, warps = self.block, self.iters, self.warps = _chunk_params(tensors[0].element_size())
+        self.block, self.iters, self.warps = _chunk_params(tensors[0].element_size())
+        block, iters = self.block, self.iters
         dev = tensors[0].device
         isz = tensors[0].element_size()
         base_addr = tensors[0].data_ptr()
