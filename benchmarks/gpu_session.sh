@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_session.sh env smoke tests kernels      # first call: does it all run?
 #   bash benchmarks/gpu_session.sh throughput                   # second call: the end-to-end numbers
 #
-# Stages: env (GPU, driver, versions), smoke (flamingo-1b, a few steps), tests (the CUDA kernel
+# Stages: env (GPU, driver, versions), smoke (flamingo-1b, a few steps), demo (train.py: the demo
+# preset for DEMO_STEPS, then resumed), tests (the CUDA kernel
 # tests), kernels (benchmarks/kernels.py), throughput (flamingo-1b with every ablation, or those
 # named in ABLATE=zero3_gather,zero, and a profile of the baseline). DeepSpeed and webdataset must
 # be importable first: see ../shared/device/prepare-wheels.sh for the wheelhouse and install lines.
@@ -37,6 +38,11 @@ numpy.__version__, torch.cuda.get_device_name())'" ;;
     smoke)
       stage smoke "${SMOKE_S:-150}" $py benchmarks/throughput.py --preset flamingo-1b --synthetic-data \
         --warmup 1 --steps 2 --out "$OUT/throughput-smoke.json" ;;
+    demo)  # the main job as users start it (NCCL, eval, checkpoint), then the same command resuming
+      stage demo "${DEMO_S:-240}" bash -c "$py train.py --set train.max_steps=${DEMO_STEPS:-200} \
+        --set train.eval_every=${DEMO_STEPS:-200} --set train.run_dir=/tmp/furnace-demo && \
+        $py train.py --set train.max_steps=$((${DEMO_STEPS:-200} + 20)) --set train.eval_every=0 \
+        --set train.run_dir=/tmp/furnace-demo" ;;
     tests)
       TAIL=40 stage tests "${TESTS_S:-220}" $py -m pytest -q -p no:cacheprovider -n 8 \
         tests/test_kernels_attention.py tests/test_kernels_loss_scale.py tests/test_kernels_compile.py ;;

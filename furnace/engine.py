@@ -111,6 +111,18 @@ def init_distributed(**kw) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **kw)
 
 
+def all_reduce_host(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sums a small CPU tensor (step stats, eval counts) over `group` in place. NCCL reduces
+    only device tensors, so under it the tensor makes a round trip through this rank's GPU."""
+    if dist.get_backend(group) == "nccl":
+        d = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(d, group=group)
+        t.copy_(d)
+    else:
+        dist.all_reduce(t, group=group)
+    return t
+
+
 def initialize(cfg, model, topology, dp: int, grad_accum: int):
     import deepspeed
 

@@ -81,7 +81,9 @@ def evaluate_local(model, loader, tokenizer, *, device, max_new_tokens: int, acc
 
 def summarize(stats: torch.Tensor, examples=(), group=None) -> dict:
     if dist.is_initialized():
-        dist.all_reduce(stats, group=group)
+        from furnace.engine import all_reduce_host
+
+        all_reduce_host(stats, group=group)
     return {"val_loss": float(stats[0] / stats[1].clamp(min=1)),
             "caption_accuracy": float(stats[2] / stats[3].clamp(min=1)), "val_samples": int(stats[3]),
             "examples": list(examples)}

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from furnace import engine as eng
 from furnace import faults
 from furnace.config import ConfigError, gradient_accumulation_steps, load_config, validate
 
@@ -159,8 +160,6 @@ class Trainer:
 
             self.pipe = flamingo_pipeline(
                 model, self.topo, activation_checkpoint_interval=cfg.parallel.pipeline_activation_checkpoint_interval)
-        from furnace import engine as eng
-
         self.engine, self.ds_config = eng.initialize(cfg, self.pipe if self.pipe is not None else model, self.topo,
                                                      self.dp, self.grad_accum)
         self.device = self.engine.device
@@ -206,13 +205,14 @@ class Trainer:
         batch = next(it)
         tokens = int(batch["attention_mask"].sum())
         samples = int(batch["input_ids"].shape[0])
+        self.model.check_media(batch["input_ids"], batch["media_valid"])  # on the CPU: no host sync
         batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         loss = faults.corrupt_loss(self.engine(batch), self.step + 1)
         self.engine.backward(loss)
         if self.log_gate_grads and self.engine.is_gradient_accumulation_boundary():
             self.gate_grads = self._gate_grads()
         self.engine.step()
-        return loss.detach().float().cpu(), tokens, samples
+        return loss.detach().float(), tokens, samples
 
     def _train_step(self, it) -> tuple[torch.Tensor, int, int]:
         """One optimizer step: (mean loss over its micro-batches, tokens, samples) on this rank."""
@@ -224,7 +224,7 @@ class Trainer:
             losses.append(loss)
             tokens += n_tok
             samples += n_s
-        return torch.stack(losses).mean(), tokens, samples
+        return torch.stack(losses).mean().cpu(), tokens, samples  # one host sync a step, not one a micro-batch
 
     def _pipe_step(self, it) -> tuple[torch.Tensor, int, int]:
         """One optimizer step of the pipeline engine (it runs the micro-batches itself). Every
@@ -232,6 +232,8 @@ class Trainer:
         from furnace.parallel.pipeline import batch_to_pipe
 
         batches = [next(it) for _ in range(self.grad_accum)]
+        for b in batches:
+            self.model.check_media(b["input_ids"], b["media_valid"])
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         samples = sum(int(b["input_ids"].shape[0]) for b in batches)
         loss = self.engine.train_batch(data_iter=iter([batch_to_pipe(b) for b in batches]))
@@ -253,7 +255,7 @@ class Trainer:
 
     def _pipe_gate_grads(self) -> dict[str, float]:
         acc = self._gate_acc.clone()
-        dist.all_reduce(acc)  # owners only; tp peers hold equal values, dp replicas are averaged
+        eng.all_reduce_host(acc)  # owners only; tp peers hold equal values, dp replicas are averaged
         acc /= self.topo.tp * self.dp
         self._gate_acc.zero_()
         return {f"gate_grad/{n}": float(v) for n, v in zip(self._gate_names, acc)}
@@ -283,8 +285,6 @@ class Trainer:
         return int(sum(self.loader.skipped.values()))
 
     def save(self) -> None:
-        from furnace import engine as eng
-
         state = {"step": self.step, "loader": self.loader.state_dict(), "rng": eng.rng_state()}
         full = None
         if self.topo.tp > 1 or self.topo.pp > 1:  # export cannot reassemble these offline: gather now
@@ -347,7 +347,7 @@ class Trainer:
             # one small all-reduce: loss, tokens, samples, non-finite count, stop request, skipped
             stats = torch.tensor([float(local) if finite else 0.0, tokens, samples, 0 if finite else 1,
                                   1 if self.stop_requested else 0, self._skipped_samples()], dtype=torch.float64)
-            dist.all_reduce(stats)
+            eng.all_reduce_host(stats)
             n_model = self.world // self.dp  # tp*pp peers repeat the same samples
             loss_val = stats[0].item() / self.world
             if stats[3] > 0 and t.precision != "fp16":

@@ -100,14 +100,23 @@ def _launcher(kernel, which: str, grid):
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles that cannot fit in shared memory for wide fp32 heads (keeps at least one)."""
+    """Drops tiles that cannot fit in shared memory for wide fp32 heads, and tiles longer than
+    the sequence (a 64-row tile over 12 queries is the 32-row tile's work plus padding: compiling
+    and timing it only delays the first step). Keeps at least one config."""
     q = named_args.get("Q")
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     esize = q.element_size() if hasattr(q, "element_size") else 2
     budget = 160 * 1024
     kept = [c for c in configs
             if (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * block_d * esize * max(1, c.num_stages) <= budget]
-    return kept or configs[-1:]
+    kept = kept or configs[-1:]
+    lq, lk = named_args.get("Q_BUCKET"), named_args.get("K_BUCKET")
+    if lq is None or lk is None:
+        return kept
+    cap_m = max(lq, min(c.kwargs["BLOCK_M"] for c in kept))
+    cap_n = max(lk, min(c.kwargs["BLOCK_N"] for c in kept))
+    short = [c for c in kept if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n]
+    return short or kept[-1:]
 
 
 _KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "GROUP", "CAUSAL", "HAS_SEG", "DTYPE_KEY"]
@@ -157,7 +166,8 @@ def _fwd_tile(acc, l_i, m_i, q, qs, ks, k_base, v_base, s_kn, s_kd, s_vn, s_vd,
     return acc, l_i, m_new
 
 
-@triton.autotune(configs=_fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_fwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune},
+                 cache_results=True)
 @triton.jit
 def _attn_fwd(
     Q, K, V, O, LSE, QSEG, KSEG,
@@ -278,7 +288,8 @@ def _dkdv_tile(dk, dv, k, v, ks, q_base, do_base, LSE_row, DELTA_row, QSEG_row,
     return dk, dv
 
 
-@triton.autotune(configs=_bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune},
+                 cache_results=True)
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, QSEG, KSEG,
@@ -385,7 +396,8 @@ def _dq_tile(dq, q, do, lse, delta, qs, ks, k_base, v_base, s_kn, s_kd, s_vn, s_
     return dq
 
 
-@triton.autotune(configs=_bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_bwd_configs(), key=_KEY, prune_configs_by={"early_config_prune": _prune},
+                 cache_results=True)
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, QSEG, KSEG,

@@ -285,3 +285,15 @@ def test_every_config(mask, i, dtype):
         lk, causal = lq, True
     with fa.forced_configs(fwd=FWD_CFGS[i % len(FWD_CFGS)], bwd=BWD_CFGS[i % len(BWD_CFGS)]):
         _check(2, 4, 2, lq, lk, CFG_D, dtype, causal=causal, segs=segs, seed=i)
+
+
+def test_autotune_prunes_tiles_longer_than_the_sequence():
+    """A short sequence compiles only the smallest tiles; a long one keeps the whole list."""
+    q = torch.empty(1, dtype=torch.float16)
+    short = fa._prune(fa._FWD_CONFIGS, {"Q": q, "Q_BUCKET": 16, "K_BUCKET": 8}, BLOCK_D=32)
+    assert short and all(c.kwargs["BLOCK_M"] == 64 and c.kwargs["BLOCK_N"] == 32 for c in short)
+    assert len(fa._prune(fa._FWD_CONFIGS, {"Q": q, "Q_BUCKET": 2048, "K_BUCKET": 2048}, BLOCK_D=64)) == len(fa._FWD_CONFIGS)
+    bwd = fa._prune(fa._BWD_CONFIGS, {"Q": q, "Q_BUCKET": 16, "K_BUCKET": 16}, BLOCK_D=32)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in bwd} == {(32, 32)}
+    # fp32 at head dim 256 leaves at least one config, however short the sequence
+    assert fa._prune(fa._BWD_CONFIGS, {"Q": torch.empty(1), "Q_BUCKET": 8, "K_BUCKET": 8}, BLOCK_D=256)

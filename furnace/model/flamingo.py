@@ -117,9 +117,14 @@ class FlamingoModel(nn.Module):
         return logits
 
     def check_media(self, input_ids: torch.Tensor, media_valid: torch.Tensor) -> None:
+        """Every <image> token needs exactly one valid image. Checked where the batch is still on
+        the CPU: on an accelerator the comparison would stall the host once per micro-batch, so
+        there the trainer and the benchmarks call this on the loader's batch before the copy."""
+        if input_ids.device.type != "cpu":
+            return
         n_tokens = (input_ids == self.image_token_id).sum(1)
         n_images = media_valid.sum(1)
-        if not torch.equal(n_tokens.cpu(), n_images.cpu()):
+        if not torch.equal(n_tokens, n_images):
             row = int((n_tokens != n_images).nonzero()[0, 0])
             raise ValueError(f"batch row {row} has {int(n_tokens[row])} {IMAGE_TOKEN} tokens but "
                              f"{int(n_images[row])} valid images; every {IMAGE_TOKEN} token needs exactly one "
@@ -128,19 +133,20 @@ class FlamingoModel(nn.Module):
     def encode_media(self, images: torch.Tensor, media_valid: torch.Tensor) -> torch.Tensor:
         """images [B, T, F, C, H, W] -> latents [B, T, n, dv]; only valid media are encoded."""
         b, t, f = images.shape[:3]
-        valid = media_valid
-        if not valid.any():
+        # The one host sync of the forward: the number of valid images sets the tower's batch.
+        idx = media_valid.flatten().nonzero().squeeze(1)
+        empty = idx.numel() == 0
+        if empty:
             # Keep every parameter in the graph (ZeRO and DDP expect gradients), contributing 0.
-            valid = torch.zeros_like(media_valid)
-            valid.view(-1)[0] = True
-        sel = images[valid]                                   # [N, F, C, H, W]
+            idx = idx.new_zeros(1)
+        sel = images.flatten(0, 1).index_select(0, idx)       # [N, F, C, H, W]
         feats = self.vision(sel.flatten(0, 1))                # [N*F, P, dv]
         feats = feats.view(sel.shape[0], f, *feats.shape[1:])
         lat = self.perceiver(feats)                           # [N, n, dv]
-        if not media_valid.any():
+        if empty:
             lat = lat * 0
-        out = lat.new_zeros(b, t, *lat.shape[1:])
-        return out.index_put((valid.nonzero(as_tuple=True)), lat)
+        out = lat.new_zeros(b * t, *lat.shape[1:]).index_copy(0, idx, lat)
+        return out.view(b, t, *lat.shape[1:])
 
     def decoder(self, input_ids, latents, media_segment, text_times, *, position_ids=None,
                 segment_ids=None, kv_segment_ids=None, caches=None, media_kvs=None) -> torch.Tensor:
