@@ -5,11 +5,11 @@
 #   bash benchmarks/gpu_session.sh env smoke tests kernels      # first call: does it all run?
 #   bash benchmarks/gpu_session.sh throughput                   # second call: the end-to-end numbers
 #
-# Stages: env (GPU, driver, versions), smoke (flamingo-1b, a few steps), demo (train.py: the demo
-# preset for DEMO_STEPS, then resumed), tests (the CUDA kernel
-# tests), kernels (benchmarks/kernels.py), throughput (flamingo-1b with every ablation, or those
-# named in ABLATE=zero3_gather,zero, and a profile of the baseline). DeepSpeed and webdataset must
-# be importable first: see ../shared/device/prepare-wheels.sh for the wheelhouse and install lines.
+# Stages: env (GPU, driver, versions), smoke (flamingo-1b, a few steps), demo (train.py on the
+# demo preset for DEMO_STEPS, then the same command resuming), tests (the CUDA kernel tests),
+# kernels (benchmarks/kernels.py), throughput (flamingo-1b with every ablation, or those named in
+# ABLATE=zero3_gather,zero, and a profile of the baseline). DeepSpeed and webdataset must be
+# importable first: see ../shared/device/prepare-wheels.sh for the wheelhouse and install lines.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"

@@ -58,6 +58,7 @@ def evaluate_local(model, loader, tokenizer, *, device, max_new_tokens: int, acc
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
+        model.check_media(batch["input_ids"], batch["media_valid"])  # on the CPU batch, as in training
         dev = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         n_tok = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if n_tok:
