@@ -2,7 +2,8 @@
 
 DeepSpeed's ZeRO-3 puts a fetch/release hook pair on every module and runs its bookkeeping at
 each one, for the frozen LM and vision tower too. flamingo-1b has ~620 modules per forward; on an
-H100 the step was host-bound (the GPU busy for 0.8 s of a 4.6 s step). Marking each repeated
+H100 (micro-batch 8) that made the step host-bound: 4.47 s per module against 2.22 s per block
+(benchmarks/results/throughput-h100-zero3-gather.json). Marking each repeated
 block (decoder layer, vision encoder layer, perceiver attention / feed-forward, xattn block) as a
 ZeRO-3 "leaf" gathers its parameters once when the block runs and hooks nothing inside it. A
 block's parameters are small next to the activations (a 1B LM's layer is ~120 MB in bf16), so
