@@ -13,6 +13,7 @@ setup(
         "furnace.parallel",
         "furnace.data",
         "furnace.presets",
+        "furnace.training",
         "furnace_kernels",
     ],
     package_dir={"furnace_kernels": "kernels"},
@@ -37,7 +38,7 @@ setup(
     entry_points={
         "console_scripts": [
             "furnace-shards=furnace.data.shards:main",
-            "furnace-train=furnace.train:main",
+            "furnace-train=furnace.training.launch:main",
         ]
     },
 )

@@ -4,7 +4,7 @@ Started bare (`python train.py`) it launches itself on the local GPUs, or on 2 C
 """
 import sys
 
-from furnace.train import main
+from furnace.training.launch import main
 
 if __name__ == "__main__":
     sys.exit(main())

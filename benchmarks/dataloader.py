@@ -28,13 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from PIL import Image  # noqa: E402
 
-from furnace.metrics import run_info  # noqa: E402
+from furnace.data.loader import ShardLoader  # noqa: E402
+from furnace.data.shards import ShardWriter  # noqa: E402
+from furnace.data.synthetic import demo_tokenizer, draw_sample, sample_rng  # noqa: E402
+from furnace.training.metrics import run_info  # noqa: E402
 
 
 def make_shards(out: str, n: int, shards: int, size: int, seed: int = 0) -> tuple[list[str], float]:
-    from furnace.data.shards import ShardWriter
-    from furnace.data.synthetic import draw_sample, sample_rng
-
     rng = np.random.default_rng(seed)
     w = ShardWriter(out, "bench", maxcount=-(-n // shards), image_format="keep")
     nbytes = 0
@@ -55,8 +55,6 @@ def run(shards, tok, workers: int, batches: int, batch_size: int, size: int, war
     """Wall-clock rate over `batches` timed batches, and the CPU-time rate per worker: samples a
     worker produced per CPU second it spent (each batch carries its producer's process_time),
     which does not depend on what else the machine is running."""
-    from furnace.data.loader import ShardLoader
-
     ld = ShardLoader(shards, tok, batch_size=batch_size, image_size=size, max_length=32, num_workers=workers,
                      shuffle_buffer=1000, seed=0, prefetch_factor=prefetch)
     it = iter(ld)
@@ -96,15 +94,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON output (default: print only)")
     p.add_argument("--tmp", default=None, help="folder for the shards (default: a temp dir, removed)")
     a = p.parse_args(argv)
-
-    from furnace.data.tokenizer import load_tokenizer
-
     tmp = a.tmp or tempfile.mkdtemp(prefix="furnace-bench-")
     try:
         t0 = time.perf_counter()
         shards, avg_bytes = make_shards(tmp, a.n, a.shards, a.image_size)
         write_s = time.perf_counter() - t0
-        tok = load_tokenizer(None)
+        tok = demo_tokenizer()
         results = [run(shards, tok, int(w), a.batches, a.batch_size, a.image_size, a.warmup)
                    for w in a.workers.split(",")]
     finally:

@@ -37,9 +37,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import triton  # noqa: E402
 
+from furnace_kernels import attention_reference  # noqa: E402
 from furnace_kernels.flash_attention import attention_triton  # noqa: E402
-from furnace_kernels.loss_scale import apply_, grad_stats, install_fused_loss_scaling  # noqa: E402
-from furnace.metrics import run_info  # noqa: E402
+from furnace_kernels.loss_scale import apply_, grad_stats  # noqa: E402
+from furnace.parallel.zero3 import install_fused_loss_scaling  # noqa: E402
+from furnace.training.distributed import skip_inference_shm_op  # noqa: E402
+from furnace.training.metrics import run_info  # noqa: E402
 
 
 def _sync():
@@ -199,8 +202,6 @@ def bench_flamingo(quick, dtype):
         row["results"].append(_safe(go))
 
     add("furnace_triton", lambda q, k, v: attention_triton(q, k, v, q_segment=qs, kv_segment=ks))
-    from furnace_kernels import attention_reference
-
     row["furnace_rel_err_vs_fp32"] = _safe(
         rel_errors, lambda q, k, v: attention_triton(q, k, v, q_segment=qs, kv_segment=ks),
         lambda q, k, v: attention_reference(q, k, v, q_segment=qs, kv_segment=ks), (q, k, v))
@@ -322,8 +323,6 @@ def bench_deepspeed_zero3(quick, copy_gbs):
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
            "fp16": {"enabled": True, "initial_scale_power": 8}, "steps_per_print": 10**9}
-    from furnace.engine import skip_inference_shm_op
-
     skip_inference_shm_op()  # no 80 s C++ build of an op only DeepSpeed's inference uses
     engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     x = torch.randn(2, width, device=engine.device, dtype=torch.float16)

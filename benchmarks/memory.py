@@ -27,9 +27,17 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from furnace.config import load_config, validate  # noqa: E402
+from furnace.parallel.apply import is_tp_sharded  # noqa: E402
+from furnace.parallel.topology import Topology  # noqa: E402
+from furnace.training.build import build  # noqa: E402
+from furnace.training.distributed import init_distributed  # noqa: E402
+from furnace.training.metrics import run_info  # noqa: E402
 
 LAYOUTS = {"dp1": (1, 1), "dp2": (2, 1), "dp4": (4, 1), "tp2": (2, 2), "tp2dp2": (4, 2)}  # name: (ranks, tp)
 
@@ -50,31 +58,22 @@ def _bytes(t) -> int:
 
 
 def worker(args) -> None:
-    import torch.distributed as dist
-
-    from furnace import engine as eng
-    from furnace.config import gradient_accumulation_steps, load_config, validate
-    from furnace.model.flamingo import build_flamingo
-    from furnace.parallel.apply import is_tp_sharded, parallelize
-    from furnace.parallel.topology import Topology
-
-    eng.init_distributed()
+    init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     mb = 2
+    vocab = 512  # an LM vocabulary that holds the demo tokenizer's ids: no new-token rows
     cfg = load_config(args.preset, [*args.set, f"parallel.tp={args.tp}", "parallel.zero_stage=3",
                                     f"train.micro_batch_size={mb}", f"train.global_batch_size={mb * world // args.tp}",
-                                    "model.lm.path=null", "model.vision.path=null"])
-    dp = validate(cfg, world, check_paths=False)
+                                    "model.lm.path=null", "model.vision.path=null", "data.tokenizer=null",
+                                    f"model.lm.vocab_size={vocab}"])
+    validate(cfg, world, check_paths=False)
     topo = Topology(tp=args.tp)
-    vocab = 512
-    torch.manual_seed(0)
-    model = build_flamingo(cfg.model, vocab_size=vocab, image_token_id=vocab - 2, eoc_token_id=vocab - 1)
-    parallelize(model, topo)
-    engine, _ = eng.initialize(cfg, model, topo, dp, gradient_accumulation_steps(cfg, dp))
+    run = build(cfg, topo, loaders=False)
+    model, engine = run.model, run.engine
     v = cfg.model.vision
     L = cfg.data.max_length
-    ids = torch.randint(0, vocab - 2, (mb, L))
-    ids[:, 1] = vocab - 2
+    ids = torch.randint(model.eoc_token_id + 1, vocab, (mb, L))  # above the tokenizer's special ids
+    ids[:, 1] = model.image_token_id
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
              "images": torch.randn(mb, 1, 1, 3, v.image_size, v.image_size),
              "media_valid": torch.ones(mb, 1, dtype=torch.bool)}
@@ -129,8 +128,6 @@ def main(argv=None) -> int:
     if not args.out:
         print("memory.py: --out FILE.json is required", file=sys.stderr)
         return 2
-    from furnace.metrics import run_info
-
     results = {}
     for name in args.layouts.split(","):
         nproc, tp = LAYOUTS[name]

@@ -13,7 +13,9 @@ step (phases are separated by device synchronisation, which the split costs a li
 Data: the real loader on the synthetic shards (built if missing) or `--synthetic-data` random
 tensors, which removes the loader from the measurement.
 
-FLOPs: `furnace.metrics.flamingo_flops_per_sample` (its docstring has the formula): frozen parts
+Setup is the trainer's own builder (`furnace.training.build.build`).
+
+FLOPs: `furnace.training.metrics.flamingo_flops_per_sample` (its docstring has the formula): frozen parts
 count forward plus activation-gradient backward only (no weight-gradient GEMMs); a frozen vision
 tower counts forward only. Tokens are the non-padding tokens of the batches.
 """
@@ -22,8 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import socket
 import statistics
 import sys
 import time
@@ -34,10 +34,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from furnace.config import ConfigError, gradient_accumulation_steps, load_config, validate  # noqa: E402
-from furnace.metrics import (StepShape, device_peak_tflops, flamingo_flops_per_sample, percentiles,  # noqa: E402
-                             run_info)
-from furnace.model.tokens import build_labels  # noqa: E402
+from furnace.config import ConfigError, load_config, validate  # noqa: E402
+from furnace.parallel.topology import Topology  # noqa: E402
+from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN, build_labels  # noqa: E402
+from furnace.training.build import build  # noqa: E402
+from furnace.training.distributed import init_distributed  # noqa: E402
+from furnace.training.metrics import (StepShape, device_peak_tflops, flamingo_flops_per_sample,  # noqa: E402
+                                      peak_memory_gb, percentiles, run_info)
 
 ABLATIONS = {
     # name: (baseline overrides, [variant overrides, ...], what it compares)
@@ -72,17 +75,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def init_distributed():
-    if "RANK" not in os.environ:  # single process without a launcher
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from furnace.engine import init_distributed
-
-    init_distributed()
-
-
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -91,8 +83,6 @@ def sync():
 def synthetic_batches(cfg, tokenizer, vocab: int, image_size: int, n: int = 4):
     """Full-length rows with max_images <image> tokens spread evenly (an <|endofchunk|> before
     each next one); random ids elsewhere; fixed random images. Cycles through n batches."""
-    from furnace.model.tokens import EOC_TOKEN, IMAGE_TOKEN
-
     img_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     eoc_id = tokenizer.convert_tokens_to_ids(EOC_TOKEN)
     specials = torch.tensor(sorted({i for i in tokenizer.all_special_ids if i is not None} | {img_id, eoc_id}))
@@ -118,15 +108,8 @@ def synthetic_batches(cfg, tokenizer, vocab: int, image_size: int, n: int = 4):
 
 
 def run_variant(name: str, cfg, args, world: int) -> dict:
-    import furnace_kernels
-    from furnace import engine as eng
-    from furnace.data.tokenizer import load_tokenizer
-    from furnace.model.flamingo import build_from_tokenizer
-    from furnace.parallel.topology import Topology
-
     rank = dist.get_rank()
     dp = validate(cfg, world, check_paths=True)
-    gas = gradient_accumulation_steps(cfg, dp)
     if cfg.model.attention_backend == "triton" and not torch.cuda.is_available():
         return {"variant": name, "skipped": "the Triton attention path needs CUDA"}
     if cfg.train.precision == "fp16":
@@ -134,24 +117,10 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
 
         if not get_accelerator().is_fp16_supported():
             return {"variant": name, "skipped": "DeepSpeed does not support fp16 on this device"}
-    furnace_kernels.set_attention_backend(cfg.model.attention_backend)
-    topo = Topology(cfg.parallel.tp, cfg.parallel.pp)
-    if args.synthetic_data:
-        tok_dir = cfg.data.tokenizer
-        if tok_dir is None:
-            from furnace.data.tokenizer import build_demo_tokenizer
-
-            tokenizer = build_demo_tokenizer()
-        else:
-            tokenizer = load_tokenizer(tok_dir)
-    else:
-        from furnace.data.synthetic import ensure_demo_data
-
-        paths = ensure_demo_data(cfg.data, progress=rank == 0)
-        tokenizer = load_tokenizer(paths["tokenizer"])
-    torch.manual_seed(cfg.train.seed)
-    model = build_from_tokenizer(cfg.model, tokenizer)
-    fp = {}  # FLOPs per sample by (tokens, images); the FLOP model reads full sizes under ZeRO-3 too
+    run = build(cfg, Topology(cfg.parallel.tp, cfg.parallel.pp), loaders=not args.synthetic_data,
+                progress=rank == 0)
+    model, engine, device, gas = run.model, run.engine, run.device, run.grad_accum
+    fp = {}  # FLOPs per sample by (tokens, images)
 
     def flops_for(seq_len: float, images: float) -> float:
         key = (round(seq_len, 2), round(images, 2))
@@ -159,19 +128,10 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
             fp[key] = flamingo_flops_per_sample(model, StepShape(seq_len=seq_len, images=images))["train"]
         return fp[key]
 
-    flops_for(cfg.data.max_length, cfg.data.max_images)
-    image_size = model.vision.image_size
-    stats = model.vision.image_stats
-    engine, _ = eng.initialize(cfg, model, topo, dp, gas)
-    device = engine.device
     if args.synthetic_data:
-        it = synthetic_batches(cfg, tokenizer, model.vocab_size, image_size)
+        it = synthetic_batches(cfg, run.tokenizer, model.vocab_size, model.vision.image_size)
     else:
-        from furnace.data.loader import make_loader
-
-        it = iter(make_loader(cfg.data, tokenizer, split="train", batch_size=cfg.train.micro_batch_size,
-                              dp_rank=topo.coord.dp, dp_size=dp, seed=cfg.train.seed, image_size=image_size,
-                              mean=stats[0], std=stats[1]))
+        it = iter(run.train_loader)
     mem_at_start = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -235,7 +195,7 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
     totals /= n_model
     times = [r["time"] for r in records]
     elapsed = sum(times)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else _rss_gb()
+    mem = peak_memory_gb()
     mems = [None] * world
     dist.all_gather_object(mems, round(mem, 3))
     # Without this the next variant starts with this one's weights and optimizer state still on
@@ -253,7 +213,7 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
         "memory_gb_at_start": round(mem_at_start, 3),
         "time_split_s_per_step": {k: sum(r[k] for r in records) / len(records)
                                   for k in ("data", "forward", "backward", "step")},
-        "train_flops_per_sample": flops_for(cfg.data.max_length, cfg.data.max_images),
+        "train_flops_per_sample": run.flops["train"],
         "layout": {"world": world, "dp": dp, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
                    "zero_stage": cfg.parallel.zero_stage, "grad_accum": gas,
                    "micro_batch": cfg.train.micro_batch_size, "global_batch": cfg.train.global_batch_size},
@@ -261,12 +221,6 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
         "activation_checkpointing": cfg.model.activation_checkpointing,
     }
     return res
-
-
-def _rss_gb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def variants(args):

@@ -1,4 +1,4 @@
-"""One typed config tree: model, data, parallel, train.
+"""One typed config tree: model, data, parallel, train, debug.
 
 Sources, later wins: dataclass defaults < preset or YAML file < `--set a.b=value` overrides.
 `validate(cfg, world_size)` fails early with one line (ConfigError) that names the fix.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class LMConfig:
+    """The Llama-family decoder. With `path`, the checkpoint's own config.json replaces every
+    shape field below (`furnace.model.llama.from_hf`)."""
     path: str | None = None            # local HF checkpoint dir (Llama / Mistral / Qwen2); None = from scratch
     vocab_size: int = 0                # from scratch: 0 = size of the tokenizer
     hidden_size: int = 256
@@ -29,10 +32,20 @@ class LMConfig:
     num_layers: int = 4
     num_heads: int = 8
     num_kv_heads: int = 4
+    head_dim: int = 0                  # 0 = hidden_size // num_heads
     max_position_embeddings: int = 2048
     rope_theta: float = 10000.0
+    rope_scaling: dict | None = None   # {"rope_type": "linear" | "llama3", ...} as in HF configs
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
+    qkv_bias: bool = False             # Qwen2
+    o_bias: bool = False               # Llama's attention_bias sets qkv_bias and o_bias
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: longer sequences are refused
+    model_type: str = "llama"          # llama | mistral | qwen2: the architecture export writes
+
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
 
 
 @dataclass
@@ -103,7 +116,6 @@ class ParallelConfig:
     pp: int = 1
     zero_stage: int = 3
     zero3_gather: str = "block"        # ZeRO-3 gathers whole repeated blocks ("block") or every module ("module")
-    pipeline_activation_checkpoint_interval: int = 0
 
 
 @dataclass
@@ -128,11 +140,23 @@ class TrainConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Diagnostics; none of them is needed to train."""
+    # Every rank reads the 1-rank stream of micro-batches and keeps those whose index % dp is
+    # its dp rank: every layout then sees the 1-rank run's micro-batches (the parity tests).
+    replicated_data: bool = False
+    log_gate_grads: bool = False       # record the xattn tanh gates' gradients as gate_grad/* metrics
+    # Fault drills, a comma list of kind@step[:rank] (furnace/training/faults.py): inf@3, nan@2:1, die@6.
+    faults: str = ""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -148,7 +172,7 @@ def _coerce(value, tp, key: str):
     """Turn a YAML/CLI value into the field's declared type."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
             return None
         tp = next(a for a in args if a is not type(None))
@@ -169,10 +193,14 @@ def _coerce(value, tp, key: str):
             raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}") from None
     if tp is str:
         return str(value)
+    if tp is dict and not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
     return value
 
 
-def _apply(obj, data: dict, prefix: str = "") -> None:
+def update(obj, data: dict, prefix: str = "") -> None:
+    """Set the fields of config section `obj` from a nested dict (YAML, a saved config.json),
+    coercing each value to its declared type. `prefix` names the section in errors."""
     types = _field_types(type(obj))
     for k, v in data.items():
         key = f"{prefix}{k}"
@@ -183,7 +211,7 @@ def _apply(obj, data: dict, prefix: str = "") -> None:
         if dataclasses.is_dataclass(cur):
             if not isinstance(v, dict):
                 raise ConfigError(f"{key}: expected a mapping, got {v!r}")
-            _apply(cur, v, key + ".")
+            update(cur, v, key + ".")
         else:
             setattr(obj, k, _coerce(v, types[k], key))
 
@@ -220,9 +248,9 @@ def load_config(preset: str | None = "demo", overrides: typing.Sequence[str] = (
     if preset:
         with open(resolve_preset(preset)) as f:
             data = yaml.safe_load(f) or {}
-        _apply(cfg, data)
+        update(cfg, data)
     for item in overrides:
-        _apply(cfg, _parse_set(item))
+        update(cfg, _parse_set(item))
     return cfg
 
 

@@ -3,18 +3,27 @@
     python -m furnace.export RUN_DIR --out DIR [--tag stepNNNNNNNN]
 
 writes DIR/flamingo/ (the whole model: safetensors + flamingo.json + tokenizer, reloadable with
-`furnace.model.flamingo.load_flamingo`) and DIR/lm/ (the decoder alone with the new token rows
+`furnace.model.flamingo_io.load_flamingo`) and DIR/lm/ (the decoder alone with the new token rows
 merged, loadable by transformers' AutoModelForCausalLM, with the tokenizer).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from furnace.config import Config, _apply
-from furnace.engine import FULL_MODEL, checkpoint_dir, latest_tag, safe_torch_load
+from safetensors.torch import load_file
+
+from furnace.config import Config, update
+from furnace.data.tokenizer import load_tokenizer
+from furnace.model.hf_io import read_config
+from furnace.model import llama
+from furnace.model.flamingo_io import lm_with_new_tokens, load_flamingo_state, save_flamingo
+from furnace.training.build import build_model
+from furnace.training.checkpoint import FULL_MODEL, checkpoint_dir, latest_tag
+from furnace.training.safe_load import safe_torch_load
 
 
 def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
@@ -25,8 +34,6 @@ def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)} (no `latest`)")
     full = checkpoint_dir(run_dir) / tag / FULL_MODEL
     if full.exists():  # tensor/pipeline-parallel run: the trainer gathered shards and stages at save time
-        from safetensors.torch import load_file
-
         return load_file(str(full)), tag
     with safe_torch_load():  # zero_to_fp32 itself unpickles with weights_only=False
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=tag), tag
@@ -34,42 +41,25 @@ def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
 
 def load_run_model(run_dir, tag: str | None = None):
     """The Flamingo of a run at a checkpoint, on the CPU in fp32."""
-    from furnace.data.tokenizer import load_tokenizer
-    from furnace.model.flamingo import build_from_tokenizer, load_flamingo_state
-
     state, tag = consolidated_state(run_dir, tag)
     cfg = Config()
-    _apply(cfg, json.loads((checkpoint_dir(run_dir) / tag / "config.json").read_text()))
-    cfg.model.lm.path = None  # architecture only: the weights come from the checkpoint...
+    update(cfg, json.loads((checkpoint_dir(run_dir) / tag / "config.json").read_text()))
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
-    lm_cfg = json.loads((checkpoint_dir(run_dir) / tag / "config.json").read_text())["model"]["lm"]
-    if lm_cfg.get("path"):  # ...but a pretrained LM's shape lives in its own config.json
-        from furnace.model import llama as llama_mod
-        from furnace.model.flamingo import build_flamingo
-        from furnace.model.hf_io import read_config
-        from furnace.model.tokens import EOC_TOKEN, IMAGE_TOKEN
-
-        lm = llama_mod.Llama(llama_mod.args_from_hf_config(read_config(lm_cfg["path"])))
-        model = build_flamingo(cfg.model, vocab_size=len(tokenizer), lm=lm,
-                               image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                               eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN))
-    else:
-        model = build_from_tokenizer(cfg.model, tokenizer)
+    lm = None  # architecture only: the weights come from the checkpoint...
+    if cfg.model.lm.path:  # ...but a pretrained LM's shape lives in its own config.json
+        raw = read_config(cfg.model.lm.path)
+        lm = llama.Llama(llama.config_from_hf(raw, cfg.model.lm.path), hf_config=raw)
+    model = build_model(cfg, tokenizer, lm=lm)
     load_flamingo_state(model, state)
     return model.eval(), tokenizer, cfg, tag
 
 
 def export(run_dir, out, tag: str | None = None) -> dict:
-    import dataclasses
-
-    from furnace.model import llama as llama_mod
-    from furnace.model.flamingo import save_flamingo
-
     model, tokenizer, cfg, tag = load_run_model(run_dir, tag)
     out = Path(out)
     save_flamingo(model, out / "flamingo", dataclasses.asdict(cfg.model))
     tokenizer.save_pretrained(out / "flamingo")
-    llama_mod.to_hf(model.lm_with_new_tokens(), out / "lm")
+    llama.to_hf(lm_with_new_tokens(model), out / "lm")
     tokenizer.save_pretrained(out / "lm")
     return {"tag": tag, "flamingo": str(out / "flamingo"), "lm": str(out / "lm")}
 

@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import check_shapes
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _LOG2E = 1.4426950408889634
@@ -473,8 +475,6 @@ def _bucket(n: int) -> int:
 
 
 def _prep_segments(q_segment, kv_segment, device):
-    if (q_segment is None) != (kv_segment is None):
-        raise ValueError("attention: pass both q_segment and kv_segment, or neither")
     if q_segment is None:
         return None, None
     for name, s in (("q_segment", q_segment), ("kv_segment", kv_segment)):
@@ -577,8 +577,6 @@ class FlashAttentionFunction(torch.autograd.Function):
 
 def attention_triton(q, k, v, *, causal=False, q_segment=None, kv_segment=None, scale=None):
     """Flash attention (Triton). Same contract as `furnace_kernels.attention`."""
-    from .reference import check_shapes
-
     check_shapes(q, k, v, q_segment, kv_segment)
     if q.dtype not in _DTYPE_KEY or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"attention_triton: q, k, v must share one of fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")

@@ -1,5 +1,6 @@
 """Fused loss scaling: one multi-tensor read pass for (squared norm, non-finite flag), a dynamic
-loss scaler with DeepSpeed's semantics, one multiply for unscale x clip, and a ZeRO-3 hook.
+loss scaler with DeepSpeed's semantics, and one multiply for unscale x clip. (The hook that
+drives them inside DeepSpeed's ZeRO-3 optimizer is `furnace.parallel.zero3`.)
 
     sumsq, nonfinite = grad_stats(tensors, inv_scale)
         sumsq     fp32 0-dim tensor: sum over all elements of (g * inv_scale)^2 (accumulated in
@@ -8,9 +9,9 @@ loss scaler with DeepSpeed's semantics, one multiply for unscale x clip, and a Z
         nonfinite bool 0-dim tensor: some element of some tensor is inf or NaN.
     apply_(tensors, factor)   in-place g *= factor (factor: float or 0-dim tensor), one pass.
 
-Backends: Triton on CUDA tensors (or anywhere with backend="triton" under TRITON_INTERPRET=1),
-torch elsewhere; `set_loss_scale_backend` / FURNACE_LOSS_SCALE_BACKEND ("auto", "triton",
-"torch") override.
+Backend (kernels/backend.py, op "loss_scale"): Triton on CUDA tensors (or anywhere with
+backend="triton" under TRITON_INTERPRET=1), the torch reference elsewhere; `set_backend` or a
+per-call `backend=` overrides.
 """
 from __future__ import annotations
 
@@ -20,29 +21,13 @@ from typing import Iterable, Sequence
 
 import torch
 
-_BACKENDS = ("auto", "triton", "torch")
-_backend = os.environ.get("FURNACE_LOSS_SCALE_BACKEND", "auto")
+from .backend import use_triton
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def set_loss_scale_backend(name: str) -> None:
-    global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"loss-scale backend must be one of {_BACKENDS}; got {name!r}")
-    _backend = name
-
-
-def get_loss_scale_backend() -> str:
-    return _backend
-
-
 def _use_triton(tensors: Sequence[torch.Tensor], backend: str | None) -> bool:
-    backend = backend or _backend
-    if backend == "torch":
-        return False
-    if backend == "triton":
-        return True
-    return len(tensors) > 0 and tensors[0].is_cuda
+    return use_triton("loss_scale", tensors[0] if tensors else None, backend)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,110 +354,3 @@ def unscale_clip_(tensors: Sequence[torch.Tensor], scaler: "DynamicLossScaler | 
     norm = math.sqrt(s)
     apply_(tensors, clip_factor(s, max_norm) / scale, backend=backend)
     return False, norm
-
-
-# ----------------------------------------------------------------------------------------------
-# DeepSpeed ZeRO-3 hook
-
-
-def install_fused_loss_scaling(engine_or_optimizer, *, replace_scaler: bool = True, backend: str | None = None):
-    """Route a DeepSpeed ZeRO-3 optimizer's overflow check, gradient norm and unscale/clip
-    through one `grad_stats` pass, one all-reduce and one multiply.
-
-    Per step (DeepSpeedZeroOptimizer_Stage3.step, DeepSpeed 0.19):
-      _overflow_check_and_loss_scale_update(update_scale=False)
-          -> grad_stats over this rank's gradient partitions (averaged_gradients) with
-             inv_scale = 1 / loss_scale; one all-reduce (SUM) of [sumsq, nonfinite] over the
-             data-parallel group (plus the model-parallel group when there is one);
-             overflow = nonfinite or sumsq not finite. (DeepSpeed's own path: an isinf/isnan
-             pass with a MAX all-reduce for fp16, then a norm pass with its own all-reduce, and
-             an invalid norm also counts as overflow; the decisions are the same.)
-      _get_norm_groups()  -> [sqrt(sumsq) * loss_scale] from that pass (no second read).
-      unscale_and_clip_grads(i, norm) -> one multiply of the fp32 partition by
-             1 / (loss_scale * max(1, (norm + 1e-6) / clip)), the same factor as DeepSpeed.
-    With replace_scaler, the optimizer's DeepSpeed DynamicLossScaler is replaced by
-    furnace's DynamicLossScaler (state copied), which then drives the skip decisions.
-    Returns the optimizer. Not supported: optimizer offload, Muon (raises).
-    """
-    from deepspeed import comm as dist
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-
-    opt = engine_or_optimizer
-    if not isinstance(opt, DeepSpeedZeroOptimizer_Stage3):  # an engine: its ZeRO optimizer
-        opt = getattr(opt, "optimizer", opt)
-    if not isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
-        raise TypeError(f"install_fused_loss_scaling needs a ZeRO-3 optimizer; got {type(opt).__name__}")
-    if getattr(opt, "offload_optimizer", False):
-        raise NotImplementedError("install_fused_loss_scaling: optimizer offload is not supported")
-    if getattr(opt, "use_muon", False):
-        raise NotImplementedError("install_fused_loss_scaling: Muon is not supported")
-    if getattr(opt, "_furnace_fused_loss_scaling", False):
-        return opt
-
-    if replace_scaler and getattr(opt.loss_scaler, "dynamic", False) and not isinstance(opt.loss_scaler, DynamicLossScaler):
-        opt.loss_scaler = DynamicLossScaler.from_deepspeed(opt.loss_scaler)
-
-    originals = {name: getattr(opt, name) for name in
-                 ("_overflow_check_and_loss_scale_update", "_get_norm_groups", "unscale_and_clip_grads")}
-    state = {"sumsq": None, "scale": None}
-
-    def _grads():
-        out = []
-        for i in range(len(opt.fp16_groups)):
-            out.extend(g for g in opt.averaged_gradients.get(i, None) or [] if g is not None)
-        return out
-
-    def fused_overflow_check(update_scale=True):
-        scale = float(opt.loss_scale)
-        grads = _grads()
-        dev = grads[0].device if grads else torch.device(opt.device)
-        sumsq, nonfinite = grad_stats(grads, 1.0 / scale, backend=backend)
-        buf = torch.stack([sumsq.to(torch.float32), nonfinite.to(torch.float32)]).to(dev)
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=opt.dp_process_group)
-        from deepspeed.comm import pg_utils
-        if pg_utils.is_parallel(opt.model_parallel_group):
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=opt.model_parallel_group)
-        s, nf = buf.tolist()  # the one host sync of the step
-        opt.overflow = bool(nf > 0) or not math.isfinite(s)
-        state["sumsq"], state["scale"] = s, scale
-        if not update_scale:
-            return opt.overflow
-        return opt._loss_scale_update_and_overflow_cleanup()
-
-    def fused_norm_groups():
-        s = state["sumsq"]
-        dev = torch.device(opt.device)
-        if s is None or not math.isfinite(s):
-            return [torch.tensor(-1.0, device=dev)]
-        return [torch.tensor(math.sqrt(s) * state["scale"], dtype=torch.float32, device=dev)]
-
-    def fused_unscale_and_clip(sub_group_id, total_norm):
-        scale = float(opt.loss_scale)
-        combined = scale
-        if opt.clip_grad > 0.0:
-            norm = float(total_norm)
-            combined = max(((norm / scale) + 1e-6) / opt.clip_grad, 1.0) * scale
-        apply_([opt.fp32_partitioned_groups_flat[sub_group_id].grad], 1.0 / combined, backend=backend)
-
-    opt._overflow_check_and_loss_scale_update = fused_overflow_check
-    opt._get_norm_groups = fused_norm_groups
-    opt.unscale_and_clip_grads = fused_unscale_and_clip
-    opt._furnace_fused_loss_scaling = True
-    opt._furnace_originals = originals
-    return opt
-
-
-def uninstall_fused_loss_scaling(engine_or_optimizer):
-    opt = engine_or_optimizer
-    if not hasattr(opt, "_furnace_originals"):
-        opt = getattr(opt, "optimizer", opt)
-    for name, fn in getattr(opt, "_furnace_originals", {}).items():
-        # originals were bound methods of the instance; dropping the instance attribute restores them
-        if name in opt.__dict__:
-            del opt.__dict__[name]
-    opt._furnace_fused_loss_scaling = False
-    return opt
-
-
-__all__ = ["grad_stats", "apply_", "unscale_clip_", "DynamicLossScaler", "clip_factor", "install_fused_loss_scaling",
-           "uninstall_fused_loss_scaling", "set_loss_scale_backend", "get_loss_scale_backend"]

@@ -28,8 +28,6 @@ def visibility_mask(
         i = torch.arange(lq, device=device)[:, None]
         j = torch.arange(lk, device=device)[None, :]
         mask = (j <= i + (lk - lq))[None, None]
-    if (q_segment is None) != (kv_segment is None):
-        raise ValueError("attention: pass both q_segment and kv_segment, or neither")
     if q_segment is not None:
         seg = (q_segment[:, :, None] == kv_segment[:, None, :])[:, None]
         mask = seg if mask is None else mask & seg
@@ -37,6 +35,9 @@ def visibility_mask(
 
 
 def check_shapes(q, k, v, q_segment, kv_segment) -> None:
+    """The argument checks every backend shares; one ValueError naming what is wrong."""
+    if (q_segment is None) != (kv_segment is None):
+        raise ValueError("attention: pass both q_segment and kv_segment, or neither")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: q, k, v must be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     b, h, lq, d = q.shape

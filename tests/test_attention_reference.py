@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from furnace_kernels import attention, attention_reference, set_attention_backend
+from furnace_kernels import attention, attention_reference, set_backend
 
 
 def loop_reference(q, k, v, causal, qs, ks):
@@ -61,4 +61,4 @@ def test_bad_shapes_and_backend_names_are_refused():
     with pytest.raises(ValueError, match="both q_segment and kv_segment"):
         attention(q, q, q, q_segment=torch.zeros(1, 4))
     with pytest.raises(ValueError, match="backend"):
-        set_attention_backend("cuda-magic")
+        set_backend("attention", "cuda-magic")

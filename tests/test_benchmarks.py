@@ -50,7 +50,7 @@ def test_flop_model_counts_frozen_parts_as_documented():
     import torch
 
     from furnace.config import load_config
-    from furnace.metrics import StepShape, flamingo_flops_per_sample
+    from furnace.training.metrics import StepShape, flamingo_flops_per_sample
     from furnace.model.flamingo import build_flamingo
 
     cfg = load_config("flamingo-1b").model

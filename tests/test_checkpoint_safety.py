@@ -29,7 +29,7 @@ def test_engine_checkpoint_load_refuses_code_and_keeps_deepspeed_state(tmp_path)
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from furnace.engine import use_safe_checkpoint_loading
+    from furnace.training.safe_load import use_safe_checkpoint_loading
 
     engine = _engine_with_torch_checkpointing()
     use_safe_checkpoint_loading(engine)
@@ -49,7 +49,7 @@ def test_engine_checkpoint_load_refuses_code_and_keeps_deepspeed_state(tmp_path)
 
 
 def test_safe_torch_load_overrides_callers_that_ask_for_full_unpickling(tmp_path):
-    from furnace.engine import safe_torch_load
+    from furnace.training.safe_load import safe_torch_load
 
     marker = tmp_path / "pwned"
     torch.save(Planted(marker), tmp_path / "evil.pt")

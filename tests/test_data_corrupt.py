@@ -12,12 +12,12 @@ import torch
 from furnace.data.loader import ShardLoader
 from furnace.data.synthetic import draw_sample, sample_rng
 from furnace.data.testing import add_members, write_caption_shards, write_raw_tar
-from furnace.data.tokenizer import load_tokenizer
+from furnace.data.synthetic import demo_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(None)
+    return demo_tokenizer()
 
 
 def _png(i=0):

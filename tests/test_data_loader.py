@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from furnace.data.images import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD
-from furnace.data.loader import ShardLoader, Source, make_loader
+from furnace.data.loader import ShardLoader
+from furnace.data.sources import Source
 from furnace.data.testing import tar_keys, write_caption_shards, write_doc_shards
 from furnace.data.text import TextEncoder
-from furnace.data.tokenizer import load_tokenizer
-from furnace.model.tokens import IGNORE_INDEX, build_labels
+from furnace.data.synthetic import demo_tokenizer
+from furnace.tokens import IGNORE_INDEX, build_labels
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return load_tokenizer(None)
+    return demo_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -208,13 +209,13 @@ def test_resume_rejects_changed_setup(caps, tok):
         b.load_state_dict(a.state_dict())
 
 
-def test_make_loader_from_config(caps, tok):
+def test_loader_from_config(caps, tok):
     from furnace.config import DataConfig
 
     d = os.path.dirname(caps[0])
     cfg = DataConfig(train_shards=os.path.join(d, "train-{000000..000005}.tar"), val_shards=caps[0],
                      max_length=32, num_workers=0)
-    tr = make_loader(cfg, tok, split="train", batch_size=4, image_size=32, dp_rank=0, dp_size=1)
+    tr = ShardLoader.from_config(cfg, tok, split="train", batch_size=4, image_size=32, dp_rank=0, dp_size=1)
     assert tr.training and len(tr.sources[0]["urls"]) == 6
-    va = make_loader(cfg, tok, split="val", batch_size=50, image_size=32)
+    va = ShardLoader.from_config(cfg, tok, split="val", batch_size=50, image_size=32)
     assert sum(b["input_ids"].shape[0] for b in va) == 40

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from furnace.data import synthetic
-from furnace.data.synthetic import caption_accuracy, draw_sample, ensure_demo_data, generate, sample_rng
+from furnace.data.demo import ensure_demo_data
+from furnace.data.synthetic import demo_tokenizer, draw_sample, generate, sample_rng
 from furnace.data.text import TextEncoder
 from furnace.data.tokenizer import build_word_tokenizer, load_tokenizer
+from furnace.training.evaluate import caption_accuracy
 
 OBJ = r"(red|green|blue|yellow) (circle|square|triangle)"
 ONE = re.compile(rf"^a (small|large) {OBJ}$")
@@ -90,7 +92,7 @@ def test_cli_writes_layout_and_tokenizer(tmp_path):
     assert stats["train"]["samples"] == 40 and [s["samples"] for s in stats["train"]["shards"]] == [10] * 4
     assert stats["val"]["samples"] == 200 and stats["train"]["skipped"] == {}
     tok = load_tokenizer(str(out / "tokenizer"))
-    assert tok.get_vocab() == load_tokenizer(None).get_vocab()
+    assert tok.get_vocab() == demo_tokenizer().get_vocab()
     with tarfile.open(out / "train-000000.tar") as tf:
         txt = [tf.extractfile(m).read().decode() for m in tf.getmembers() if m.name.endswith(".txt")]
     assert txt[0] == next(generate(1, seed=3))[1]
@@ -158,7 +160,7 @@ def test_caption_accuracy():
 
 
 def test_tokenizer_specials_and_generation_helpers(tmp_path):
-    tok = load_tokenizer(None)
+    tok = demo_tokenizer()
     enc = TextEncoder(tok, 32, 1)
     ids = enc.caption("a red circle left of a blue square")
     assert tok.decode(ids[2:-2]) == "a red circle left of a blue square"

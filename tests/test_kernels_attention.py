@@ -200,14 +200,14 @@ def test_public_dispatch_and_errors():
     q = torch.randn(1, 2, 17, 32, device=DEV)
     k = torch.randn(1, 1, 19, 32, device=DEV)
     v = torch.randn(1, 1, 19, 32, device=DEV)
-    prev = furnace_kernels.get_attention_backend()
+    prev = furnace_kernels.get_backend("attention")
     try:
-        furnace_kernels.set_attention_backend("triton")
+        furnace_kernels.set_backend("attention", "triton")
         out_t = furnace_kernels.attention(q, k, v, causal=True)
-        furnace_kernels.set_attention_backend("reference")
+        furnace_kernels.set_backend("attention", "reference")
         out_r = furnace_kernels.attention(q, k, v, causal=True)
     finally:
-        furnace_kernels.set_attention_backend(prev)
+        furnace_kernels.set_backend("attention", prev)
     torch.testing.assert_close(out_t, out_r, atol=2e-4, rtol=1e-3)
     with pytest.raises(ValueError):
         fa.attention_triton(q, k, v, q_segment=torch.zeros(1, 17, dtype=torch.long, device=DEV))

@@ -10,12 +10,13 @@ if not torch.cuda.is_available():  # run the Triton kernels on the CPU interpret
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import furnace_kernels.loss_scale as ls
-from furnace_kernels import DynamicLossScaler, apply_, grad_stats, install_fused_loss_scaling
+from furnace_kernels import DynamicLossScaler, apply_, grad_stats
+from furnace.parallel.zero3 import install_fused_loss_scaling
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 TRITON_OK = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = (["triton"] if TRITON_OK else []) + ["torch"]
+BACKENDS = (["triton"] if TRITON_OK else []) + ["reference"]
 
 
 def _tensors(dtype_mix, seed):
@@ -226,14 +227,14 @@ def _run_engine(fused, precision, inject, steps, clip=1.0, plant=(), rank=0):
                        "min_loss_scale": 1}
     elif precision == "bf16":
         cfg["bf16"] = {"enabled": True}
-    from furnace.engine import skip_inference_shm_op
+    from furnace.training.distributed import skip_inference_shm_op
 
     skip_inference_shm_op()  # no 80 s C++ build of an op only DeepSpeed's inference uses
     engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     if fused:
         # the engine is a CPU one (gloo): Triton reaches CPU tensors only through the interpreter;
         # on a CUDA host benchmarks/kernels.py runs the hook on a CUDA engine
-        install_fused_loss_scaling(engine, backend="triton" if ls.INTERPRET else "torch")
+        install_fused_loss_scaling(engine, backend="triton" if ls.INTERPRET else "reference")
         assert isinstance(opt.loss_scaler, DynamicLossScaler) == (precision == "fp16")
     dtype = next(engine.parameters()).dtype
     g = torch.Generator().manual_seed(1 + rank)

@@ -6,7 +6,8 @@ import torch
 
 from furnace.config import load_config
 from furnace.model.flamingo import build_flamingo, left_align, media_segments
-from furnace.model.tokens import IGNORE_INDEX, build_labels, text_time
+from furnace.model.flamingo_io import lm_with_new_tokens
+from furnace.tokens import IGNORE_INDEX, build_labels, text_time
 
 V, IMG, EOC = 60, 58, 59  # tokenizer of 60 tokens; <image> and <|endofchunk|> are the last two
 
@@ -102,7 +103,7 @@ def test_xattn_mask_matches_dense_reference(rows):
     batch = make_batch(rows, t_img=3)
     ids = batch["input_ids"]
     block = model.xattn[0]
-    x = torch.randn(*ids.shape, model.lm.args.hidden_size)
+    x = torch.randn(*ids.shape, model.lm.cfg.hidden_size)
     with torch.no_grad():
         latents = model.encode_media(batch["images"], batch["media_valid"])
         out = block.attn(x, latents.flatten(1, 2), text_time(ids, IMG),
@@ -204,8 +205,8 @@ def test_new_token_rows_extend_the_vocabulary():
     with torch.no_grad():
         logits = model.logits(batch)
     assert logits.shape[-1] == V
-    merged = model.lm_with_new_tokens()
-    assert merged.args.vocab_size == V
+    merged = lm_with_new_tokens(model)
+    assert merged.cfg.vocab_size == V
     set_gates(model, 0.0)
     with torch.no_grad():
         assert (merged(batch["input_ids"]) - model.logits(batch)).abs().max() <= 1e-5
@@ -312,7 +313,7 @@ def test_loss_ignores_masked_labels():
 def test_save_and_load_whole_flamingo(tmp_path, tied):
     import dataclasses
 
-    from furnace.model.flamingo import load_flamingo, save_flamingo
+    from furnace.model.flamingo_io import load_flamingo, save_flamingo
 
     model = make_model(lm_vocab=V - 2, **{"lm.tie_word_embeddings": tied}).eval()
     set_gates(model, 0.3)
@@ -333,15 +334,16 @@ def test_gates_start_closed_by_default_and_open_when_configured():
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_from_scratch_tower_starts_at_sincos_positions(kind):
+    from furnace.config import VisionConfig
     from furnace.model.vision import sincos_2d, vision_from_config
 
-    kw = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
-    w = vision_from_config(kind, **kw).model.embeddings.position_embedding.weight.detach()
+    kw = dict(kind=kind, image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2)
+    w = vision_from_config(VisionConfig(**kw)).model.embeddings.position_embedding.weight.detach()
     rows = w[1:] if kind == "clip" else w  # CLIP's class-token row comes first and starts at 0
     code = sincos_2d(4, 32)
     assert torch.equal(rows, code) and (kind == "siglip" or not w[0].any())
     # x lives in the first half of the channels, y in the second; patches are row-major
     assert torch.equal(code[1, :16], code[5, :16]) and torch.equal(code[4, 16:], code[5, 16:])
     assert torch.cdist(code, code).add(torch.eye(16)).min() > 0.1  # every patch distinguishable
-    rnd = vision_from_config(kind, sincos_positions=False, **kw).model.embeddings.position_embedding.weight
+    rnd = vision_from_config(VisionConfig(sincos_positions=False, **kw)).model.embeddings.position_embedding.weight
     assert (rnd[-16:] - code).abs().max() > 0.5  # opting out keeps the transformers init

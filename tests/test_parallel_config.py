@@ -34,12 +34,12 @@ def test_zero3_blocks_are_the_repeated_layers():
     encoder layers, perceiver attention / feed-forward pairs and xattn blocks."""
     import deepspeed.utils
 
-    from furnace.data.tokenizer import build_demo_tokenizer
-    from furnace.model.flamingo import build_from_tokenizer
+    from furnace.data.synthetic import demo_tokenizer
     from furnace.parallel.zero3 import gather_by_block, repeated_blocks
+    from furnace.training.build import build_model
 
     cfg = load_config("demo", ["model.perceiver.depth=2", "model.lm.num_layers=3"])
-    model = build_from_tokenizer(cfg.model, build_demo_tokenizer())
+    model = build_model(cfg, demo_tokenizer())
     blocks = repeated_blocks(model)
     expect = [*model.lm.layers, *model.vision.model.encoder.layers,
               *(m for pair in model.perceiver.layers for m in pair), *model.xattn]

@@ -2,8 +2,8 @@
 model, 5 steps, the same global batch): the loss curve within 1e-5 relative and the xattn gate
 gradients (before the optimizer step) close.
 
-FURNACE_REPLICATED_DATA=1 makes every layout see the same micro-batches per step (see
-docs/parallel.md); FURNACE_LOG_GATE_GRADS=1 records gate_grad/* in metrics.jsonl.
+debug.replicated_data makes every layout see the same micro-batches per step (see
+docs/parallel.md); debug.log_gate_grads records gate_grad/* in metrics.jsonl.
 """
 import json
 import shutil
@@ -16,8 +16,7 @@ pytestmark = pytest.mark.multirank
 
 STEPS = 5
 COMMON = (f"train.max_steps={STEPS}", "train.save_every=3", f"train.lr_decay_steps={STEPS}",
-          "model.xattn.gate_init=0.1")
-ENV = {"FURNACE_REPLICATED_DATA": "1", "FURNACE_LOG_GATE_GRADS": "1"}
+          "model.xattn.gate_init=0.1", "debug.replicated_data=true", "debug.log_gate_grads=true")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ RUNS: dict = {}  # layout -> run_dir, shared by the parity, resume and export te
 def _train(tmp_path_factory, data, name, nproc, *extra):
     if name not in RUNS:
         run_dir = tmp_path_factory.mktemp(name) / "run"
-        res = run(train_cmd(run_dir, data, *COMMON, *extra, nproc=nproc), **ENV)
+        res = run(train_cmd(run_dir, data, *COMMON, *extra, nproc=nproc))
         assert res.returncode == 0, res.stderr[-4000:]
         RUNS[name] = run_dir
     recs = [m for m in metrics(RUNS[name]) if "loss" in m]
@@ -93,7 +92,7 @@ def test_resume_under_the_same_layout_is_exact(layout, reference, data, tmp_path
     (ck / "latest").write_text("step00000003")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= 3))
-    res = run(train_cmd(run_dir, data, *COMMON, *extra, nproc=nproc), **ENV)
+    res = run(train_cmd(run_dir, data, *COMMON, *extra, nproc=nproc))
     assert res.returncode == 0, res.stderr[-4000:]
     assert "resumed from step00000003" in res.stderr
     got = {m["step"]: m for m in metrics(run_dir) if "loss" in m}
@@ -110,7 +109,7 @@ def test_export_gathers_shards_and_stages_into_one_model(reference, data, tmp_pa
     import torch
 
     from furnace.export import export
-    from furnace.model.flamingo import load_flamingo
+    from furnace.model.flamingo_io import load_flamingo
 
     assert "ref" in RUNS
     ref = load_flamingo(export(RUNS["ref"], tmp_path / "ref")["flamingo"]).state_dict()

@@ -1,7 +1,7 @@
 """Megatron mappings, parallel layers and vocab-parallel CE against their unsharded versions, in
 2 real gloo processes; and a whole tensor-parallel FlamingoModel against the plain one."""
+import datetime
 import os
-import socket
 import traceback
 
 import pytest
@@ -11,21 +11,19 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 
+from furnace.training.distributed import free_port
+
 pytestmark = pytest.mark.multirank
 
 TP = 2
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank, world, port, fns, errq):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A bounded wait: a check that fails on one rank must not leave the other in a collective forever.
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         for fn in fns:  # one group of processes runs every check (process start-up dominates)
             try:
@@ -40,7 +38,7 @@ def _entry(rank, world, port, fns, errq):
 def spawn(fns, world=TP) -> dict:
     ctx = mp.get_context("spawn")
     errq = ctx.SimpleQueue()
-    mp.spawn(_entry, args=(world, _port(), fns, errq), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, free_port(), fns, errq), nprocs=world, join=True)
     errors = {}
     while not errq.empty():
         name, rank, tb = errq.get()
@@ -50,7 +48,7 @@ def spawn(fns, world=TP) -> dict:
 
 @pytest.fixture(scope="module")
 def failures():
-    return spawn([_layers, _ce, _model])
+    return spawn([_layers, _ce, _model, _packed_pipeline])
 
 
 def check(failures, fn):
@@ -206,14 +204,14 @@ def _model(rank, world):
                 a, b = getattr(tp.xattn[j], gname).grad, getattr(blk, gname).grad
                 _close(a, b, tol=1e-5, what=f"xattn[{j}].{gname} grad")
         # the pipeline's layers, run in sequence, compute the same loss (tied and untied heads)
-        from furnace.parallel.pipeline import BlockLayer, EmbedHead, MediaLayer, NormLayer, _HeadOnly
+        from furnace.parallel.pipeline import BlockStage, EmbedHead, HeadStage, MediaStage, NormStage
 
         with torch.no_grad():
-            x = EmbedHead(tp)(MediaLayer(tp)((ids, batch["images"], batch["media_valid"])))
+            x = EmbedHead(tp)(MediaStage(tp)((ids, batch["images"], batch["media_valid"])))
             for i in range(len(tp.lm.layers)):
-                x = BlockLayer(tp, i)(x)
-            x = NormLayer(tp)(x)
-            logits = EmbedHead(tp).head(x) if tied else _HeadOnly(tp)(x)
+                x = BlockStage(tp, i)(x)
+            x = NormStage(tp)(x)
+            logits = EmbedHead(tp).head(x) if tied else HeadStage(tp)(x)
             _close(tp.loss_fn(logits, batch["labels"]), lt.detach(), tol=1e-6, what=f"pipeline layers tied={tied}")
         # the gathered state is the plain model's
         state = full_state_dict(tp)
@@ -230,3 +228,57 @@ def _model(rank, world):
 
 def test_parallelized_flamingo_matches_plain_model(failures):
     check(failures, _model)
+
+
+# ---------------------------------------------------------------- packed rows through the pipeline
+
+def _packed_pipeline(rank, world):
+    """Two samples packed in each row (segment ids, positions restarting at each sample) through
+    a real 2-stage DeepSpeed pipeline built by the trainer's builder: the loss equals the plain
+    model's on the same packed batch, which differs from the loss without the segments."""
+    from furnace.config import load_config
+    from furnace.data.synthetic import demo_tokenizer
+    from furnace.data.text import TextEncoder
+    from furnace.parallel.pipeline import batch_to_pipe
+    from furnace.parallel.topology import Topology
+    from furnace.tokens import build_labels
+    from furnace.training.build import build, build_model
+    from furnace.training.distributed import init_distributed
+
+    init_distributed()  # DeepSpeed's comm adopts this process group
+    cfg = load_config("demo", ["parallel.pp=2", "parallel.zero_stage=1", "train.micro_batch_size=2",
+                               "train.global_batch_size=2", "train.precision=fp32", "data.max_images=2",
+                               "model.xattn.gate_init=0.5"])
+    tok = demo_tokenizer()
+    run = build(cfg, Topology(tp=1, pp=world), loaders=False, tokenizer=tok)
+    torch.manual_seed(cfg.train.seed)
+    plain = build_model(cfg, tok).eval()  # the same seeded weights as the pipeline's
+
+    enc = TextEncoder(tok, 64, 2)
+    rows = [("a red circle", "a blue square left of a green triangle"), ("a small yellow square", "a large red circle")]
+    length = max(len(enc.caption(a)) + len(enc.caption(b)) for a, b in rows)
+    ids = torch.full((2, length), enc.pad_id)
+    seg = torch.zeros(2, length, dtype=torch.long)
+    pos = torch.zeros(2, length, dtype=torch.long)
+    for r, caps in enumerate(rows):
+        at = 0
+        for s, cap in enumerate(caps, 1):
+            t = enc.caption(cap)
+            ids[r, at:at + len(t)] = torch.tensor(t)
+            seg[r, at:at + len(t)] = s
+            pos[r, at:at + len(t)] = torch.arange(len(t))
+            at += len(t)
+    torch.manual_seed(1)
+    batch = {"input_ids": ids, "attention_mask": (seg > 0).long(), "segment_ids": seg, "position_ids": pos,
+             "images": torch.randn(2, 2, 1, 3, 32, 32), "media_valid": torch.ones(2, 2, dtype=torch.bool)}
+    batch["labels"] = build_labels(ids, batch["attention_mask"], image_token_id=enc.image_id, eoc_token_id=enc.eoc_id)
+    with torch.no_grad():
+        want = plain(batch)
+        unsegmented = plain({k: v for k, v in batch.items() if k not in ("segment_ids", "position_ids")})
+    got = run.engine.eval_batch(iter([batch_to_pipe(batch)]))
+    _close(got, want, tol=1e-5, what="packed loss through the pipeline")
+    assert abs(float(unsegmented) - float(want)) > 1e-3, "the segments made no difference: were they dropped?"
+
+
+def test_packed_rows_through_the_pipeline_match_the_plain_model(failures):
+    check(failures, _packed_pipeline)

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from furnace.training.distributed import free_port
 from train_utils import ROOT, env, losses, metrics, run, train_cmd
 
 pytestmark = pytest.mark.multirank
@@ -56,7 +57,7 @@ def test_zero3_two_rank_smoke(full_run):
 def test_skip_inference_shm_op_replaces_deepspeeds_builder():
     import importlib
 
-    from furnace.engine import skip_inference_shm_op
+    from furnace.training.distributed import skip_inference_shm_op
 
     ds_comm = importlib.import_module("deepspeed.comm.torch")
 
@@ -85,7 +86,7 @@ def test_resume_reproduces_uninterrupted_losses(full_run, data, tmp_path):
 def test_kill_during_save_keeps_latest_on_the_previous_checkpoint(full_run, data, tmp_path):
     run_dir = tmp_path / "run"
     args = ("train.max_steps=6", "train.save_every=3", "train.lr_decay_steps=6")
-    killed = run(train_cmd(run_dir, data, *args), FURNACE_FAULT="die@6")
+    killed = run(train_cmd(run_dir, data, *args, "debug.faults=die@6"))
     assert killed.returncode != 0
     ck = run_dir / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step00000003"
@@ -101,7 +102,7 @@ def test_export_consolidates_zero3_checkpoint(full_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from furnace.export import load_run_model
-    from furnace.model.flamingo import load_flamingo
+    from furnace.model.flamingo_io import load_flamingo
 
     res = subprocess.run([os.sys.executable, "-m", "furnace.export", str(full_run), "--out", str(tmp_path / "x")],
                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
@@ -189,8 +190,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(data, tmp_path):
 
 
 def test_nonfinite_loss_in_bf16_stops_with_step_and_rank(data, tmp_path):
-    res = run(train_cmd(tmp_path / "run", data, "train.max_steps=5", "train.precision=bf16", "train.save_every=0"),
-              FURNACE_FAULT="nan@2:1")
+    res = run(train_cmd(tmp_path / "run", data, "train.max_steps=5", "train.precision=bf16", "train.save_every=0",
+                        "debug.faults=nan@2:1"))
     assert res.returncode != 0
     assert "non-finite loss at step 2 on rank(s) [1]" in (res.stdout + res.stderr)
 
@@ -203,8 +204,8 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(data, tmp_path):
         "import deepspeed.accelerator.cpu_accelerator as c\n"
         "c.CPU_Accelerator.is_fp16_supported = lambda self: True\n")
     run_dir = tmp_path / "run"
-    res = run(train_cmd(run_dir, data, "train.max_steps=5", "train.precision=fp16", "train.save_every=0"),
-              FURNACE_FAULT="inf@3,inf@4", PYTHONPATH=f"{shim}:{os.environ.get('PYTHONPATH', '')}")
+    res = run(train_cmd(run_dir, data, "train.max_steps=5", "train.precision=fp16", "train.save_every=0",
+                        "debug.faults=inf@3,inf@4"), PYTHONPATH=f"{shim}:{os.environ.get('PYTHONPATH', '')}")
     assert res.returncode == 0, res.stderr[-3000:]
     recs = {m["step"]: m for m in metrics(run_dir) if "loss" in m}
     assert recs[2]["skipped_steps"] == 0
@@ -223,7 +224,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(data, tmp_path):
     (["train.no_such_key=1"], 2, "unknown config key"),
 ])
 def test_invalid_configs_fail_early_with_one_line(sets, nproc, needle, capsys):
-    from furnace.train import main
+    from furnace.training.launch import main
 
     argv = ["--nproc", str(nproc)]
     for s in sets:
@@ -237,14 +238,6 @@ def test_invalid_configs_fail_early_with_one_line(sets, nproc, needle, capsys):
     assert not torch.distributed.is_initialized()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_over_loopback_with_the_deepspeed_launcher(data, tmp_path):
     """Two 'nodes' on this machine: one `deepspeed --no_ssh` launcher per node rank, as on a cluster."""
     import shutil
@@ -252,7 +245,7 @@ def test_two_nodes_over_loopback_with_the_deepspeed_launcher(data, tmp_path):
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-    port = _free_port()
+    port = free_port()
     run_dir = tmp_path / "run"
     base = train_cmd(run_dir, data, "train.max_steps=3", "train.save_every=0")[2:]  # drop python, train.py
     base = [a for a in base if a not in ("--nproc", "2")]

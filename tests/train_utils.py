@@ -38,9 +38,9 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
 
 
 def env(**extra) -> dict:
-    """The environment of a child run: no fault injection, and none of a launcher's variables
-    (with RANK/WORLD_SIZE set, train.py would take itself for an already launched rank)."""
-    e = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS and k != "FURNACE_FAULT"}
+    """The environment of a child run: none of a launcher's variables (with RANK/WORLD_SIZE
+    set, train.py would take itself for an already launched rank)."""
+    e = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     e.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra})
     return e
 

@@ -1,7 +1,7 @@
-"""Image decoding and preprocessing (PIL only; never a pickle decoder).
+"""Image decoding and normalisation (PIL only; never a pickle decoder).
 
 Matches the vision tower's processor: resize (bicubic) to `image_size` x `image_size`, scale to
-[0, 1], normalise with the tower's mean/std (CLIP by default; SigLIP uses 0.5 / 0.5).
+[0, 1], normalise with the tower's mean/std (`IMAGE_STATS`: CLIP's, or SigLIP's 0.5 / 0.5).
 """
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
+# (mean, std) each tower family was trained with, by `model.vision.kind`.
+IMAGE_STATS = {"clip": (CLIP_MEAN, CLIP_STD), "siglip": (SIGLIP_MEAN, SIGLIP_STD)}
 
+# The only image members shards may carry, and the PIL formats they may decode as.
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 PIL_FORMATS = ("JPEG", "PNG", "WEBP")
 
@@ -51,15 +54,3 @@ def normalize(images_u8: torch.Tensor, mean, std, *, channels_last: bool = True,
     if out is None:
         return torch.addcmul(-m / s, x, 1.0 / (255.0 * s))
     return torch.addcmul(-m / s, x, 1.0 / (255.0 * s), out=out)
-
-
-def preprocess(image: Image.Image | bytes, image_size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
-    """One image (PIL or bytes) -> float [3, H, W]; what the loader does per image."""
-    if isinstance(image, Image.Image):
-        img = image.convert("RGB")
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.BICUBIC)
-        arr = np.array(img, dtype=np.uint8)
-    else:
-        arr = decode_image(image, image_size)
-    return normalize(torch.from_numpy(np.array(arr)), mean, std)

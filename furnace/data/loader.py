@@ -2,21 +2,18 @@
 
     loader = ShardLoader("data/demo/train-{000000..000015}.tar", tokenizer, batch_size=16,
                          dp_rank=r, dp_size=dp, seed=1234, image_size=32, num_workers=1)
+    loader = ShardLoader.from_config(cfg.data, tokenizer, split="train", batch_size=16, ...)
     it = iter(loader); batch = next(it)     # {input_ids, labels, attention_mask, images, media_valid}
     state = loader.state_dict()             # after any number of batches
     loader2 = ShardLoader(...same args...); loader2.load_state_dict(state)
     # iter(loader2) yields exactly the batches `it` would have yielded next
 
-Batch contract: input_ids / labels / attention_mask LongTensor [B, L] (right padding to
-`max_length`), images FloatTensor [B, max_images, 1, 3, S, S] (valid images first, zeros after),
-media_valid BoolTensor [B, max_images]; row b holds exactly media_valid[b].sum() <image> tokens.
+Batches follow the contract in `furnace/data/collate.py`.
 
 Training mode (`training=True`, the default) is an infinite stream: slots = dp_size x
-num_workers; slot (dp_rank, worker) = dp_rank * num_workers + worker. Each epoch e of each source
-has a seeded plan: the shard list is permuted with seed (seed, source, e) and shard j goes to slot
-j % slots (when there are fewer shards than slots, every slot reads every shard and keeps raw
-sample i when i % slots == slot). A slot streams its shards, shuffles raw samples with a seeded
-buffer (seed, source, e, slot), decodes and tokenises them, and packs batches of `batch_size`;
+num_workers; slot (dp_rank, worker) = dp_rank * num_workers + worker. Each slot replays each
+source's seeded epoch plan and shuffle buffer (`furnace/data/replay.py`), decodes and tokenises
+the samples (`furnace/data/samples.py`), and packs batches of `batch_size`;
 after epoch e it goes straight on to epoch e+1, so no rank ever runs dry: every rank yields one
 batch per `next()` forever, whatever the shard sizes, and ranks stay in lockstep. With uneven
 shards a slot with fewer samples starts its next epoch earlier (its samples are seen slightly more
@@ -42,222 +39,29 @@ False) that metrics must skip (`TextEncoder.reference_caption` returns None for 
 
 Corrupt data never raises: truncated/unreadable shards, undecodable images, missing captions
 or images, bad JSON, over-long captions are skipped and counted by reason in `loader.skipped`
-(included in the state dict). Only .jpg/.jpeg/.png/.webp (PIL, with formats restricted) and
-.txt/.json members are read; any other member (.pyd, .pickle, .pth, ...) is never decoded and is
-counted as `ignored_member`.
+(included in the state dict). Which members are read at all: `furnace/data/tar.py`.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import tarfile
 import time
 from collections import Counter
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from furnace.data.images import CLIP_MEAN, CLIP_STD, decode_image, is_image_member, normalize
+from furnace.data.collate import collate
+from furnace.data.images import CLIP_MEAN, CLIP_STD
+from furnace.data.replay import MAX_EMPTY_EPOCHS, Replay
+from furnace.data.samples import SampleDecoder
+from furnace.data.sources import Source, expand_shards, sources_from_config
+from furnace.data.tar import iter_shard_samples
 from furnace.data.text import SkipSample, TextEncoder
-from furnace.model.tokens import IGNORE_INDEX, build_labels
 
-TEXT_EXTS = ("txt", "json")
 STATE_VERSION = 1
-MAX_EMPTY_EPOCHS = 3
-
-
-def expand_shards(spec: str | Sequence[str]) -> list[str]:
-    """Brace patterns ("a-{000000..000003}.tar"), "::"-joined lists, or a list of them."""
-    from webdataset.shardlists import expand_urls
-
-    if isinstance(spec, (str, os.PathLike)):
-        return list(expand_urls(os.fspath(spec)))
-    out: list[str] = []
-    for s in spec:
-        out.extend(expand_shards(s))
-    return out
-
-
-@dataclass
-class Source:
-    """One shard set to mix: `shards` is a brace pattern or a list of paths."""
-    shards: str | Sequence[str]
-    weight: float = 1.0
-    name: str | None = None
-
-
-def _member_allowed(ext: str) -> bool:
-    ext = ext.lower()
-    return ext in TEXT_EXTS or is_image_member(ext)
-
-
-def iter_shard_samples(url: str, counter: Counter) -> Iterator[dict]:
-    """Raw samples {"__key__", ext: bytes} of one tar, grouped by key; never raises on bad data.
-
-    Only whitelisted members are read; others are counted as `ignored_member`."""
-    from webdataset.tariterators import base_plus_ext, tar_file_iterator
-
-    try:
-        f = open(url, "rb")
-    except OSError:
-        counter["unreadable_shard"] += 1
-        return
-    errors: list[Exception] = []
-
-    def handler(exn):
-        errors.append(exn)
-        return False
-
-    def select(fname):
-        _, ext = base_plus_ext(fname)
-        if ext is None:
-            counter["ignored_member"] += 1
-            return False
-        if not _member_allowed(ext):
-            counter["ignored_member"] += 1
-            return False
-        return True
-
-    current: dict | None = None
-    with f:
-        try:
-            for member in tar_file_iterator(f, handler=handler, select_files=select):
-                key, ext = base_plus_ext(member["fname"])
-                ext = ext.lower()
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                if ext in current:
-                    counter["duplicate_member"] += 1
-                    continue
-                current[ext] = member["data"]
-        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            errors.append(e)
-        if errors:
-            counter["bad_shard"] += 1
-            if current is not None:
-                current["__truncated__"] = True
-    if current is not None:
-        yield current
-
-
-class _Replay:
-    """A deterministic iterator over one source's samples for one slot, epochs concatenated.
-
-    Yields (epoch, raw_index, raw_sample); raw_index counts samples leaving the shuffle buffer
-    within the epoch. Starting at (epoch, skip) fast-forwards without decoding."""
-
-    def __init__(self, shards, src_idx, slot, slots, seed, shuffle_buffer, counter, start=(0, 0),
-                 epochs=None):
-        self.shards, self.src_idx, self.slot, self.slots = shards, src_idx, slot, slots
-        self.seed, self.buf, self.counter = seed, shuffle_buffer, counter
-        self.start, self.epochs = start, epochs
-
-    def plan(self, epoch: int) -> tuple[list[str], int, int]:
-        order = list(range(len(self.shards)))
-        random.Random(f"shards:{self.seed}:{self.src_idx}:{epoch}").shuffle(order)
-        if len(self.shards) >= self.slots:
-            return [self.shards[order[j]] for j in range(self.slot, len(order), self.slots)], 1, 0
-        return [self.shards[o] for o in order], self.slots, self.slot
-
-    def epoch_raw(self, epoch: int, counter: Counter) -> Iterator[dict]:
-        urls, stride, offset = self.plan(epoch)
-        i = 0
-        for url in urls:
-            for s in iter_shard_samples(url, counter):
-                if i % stride == offset:
-                    yield s
-                i += 1
-
-    def shuffled(self, epoch: int, counter: Counter) -> Iterator[dict]:
-        raw = self.epoch_raw(epoch, counter)
-        if self.buf <= 1:
-            yield from raw
-            return
-        rng = random.Random(f"buffer:{self.seed}:{self.src_idx}:{epoch}:{self.slot}")
-        buf: list = []
-        for s in raw:
-            buf.append(s)
-            if len(buf) >= self.buf:
-                j = rng.randrange(len(buf))
-                buf[j], buf[-1] = buf[-1], buf[j]
-                yield buf.pop()
-        rng.shuffle(buf)
-        yield from buf
-
-    def __iter__(self):
-        epoch, skip = self.start
-        empty = 0
-        while self.epochs is None or epoch < self.epochs:
-            # Counts made while fast-forwarding were recorded before the restart: send them to a
-            # throwaway counter until the first new sample.
-            sink = _CounterProxy(Counter() if skip else self.counter)
-            n = 0
-            for k, s in enumerate(self.shuffled(epoch, sink)):
-                if k < skip:
-                    if k == skip - 1:  # reading ahead for sample `skip` counts again
-                        sink.target = self.counter
-                    continue
-                n += 1
-                yield epoch, k, s
-            sink.target = self.counter
-            empty = empty + 1 if (n == 0 and skip == 0) else 0
-            if self.epochs is None and empty >= MAX_EMPTY_EPOCHS:
-                raise RuntimeError(
-                    f"data slot {self.slot} of {self.slots} gets no samples from {len(self.shards)} "
-                    f"shard(s) of source {self.src_idx}; use fewer dp ranks x workers or more shards")
-            epoch, skip = epoch + 1, 0
-
-
-class _CounterProxy:
-    """`proxy[k] += 1` lands in whichever Counter `target` is at that moment."""
-
-    def __init__(self, target: Counter):
-        self.target = target
-
-    def __getitem__(self, k):
-        return self.target[k]
-
-    def __setitem__(self, k, v):
-        self.target[k] = v
-
-
-def _collate(rows, encoder: TextEncoder, *, batch_size_hint, max_length, max_images, image_size,
-             mean, std, pad_to_max) -> dict:
-    B = len(rows)
-    L = max_length if pad_to_max else max(len(r[0]) for r in rows)
-    input_ids = torch.full((B, L), encoder.pad_id, dtype=torch.long)
-    attention = torch.zeros((B, L), dtype=torch.long)
-    imgs = torch.zeros((B, max_images, 1, 3, image_size, image_size), dtype=torch.uint8)
-    imgs_np = imgs.numpy()  # numpy copies: no torch intra-op threads for 150 KB moves
-    valid = torch.zeros((B, max_images), dtype=torch.bool)
-    inter = torch.zeros((B,), dtype=torch.bool)
-    filler = torch.zeros((B,), dtype=torch.bool)
-    for b, (ids, images, is_doc, is_filler) in enumerate(rows):
-        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention[b, : len(ids)] = 1
-        for t, arr in enumerate(images):
-            imgs_np[b, t, 0] = arr.transpose(2, 0, 1)
-            valid[b, t] = True
-        inter[b] = is_doc
-        filler[b] = is_filler
-    labels = build_labels(input_ids, attention, image_token_id=encoder.image_id, eoc_token_id=encoder.eoc_id,
-                          interleaved=inter)
-    labels[filler] = IGNORE_INDEX
-    out = None
-    if torch.utils.data.get_worker_info() is not None:
-        # Built in shared memory: handing the batch to the main process then needs no copy.
-        out = torch.empty(imgs.shape, dtype=torch.float32).share_memory_()
-    images = normalize(imgs, mean, std, channels_last=False, out=out)
-    if not bool(valid.all()):
-        images[~valid] = 0.0  # missing media are exact zeros (not the normalised black)
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
-            "images": images, "media_valid": valid}
 
 
 class _Dataset(torch.utils.data.IterableDataset):
@@ -307,6 +111,7 @@ class ShardLoader:
                                         "python -m furnace.data.synthetic)")
         self.tokenizer = tokenizer
         self.encoder = TextEncoder(tokenizer, max_length, max_images)
+        self.samples = SampleDecoder(self.encoder, image_size)
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.max_length, self.max_images, self.image_size = max_length, max_images, image_size
         self.mean, self.std = tuple(float(x) for x in mean), tuple(float(x) for x in std)
@@ -322,6 +127,17 @@ class ShardLoader:
             raise ValueError("source weights must be positive")
         self._cum = np.cumsum(weights / weights.sum()).tolist()
         self._reset_state()
+
+    @classmethod
+    def from_config(cls, data_cfg, tokenizer, *, split: str = "train", batch_size: int, dp_rank: int = 0,
+                    dp_size: int = 1, seed: int = 0, image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD,
+                    num_workers: int | None = None) -> "ShardLoader":
+        """The train (infinite, shuffled, resumable) or val (one pass) loader of a DataConfig."""
+        sources, training = sources_from_config(data_cfg, split)
+        return cls(sources, tokenizer, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
+                   max_length=data_cfg.max_length, max_images=data_cfg.max_images, image_size=image_size,
+                   mean=mean, std=std, num_workers=data_cfg.num_workers if num_workers is None else num_workers,
+                   shuffle_buffer=data_cfg.shuffle_buffer, training=training)
 
     # ------------------------------------------------------------------ config helpers
     @staticmethod
@@ -370,54 +186,9 @@ class ShardLoader:
                 return s
         return len(self.sources) - 1
 
-    def _process(self, raw: dict) -> tuple:
-        """raw tar sample -> (ids, [uint8 HxWx3], interleaved, filler=False); raises SkipSample."""
-        doc = None
-        if "json" in raw:
-            try:
-                doc = json.loads(raw["json"].decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                raise SkipSample("bad_json") from None
-            if not isinstance(doc, dict):
-                raise SkipSample("bad_json")
-        if doc is not None and "segments" in doc:
-            segs = doc["segments"]
-            if not isinstance(segs, list) or not all(isinstance(s, dict) for s in segs):
-                raise SkipSample("bad_json")
-            ids, members = self.encoder.document(segs)
-            arrays = []
-            for m in members:
-                data = raw.get(str(m).lower())
-                if data is None:
-                    raise SkipSample("missing_image")
-                arrays.append(self._decode(data))
-            return ids, arrays, True, False
-        text = None
-        if "txt" in raw:
-            try:
-                text = raw["txt"].decode("utf-8")
-            except UnicodeDecodeError:
-                raise SkipSample("missing_caption") from None
-        elif doc is not None:
-            text = doc.get("caption") or next(iter(doc.get("captions") or []), None)
-        if not isinstance(text, str) or not text.strip():
-            raise SkipSample("missing_caption")
-        img = next((raw[k] for k in ("jpg", "jpeg", "png", "webp") if k in raw), None)
-        if img is None:
-            raise SkipSample("missing_image")
-        ids = self.encoder.caption(text.strip())
-        return ids, [self._decode(img)], False, False
-
-    def _decode(self, data: bytes) -> np.ndarray:
-        try:
-            return decode_image(data, self.image_size)
-        except Exception:  # any PIL failure on bad bytes
-            raise SkipSample("bad_image") from None
-
     def _batch(self, rows) -> dict:
-        return _collate(rows, self.encoder, batch_size_hint=self.batch_size, max_length=self.max_length,
-                        max_images=self.max_images, image_size=self.image_size, mean=self.mean,
-                        std=self.std, pad_to_max=self.pad_to_max)
+        return collate(rows, self.encoder, max_length=self.max_length, max_images=self.max_images,
+                       image_size=self.image_size, mean=self.mean, std=self.std, pad_to_max=self.pad_to_max)
 
     # ------------------------------------------------------------------ worker bodies
     def _train_worker(self, w: int, start: dict):
@@ -427,7 +198,7 @@ class ShardLoader:
         streams = []
         for si, src in enumerate(self.sources):
             e0, k0 = start["sources"][si]
-            streams.append(iter(_Replay(src["urls"], si, slot, slots, self.seed, self.shuffle_buffer,
+            streams.append(iter(Replay(src["urls"], si, slot, slots, self.seed, self.shuffle_buffer,
                                         counter, start=(e0, k0), epochs=self.epochs)))
         pos = [list(x) for x in start["sources"]]
         last_good = [p[0] for p in pos]  # epoch of the last good sample per source
@@ -449,7 +220,7 @@ class ShardLoader:
                     break
                 pos[s] = [e, k + 1]
                 try:
-                    rows.append(self._process(raw))
+                    rows.append(self.samples.row(raw))
                     keys.append(raw["__key__"])
                     srcs.append(s)
                     got = True
@@ -477,7 +248,7 @@ class ShardLoader:
 
         def emit(k):
             nonlocal rows, keys
-            batch_rows = rows or [(self.encoder.filler(), [], False, True)]
+            batch_rows = rows or [self.samples.filler()]
             meta = {"worker": w, "pos": None, "skipped": dict(counter), "keys": keys or [None],
                     "sources": [0] * max(1, len(keys)), "index": k}
             emitted.add(k)
@@ -501,7 +272,7 @@ class ShardLoader:
                         yield emit(cur)
                     cur = k
                     try:
-                        rows.append(self._process(raw))
+                        rows.append(self.samples.row(raw))
                         keys.append(raw["__key__"])
                     except SkipSample as x:
                         counter[x.reason] += 1
@@ -574,28 +345,18 @@ class ShardLoader:
         self._skip_base = Counter(state.get("skipped", {}))
 
 
-def make_loader(data_cfg, tokenizer, *, split: str = "train", batch_size: int, dp_rank: int = 0,
-                dp_size: int = 1, seed: int = 0, image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD,
-                num_workers: int | None = None) -> ShardLoader:
-    """Build the train (infinite, shuffled, resumable) or val (one pass) loader from DataConfig.
 
-    data_cfg.train_shards may name several sources separated by ';' with weights in
-    data_cfg.train_weights ("0.7,0.3")."""
-    if split == "train":
-        patterns = [p.strip() for p in data_cfg.train_shards.split(";") if p.strip()]
-        wspec = getattr(data_cfg, "train_weights", None)
-        weights = [float(x) for x in str(wspec).split(",")] if wspec else [1.0] * len(patterns)
-        if len(weights) != len(patterns):
-            raise ValueError(f"data.train_weights has {len(weights)} values for {len(patterns)} sources")
-        sources = [Source(p, w) for p, w in zip(patterns, weights)]
-        training = True
-    elif split in ("val", "eval"):
-        sources = [Source(p) for p in data_cfg.val_shards.split(";") if p.strip()]
-        training = False
-    else:
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    return ShardLoader(sources, tokenizer, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
-                       max_length=data_cfg.max_length, max_images=data_cfg.max_images, image_size=image_size,
-                       mean=mean, std=std,
-                       num_workers=data_cfg.num_workers if num_workers is None else num_workers,
-                       shuffle_buffer=data_cfg.shuffle_buffer, training=training)
+class DPSlice:
+    """Micro-batches j of `loader` with j % dp_size == dp_rank: every rank reads the same stream
+    and keeps its own micro-batches (`debug.replicated_data`)."""
+
+    def __init__(self, loader, dp_rank: int, dp_size: int):
+        self.loader, self.dp_rank, self.dp_size = loader, dp_rank, dp_size
+
+    def __iter__(self):
+        for j, batch in enumerate(self.loader):
+            if j % self.dp_size == self.dp_rank:
+                yield batch
+
+    def __getattr__(self, name):  # state_dict, load_state_dict, skipped ...
+        return getattr(self.loader, name)

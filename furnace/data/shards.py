@@ -34,8 +34,9 @@ from collections import Counter
 from typing import Iterable, Iterator
 
 from PIL import Image
+from tqdm import tqdm
+from webdataset.writer import TarWriter
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 MAX_EXAMPLES = 50
 
@@ -122,8 +123,6 @@ class ShardWriter:
 
     # -- low level
     def _open(self):
-        from webdataset.writer import TarWriter
-
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         self._tmp = os.path.join(self.out_dir, name + ".tmp")
         self._name = name
@@ -353,8 +352,6 @@ def documents_from_jsonl(path: str, images_root: str | None, writer: ShardWriter
 
 def write_items(items: Iterable[tuple], writer: ShardWriter, *, progress: bool = True, total=None,
                 desc: str = "shards") -> dict:
-    from tqdm import tqdm
-
     bar = tqdm(items, total=total, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
     for kind, a, b, c in bar:
         if kind == "caption":

@@ -6,7 +6,7 @@ Writes, through the shard writer (`furnace.data.shards.ShardWriter`):
     DIR/train-000000.tar .. train-{shards-1:06d}.tar   N samples (ceil(N/shards) per shard)
     DIR/val-000000.tar                                 max(200, N//20) samples (disjoint seed stream)
     DIR/stats.json                                     per split: shards, sample counts, skips
-    DIR/tokenizer/                                     the demo word-level HF tokenizer
+    DIR/tokenizer/                                     the demo word-level HF tokenizer (`demo_tokenizer`)
     DIR/.complete                                      written last (the set is usable)
 
 Caption grammar (every caption is a deterministic function of the image):
@@ -23,16 +23,18 @@ streams are disjoint and any prefix of a larger set equals the smaller set.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
+import multiprocessing as mp
 import os
 import random
-import re
-import shutil
 import sys
 
 from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from furnace.data.shards import ShardWriter
+from furnace.data.tokenizer import build_word_tokenizer, save_tokenizer
 
 COLOURS = {
     "red": (220, 45, 40),
@@ -56,6 +58,11 @@ def vocabulary() -> list[str]:
     for r in RELATIONS:
         words |= set(r.split())
     return sorted(words)
+
+
+def demo_tokenizer():
+    """The demo tokenizer: word level over the caption vocabulary (deterministic)."""
+    return build_word_tokenizer(vocabulary())
 
 
 def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side: float, colour):
@@ -132,8 +139,6 @@ def generate(n: int, seed: int, split: str = "train", image_size: int = 32, work
     if workers <= 1 or n < 1000:
         yield from map(_draw_index, jobs)
         return
-    import multiprocessing as mp
-
     with mp.get_context("fork").Pool(workers) as pool:
         yield from pool.imap(_draw_index, jobs, chunksize=250)
 
@@ -144,10 +149,6 @@ def default_val_count(n: int) -> int:
 
 def write_split(out: str, split: str, n: int, seed: int, image_size: int = 32, shards: int = 1,
                 progress: bool = False) -> dict:
-    from tqdm import tqdm
-
-    from furnace.data.shards import ShardWriter
-
     maxcount = max(1, math.ceil(n / max(1, shards)))
     writer = ShardWriter(out, split, maxcount=maxcount, image_format="png")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # macOS lacks it
@@ -162,13 +163,11 @@ def build(out: str, n: int, seed: int = 0, image_size: int = 32, shards: int = T
           n_val: int | None = None, progress: bool = False, home: str | None = None) -> dict:
     """Write the whole synthetic set into `out` (files as in the module docstring). `home`: the
     folder the set will be moved to (the shard patterns in `.complete` name it), default `out`."""
-    from furnace.data.tokenizer import build_demo_tokenizer
-
     os.makedirs(out, exist_ok=True)
     n_val = default_val_count(n) if n_val is None else n_val
     train = write_split(out, "train", n, seed, image_size, shards, progress)
     val = write_split(out, "val", n_val, seed, image_size, 1, progress)
-    build_demo_tokenizer(os.path.join(out, "tokenizer"))
+    save_tokenizer(demo_tokenizer(), os.path.join(out, "tokenizer"))
     meta = {"version": GENERATOR_VERSION, "n": n, "n_val": n_val, "seed": seed, "image_size": image_size,
             "shards": shards,
             "train_pattern": shard_pattern(home or out, "train", len(train["shards"])),
@@ -182,103 +181,6 @@ def shard_pattern(out: str, split: str, count: int) -> str:
     if count == 1:
         return os.path.join(out, f"{split}-000000.tar")
     return os.path.join(out, f"{split}-{{000000..{count - 1:06d}}}.tar")
-
-
-# ---------------------------------------------------------------------------- demo data
-
-@contextlib.contextmanager
-def _file_lock(path: str):
-    import fcntl
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _all_exist(pattern: str) -> bool:
-    from furnace.data.loader import expand_shards
-
-    files = expand_shards(pattern)
-    return bool(files) and all(os.path.isfile(f) for f in files)
-
-
-def _stale(out: str) -> bool:
-    """`out` holds a complete synthetic set drawn by another generator version. (Sets written
-    with other n/seed/image_size are kept: tests and users build those on purpose.)"""
-    try:
-        with open(os.path.join(out, COMPLETE_MARKER)) as f:
-            return json.load(f).get("version", 1) != GENERATOR_VERSION
-    except (OSError, ValueError):
-        return False
-
-
-def ensure_demo_data(data_cfg, *, progress: bool = False) -> dict:
-    """Build the synthetic set into `data_cfg.synthetic_dir` unless the configured shards exist
-    (a set drawn by another generator version is rebuilt).
-
-    Safe when several ranks (processes on one machine) call it at once: an exclusive file
-    lock (`<synthetic_dir>.lock`) serialises them; the set is built in a temporary folder, moved
-    into place, and `.complete` is written last. Returns {"train_shards", "val_shards",
-    "tokenizer"} (tokenizer: the configured dir, or the demo tokenizer dir, or None).
-    """
-    out = data_cfg.synthetic_dir
-    tok_dir = data_cfg.tokenizer
-    stale = bool(out) and _stale(out)
-    if not stale and _all_exist(data_cfg.train_shards) and _all_exist(data_cfg.val_shards):
-        if tok_dir is None and out and os.path.isdir(os.path.join(out, "tokenizer")):
-            tok_dir = os.path.join(out, "tokenizer")
-        return {"train_shards": data_cfg.train_shards, "val_shards": data_cfg.val_shards, "tokenizer": tok_dir}
-    if not out:
-        raise FileNotFoundError(f"data.train_shards={data_cfg.train_shards!r} / data.val_shards="
-                                f"{data_cfg.val_shards!r} not found and data.synthetic_dir is unset; "
-                                "write shards with furnace-shards or set data.synthetic_dir")
-    out = os.path.abspath(out).rstrip("/")
-    n = int(getattr(data_cfg, "synthetic_n", 20000))
-    seed = int(getattr(data_cfg, "synthetic_seed", 0))
-    size = int(getattr(data_cfg, "synthetic_image_size", 32))
-    with _file_lock(out + ".lock"):
-        if not os.path.exists(os.path.join(out, COMPLETE_MARKER)) or _stale(out):
-            tmp = f"{out}.tmp{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            build(tmp, n, seed, size, progress=progress, home=out)
-            os.makedirs(out, exist_ok=True)
-            for name in sorted(os.listdir(tmp), key=lambda x: x == COMPLETE_MARKER):  # marker last
-                dst = os.path.join(out, name)
-                if os.path.isdir(dst) and not os.path.islink(dst):
-                    shutil.rmtree(dst)
-                os.replace(os.path.join(tmp, name), dst)
-            shutil.rmtree(tmp, ignore_errors=True)
-    for key in ("train_shards", "val_shards"):
-        if not _all_exist(getattr(data_cfg, key)):
-            with open(os.path.join(out, COMPLETE_MARKER)) as f:
-                meta = json.load(f)
-            raise FileNotFoundError(
-                f"data.{key}={getattr(data_cfg, key)!r} does not match the synthetic set in {out} "
-                f"(it holds {meta['train_pattern' if key == 'train_shards' else 'val_pattern']}); "
-                f"fix data.{key} or remove {out} to rebuild")
-    return {"train_shards": data_cfg.train_shards, "val_shards": data_cfg.val_shards,
-            "tokenizer": tok_dir if tok_dir is not None else os.path.join(out, "tokenizer")}
-
-
-# ---------------------------------------------------------------------------- scoring
-
-def normalize_caption(text: str) -> str:
-    text = re.sub(r"\s+", " ", str(text)).strip().lower()
-    return text.rstrip(" .")
-
-
-def caption_accuracy(preds, refs) -> float:
-    """Exact-match accuracy after whitespace/case normalisation (and a trailing '.')."""
-    preds, refs = list(preds), list(refs)
-    if len(preds) != len(refs):
-        raise ValueError(f"caption_accuracy: {len(preds)} predictions for {len(refs)} references")
-    if not refs:
-        return 0.0
-    return sum(normalize_caption(p) == normalize_caption(r) for p, r in zip(preds, refs)) / len(refs)
 
 
 # ---------------------------------------------------------------------------- CLI

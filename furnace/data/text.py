@@ -7,8 +7,8 @@ Literal "<image>" / "<|endofchunk|>" strings in user text are removed before tok
 """
 from __future__ import annotations
 
-from furnace.model.tokens import EOC_TOKEN, IMAGE_TOKEN
 from furnace.data.tokenizer import special_ids
+from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN
 
 
 class SkipSample(Exception):

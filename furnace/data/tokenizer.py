@@ -1,4 +1,5 @@
-"""Tokenizers: a local HF tokenizer directory, or the demo's word-level tokenizer built offline.
+"""Tokenizers: a local HF tokenizer directory, or a word-level tokenizer built offline (the
+demo's: `furnace.data.synthetic.demo_tokenizer`).
 
 `load_tokenizer(path)` always returns a `PreTrainedTokenizerFast` that knows Flamingo's special
 tokens (`<image>`, `<|endofchunk|>`), has a pad token and an eos token (and a bos when the
@@ -9,15 +10,16 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from furnace.model.tokens import EOC_TOKEN, IMAGE_TOKEN
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN
 
 DEMO_PAD, DEMO_UNK, DEMO_BOS, DEMO_EOS = "<pad>", "<unk>", "<s>", "</s>"
 
 
 def _ensure_specials(tok):
     """Register <image>/<|endofchunk|> (and a pad token when missing) as special tokens."""
-    from transformers import PreTrainedTokenizerFast
-
     if not isinstance(tok, PreTrainedTokenizerFast):
         raise TypeError(f"expected a fast (tokenizers-backed) tokenizer, got {type(tok).__name__}")
     extra = [t for t in (IMAGE_TOKEN, EOC_TOKEN) if t not in tok.get_vocab()
@@ -41,9 +43,6 @@ def _ensure_specials(tok):
 def build_word_tokenizer(words: Iterable[str]):
     """A word-level `PreTrainedTokenizerFast` over `words` (lower-cased, split on whitespace
     and punctuation) with <pad>, <unk>, <s>, </s>, <image>, <|endofchunk|>."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     specials = [DEMO_PAD, DEMO_UNK, DEMO_BOS, DEMO_EOS, IMAGE_TOKEN, EOC_TOKEN]
     vocab: dict[str, int] = {t: i for i, t in enumerate(specials)}
     for w in sorted({w.lower() for w in words}):
@@ -61,36 +60,22 @@ def build_word_tokenizer(words: Iterable[str]):
     return _ensure_specials(tok)
 
 
-def build_demo_tokenizer(save_dir: str | os.PathLike | None = None):
-    """The demo tokenizer: word level over the synthetic caption vocabulary (deterministic)."""
-    from furnace.data.synthetic import vocabulary
-
-    tok = build_word_tokenizer(vocabulary())
-    if save_dir is not None:
-        save_tokenizer(tok, save_dir)
-    return tok
-
-
 def save_tokenizer(tok, path: str | os.PathLike) -> None:
     os.makedirs(path, exist_ok=True)
     tok.save_pretrained(str(path))
 
 
-def load_tokenizer(path: str | os.PathLike | None = None):
-    """`path`: a local HF tokenizer directory (tokenizer.json etc.), or None for the demo tokenizer."""
-    if path is None:
-        return build_demo_tokenizer()
+def load_tokenizer(path: str | os.PathLike):
+    """`path`: a local HF tokenizer directory (tokenizer.json etc.)."""
     path = str(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path!r} not found; pass a local HF tokenizer dir "
-                                "(nothing is downloaded) or None for the demo tokenizer")
-    from transformers import PreTrainedTokenizerFast
-
+                                "(nothing is downloaded)")
     if os.path.isfile(os.path.join(path, "tokenizer.json")):
         # The fast tokenizer file is complete (model, specials, added tokens); loading it directly
         # skips the Auto* class resolution, which costs seconds of imports.
         tok = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    else:  # e.g. a sentencepiece-only dir: let transformers convert it
+    else:  # e.g. a sentencepiece-only dir: let transformers convert it (Auto* costs seconds to import)
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)

@@ -1,6 +1,14 @@
 """Flamingo: frozen vision tower -> Perceiver Resampler -> gated xattn blocks interleaved with a
 Llama-family decoder. `forward(batch) -> loss`.
 
+One forward path: the plain model below and the pipeline stages (`furnace.parallel.pipeline`)
+run the same functions, each taking the modules it needs:
+
+    media_context   images -> latents, their segment ids, and each token's text_time
+    embed_tokens    ids -> hidden states (the LM's rows and the new-token rows)
+    decoder_block   [gated xattn block] + decoder layer i, positions and segments as arguments
+    output_logits   hidden states -> logits (the LM's head and the new-token rows)
+
 New tokens (<image>, <|endofchunk|>) that the LM's vocabulary lacks get their own embedding
 (and, for untied heads, output) rows, so a frozen LM trains exactly those rows and nothing of
 its own. Nothing per-batch is stored on a module: latents, text_time and caches are arguments.
@@ -8,20 +16,19 @@ its own. Nothing per-batch is stored on a module: latents, text_time and caches 
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from . import llama as llama_mod
-from .hf_io import load_weights, save_weights
-from .llama import KVCache, Llama, LlamaArgs
+from furnace.config import ModelConfig
+from furnace.tokens import IGNORE_INDEX, IMAGE_TOKEN, build_labels, text_time
+
+from . import llama
+from .layers import run_block
+from .llama import KVCache, Llama
 from .perceiver import PerceiverResampler
-from .tokens import EOC_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, build_labels, text_time
-from .vision import KINDS, VisionTower, vision_from_config, vision_from_hf
+from .vision import VisionTower, vision_from_config, vision_from_hf
 from .xattn import GatedCrossAttentionBlock
 
 
@@ -40,6 +47,83 @@ def media_segments(media_valid: torch.Tensor, num_latents: int) -> torch.Tensor:
     return seg.repeat_interleave(num_latents, dim=1)
 
 
+def check_media(input_ids: torch.Tensor, media_valid: torch.Tensor, image_token_id: int) -> None:
+    """Every <image> token needs exactly one valid image. Checked where the batch is still on
+    the CPU: on an accelerator the comparison would stall the host once per micro-batch, so
+    there the trainer and the benchmarks call this on the loader's batch before the copy."""
+    if input_ids.device.type != "cpu":
+        return
+    n_tokens = (input_ids == image_token_id).sum(1)
+    n_images = media_valid.sum(1)
+    if not torch.equal(n_tokens, n_images):
+        row = int((n_tokens != n_images).nonzero()[0, 0])
+        raise ValueError(f"batch row {row} has {int(n_tokens[row])} {IMAGE_TOKEN} tokens but "
+                         f"{int(n_images[row])} valid images; every {IMAGE_TOKEN} token needs exactly one "
+                         "image marked in media_valid")
+
+
+# ------------------------------------------------------------------ the forward path
+
+def encode_media(vision: VisionTower, perceiver: PerceiverResampler, images: torch.Tensor,
+                 media_valid: torch.Tensor) -> torch.Tensor:
+    """images [B, T, F, C, H, W] -> latents [B, T, n, dv]; only valid media are encoded."""
+    b, t, f = images.shape[:3]
+    # The one host sync of the forward: the number of valid images sets the tower's batch.
+    idx = media_valid.flatten().nonzero().squeeze(1)
+    empty = idx.numel() == 0
+    if empty:
+        # Keep every parameter in the graph (ZeRO and DDP expect gradients), contributing 0.
+        idx = idx.new_zeros(1)
+    sel = images.flatten(0, 1).index_select(0, idx)       # [N, F, C, H, W]
+    feats = vision(sel.flatten(0, 1))                     # [N*F, P, dv]
+    feats = feats.view(sel.shape[0], f, *feats.shape[1:])
+    lat = perceiver(feats)                                # [N, n, dv]
+    if empty:
+        lat = lat * 0
+    out = lat.new_zeros(b * t, *lat.shape[1:]).index_copy(0, idx, lat)
+    return out.view(b, t, *lat.shape[1:])
+
+
+def media_context(vision: VisionTower, perceiver: PerceiverResampler, input_ids: torch.Tensor,
+                  images: torch.Tensor, media_valid: torch.Tensor, image_token_id: int):
+    """What every xattn block reads: (latents [B, T*n, dv], media_segment [B, T*n], text_time [B, L])."""
+    latents = encode_media(vision, perceiver, images, media_valid)
+    seg = media_segments(media_valid, latents.shape[2])
+    return latents.flatten(1, 2), seg, text_time(input_ids, image_token_id)
+
+
+def embed_tokens(input_ids: torch.Tensor, embed: nn.Module, new_embed: nn.Module | None, base_vocab: int):
+    """Hidden states of input_ids: ids >= base_vocab look up the new-token rows."""
+    if new_embed is None:
+        return embed(input_ids)
+    is_new = input_ids >= base_vocab
+    base = embed(input_ids.masked_fill(is_new, 0))
+    new = new_embed((input_ids - base_vocab).clamp(min=0))
+    return torch.where(is_new[..., None], new.to(base.dtype), base)
+
+
+def decoder_block(layer: nn.Module, xattn: GatedCrossAttentionBlock | None, h, cos, sin, latents, media_segment,
+                  text_times, segment_ids=None, kv_segment_ids=None, media_kv=None, cache: KVCache | None = None):
+    """Decoder layer i, preceded by its gated xattn block when it has one."""
+    if xattn is not None:
+        h = xattn(h, latents, text_times, media_segment, media_kv)
+    return layer(h, cos, sin, segment_ids, kv_segment_ids, cache)
+
+
+def output_logits(h: torch.Tensor, lm_head: nn.Module, new_head: nn.Module | None) -> torch.Tensor:
+    """[B, L, vocab]: the LM's logits (this rank's slice under TP), then the new-token rows'."""
+    logits = lm_head(h)
+    if new_head is not None:
+        logits = torch.cat([logits, new_head(h)], dim=-1)
+    return logits
+
+
+def default_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+
+# ------------------------------------------------------------------ the model
+
 class NewTokens(nn.Module):
     """Embedding (and, for an untied LM, output) rows of tokens the LM's vocabulary lacks.
     `embed` and `head` are modules so ZeRO-3 gathers their weights when they run."""
@@ -47,7 +131,7 @@ class NewTokens(nn.Module):
     def __init__(self, lm: Llama, count: int):
         super().__init__()
         self.count = count
-        d = lm.args.hidden_size
+        d = lm.cfg.hidden_size
         self.embed = nn.Embedding(count, d)
         self.head = nn.Linear(d, count, bias=False)
         w = lm.embed_tokens.weight.detach()
@@ -55,42 +139,37 @@ class NewTokens(nn.Module):
             with torch.no_grad():
                 self.embed.weight.copy_(w.float().mean(0, keepdim=True).to(w.dtype).expand(count, -1))
                 self.head.weight.copy_(self.embed.weight)
-        if lm.args.tie_word_embeddings:
+        if lm.cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
 
 
 class FlamingoModel(nn.Module):
-    def __init__(self, lm: Llama, vision: VisionTower, *, image_token_id: int, eoc_token_id: int,
-                 vocab_size: int | None = None, xattn_every: int = 4, xattn_heads: int = 8,
-                 xattn_dim_head: int = 64, xattn_ff_mult: int = 4, perceiver_depth: int = 6,
-                 perceiver_heads: int = 8, perceiver_dim_head: int = 64, num_latents: int = 64,
-                 max_frames: int = 8, perceiver_ff_mult: int = 4, freeze_lm: bool = True,
-                 xattn_gate_init: float = 0.0):
+    """`cfg` supplies the resampler, the xattn blocks, freezing and activation checkpointing;
+    `lm` and `vision` are built (or loaded) already. `vocab_size`: the tokenizer's."""
+
+    def __init__(self, lm: Llama, vision: VisionTower, cfg: ModelConfig, *, vocab_size: int, image_token_id: int,
+                 eoc_token_id: int):
         super().__init__()
-        d, dv = lm.args.hidden_size, vision.hidden_size
+        d, dv = lm.cfg.hidden_size, vision.hidden_size
         self.lm = lm
         self.vision = vision
         self.image_token_id = image_token_id
         self.eoc_token_id = eoc_token_id
-        self.num_latents = num_latents
-        self.xattn_every = xattn_every
-        self.perceiver = PerceiverResampler(dv, depth=perceiver_depth, heads=perceiver_heads,
-                                            dim_head=perceiver_dim_head, num_latents=num_latents,
-                                            max_frames=max_frames, ff_mult=perceiver_ff_mult)
-        self.xattn = nn.ModuleList(
-            GatedCrossAttentionBlock(d, dv, heads=xattn_heads, dim_head=xattn_dim_head, ff_mult=xattn_ff_mult,
-                                     gate_init=xattn_gate_init)
-            for _ in range(lm.args.num_layers // xattn_every))
-        self.base_vocab = lm.args.vocab_size
-        n_extra = max(0, (vocab_size or self.base_vocab) - self.base_vocab)
+        self.num_latents = cfg.perceiver.num_latents
+        self.xattn_every = cfg.xattn.every
+        self.perceiver = PerceiverResampler(dv, cfg.perceiver)
+        self.xattn = nn.ModuleList(GatedCrossAttentionBlock(d, dv, cfg.xattn)
+                                   for _ in range(lm.cfg.num_layers // cfg.xattn.every))
+        self.base_vocab = lm.cfg.vocab_size
+        n_extra = max(0, vocab_size - self.base_vocab)
         if max(image_token_id, eoc_token_id) >= self.base_vocab + n_extra:
             raise ValueError(f"token ids {image_token_id}/{eoc_token_id} exceed the vocabulary ({self.base_vocab + n_extra})")
         self.new_tokens = NewTokens(lm, n_extra) if n_extra else None
-        self.activation_checkpointing = False
+        self.activation_checkpointing = cfg.activation_checkpointing
         # The loss over the head's logits; tensor parallelism swaps in the vocab-parallel CE
         # (furnace.parallel.apply), which reads this rank's vocabulary slice of the logits.
         self.loss_fn = causal_lm_loss
-        self.lm.requires_grad_(not freeze_lm)
+        self.lm.requires_grad_(not cfg.freeze_lm)
 
     # -------------------------------------------------------------- pieces
 
@@ -102,84 +181,47 @@ class FlamingoModel(nn.Module):
         """open_flamingo's placement: a block before layer i when (i + 1) % every == 0."""
         return (layer + 1) // self.xattn_every - 1 if (layer + 1) % self.xattn_every == 0 else None
 
+    def xattn_for(self, layer: int) -> GatedCrossAttentionBlock | None:
+        j = self.xattn_index(layer)
+        return None if j is None else self.xattn[j]
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.new_tokens is None:
-            return self.lm.embed_tokens(input_ids)
-        is_new = input_ids >= self.base_vocab
-        base = self.lm.embed_tokens(input_ids.masked_fill(is_new, 0))
-        new = self.new_tokens.embed((input_ids - self.base_vocab).clamp(min=0))
-        return torch.where(is_new[..., None], new.to(base.dtype), base)
+        new = None if self.new_tokens is None else self.new_tokens.embed
+        return embed_tokens(input_ids, self.lm.embed_tokens, new, self.base_vocab)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        logits = self.lm.lm_head(h)
-        if self.new_tokens is not None:
-            logits = torch.cat([logits, self.new_tokens.head(h)], dim=-1)
-        return logits
+        return output_logits(h, self.lm.lm_head, None if self.new_tokens is None else self.new_tokens.head)
 
     def check_media(self, input_ids: torch.Tensor, media_valid: torch.Tensor) -> None:
-        """Every <image> token needs exactly one valid image. Checked where the batch is still on
-        the CPU: on an accelerator the comparison would stall the host once per micro-batch, so
-        there the trainer and the benchmarks call this on the loader's batch before the copy."""
-        if input_ids.device.type != "cpu":
-            return
-        n_tokens = (input_ids == self.image_token_id).sum(1)
-        n_images = media_valid.sum(1)
-        if not torch.equal(n_tokens, n_images):
-            row = int((n_tokens != n_images).nonzero()[0, 0])
-            raise ValueError(f"batch row {row} has {int(n_tokens[row])} {IMAGE_TOKEN} tokens but "
-                             f"{int(n_images[row])} valid images; every {IMAGE_TOKEN} token needs exactly one "
-                             "image marked in media_valid")
+        check_media(input_ids, media_valid, self.image_token_id)
 
     def encode_media(self, images: torch.Tensor, media_valid: torch.Tensor) -> torch.Tensor:
-        """images [B, T, F, C, H, W] -> latents [B, T, n, dv]; only valid media are encoded."""
-        b, t, f = images.shape[:3]
-        # The one host sync of the forward: the number of valid images sets the tower's batch.
-        idx = media_valid.flatten().nonzero().squeeze(1)
-        empty = idx.numel() == 0
-        if empty:
-            # Keep every parameter in the graph (ZeRO and DDP expect gradients), contributing 0.
-            idx = idx.new_zeros(1)
-        sel = images.flatten(0, 1).index_select(0, idx)       # [N, F, C, H, W]
-        feats = self.vision(sel.flatten(0, 1))                # [N*F, P, dv]
-        feats = feats.view(sel.shape[0], f, *feats.shape[1:])
-        lat = self.perceiver(feats)                           # [N, n, dv]
-        if empty:
-            lat = lat * 0
-        out = lat.new_zeros(b * t, *lat.shape[1:]).index_copy(0, idx, lat)
-        return out.view(b, t, *lat.shape[1:])
+        return encode_media(self.vision, self.perceiver, images, media_valid)
 
     def decoder(self, input_ids, latents, media_segment, text_times, *, position_ids=None,
                 segment_ids=None, kv_segment_ids=None, caches=None, media_kvs=None) -> torch.Tensor:
         """Logits of the decoder with xattn blocks; latents [B, T*n, dv]."""
         h = self.embed(input_ids)
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            position_ids = default_positions(input_ids)
         cos, sin = self.lm.rope(position_ids, h.dtype)
-        ckpt = self.activation_checkpointing and self.training and caches is None and torch.is_grad_enabled()
-        for i in range(len(self.lm.layers)):
-            cache = None if caches is None else caches[i]
-            if ckpt:
-                h = checkpoint(self._block, i, h, cos, sin, latents, media_segment, text_times,
-                               segment_ids, kv_segment_ids, None, None, use_reentrant=False)
-            else:
-                h = self._block(i, h, cos, sin, latents, media_segment, text_times, segment_ids, kv_segment_ids,
-                                cache, media_kvs)
+        for i, layer in enumerate(self.lm.layers):
+            j = self.xattn_index(i)
+            media_kv = None if media_kvs is None or j is None else media_kvs[j]
+            h = run_block(self, decoder_block, layer, self.xattn_for(i), h, cos, sin, latents, media_segment,
+                          text_times, segment_ids, kv_segment_ids, media_kv,
+                          cache=None if caches is None else caches[i])
         return self.head(self.lm.norm(h))
-
-    def _block(self, i, h, cos, sin, latents, media_segment, text_times, segment_ids, kv_segment_ids, cache, media_kvs):
-        j = self.xattn_index(i)
-        if j is not None:
-            h = self.xattn[j](h, latents, text_times, media_segment, None if media_kvs is None else media_kvs[j])
-        return self.lm.layers[i](h, cos, sin, segment_ids, kv_segment_ids, cache)
 
     # -------------------------------------------------------------- training
 
     def logits(self, batch: dict) -> torch.Tensor:
+        """batch: input_ids, images, media_valid; optional position_ids and segment_ids (packed rows)."""
         input_ids, media_valid = batch["input_ids"], batch["media_valid"]
         self.check_media(input_ids, media_valid)
-        latents = self.encode_media(batch["images"], media_valid).flatten(1, 2)
-        seg = media_segments(media_valid, self.num_latents)
-        return self.decoder(input_ids, latents, seg, text_time(input_ids, self.image_token_id),
+        latents, seg, tt = media_context(self.vision, self.perceiver, input_ids, batch["images"], media_valid,
+                                         self.image_token_id)
+        return self.decoder(input_ids, latents, seg, tt, position_ids=batch.get("position_ids"),
                             segment_ids=batch.get("segment_ids"))
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -188,9 +230,6 @@ class FlamingoModel(nn.Module):
             labels = build_labels(batch["input_ids"], batch.get("attention_mask"),
                                   image_token_id=self.image_token_id, eoc_token_id=self.eoc_token_id)
         return self.loss_fn(self.logits(batch), labels)
-
-    def trainable_parameters(self):
-        return [p for p in self.parameters() if p.requires_grad]
 
     # -------------------------------------------------------------- generation
 
@@ -205,12 +244,10 @@ class FlamingoModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         ids, mask = left_align(input_ids, attention_mask, pad_token_id)
         self.check_media(ids, media_valid)
-        latents = self.encode_media(images, media_valid).flatten(1, 2)
-        seg = media_segments(media_valid, self.num_latents)
+        latents, seg, tt = media_context(self.vision, self.perceiver, ids, images, media_valid, self.image_token_id)
         media_kvs = [blk.attn.media_kv(latents) for blk in self.xattn]
         caches = [KVCache() for _ in self.lm.layers]
         pos = (mask.cumsum(1) - 1).clamp(min=0)
-        tt = text_time(ids, self.image_token_id)
         kv_seg = mask
         logits = self.decoder(ids, latents, seg, tt, position_ids=pos, segment_ids=mask, kv_segment_ids=kv_seg,
                               caches=caches, media_kvs=media_kvs)[:, -1]
@@ -232,21 +269,6 @@ class FlamingoModel(nn.Module):
                                   kv_segment_ids=kv_seg, caches=caches, media_kvs=media_kvs)[:, -1]
         return torch.stack(out, dim=1)
 
-    # -------------------------------------------------------------- export
-
-    def lm_with_new_tokens(self) -> Llama:
-        """The decoder alone with the new token rows merged into its vocabulary (for to_hf)."""
-        if self.new_tokens is None:
-            return self.lm
-        a = dataclasses.replace(self.lm.args, vocab_size=self.vocab_size)
-        lm = Llama(a)
-        state = dict(self.lm.state_dict())
-        state["embed_tokens.weight"] = torch.cat([state["embed_tokens.weight"], self.new_tokens.embed.weight.detach()])
-        state["lm_head.weight"] = torch.cat([state["lm_head.weight"], self.new_tokens.head.weight.detach()])
-        lm.load_state_dict(state)
-        lm.tie_weights()
-        return lm
-
 
 def left_align(input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int):
     """Move each row's real tokens to the right end (left padding) so decoding appends in step."""
@@ -260,84 +282,17 @@ def left_align(input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int):
 
 # ------------------------------------------------------------------ building from the config
 
-def lm_args_from_config(lmc, vocab_size: int) -> LlamaArgs:
-    return LlamaArgs(vocab_size=lmc.vocab_size or vocab_size, hidden_size=lmc.hidden_size,
-                     intermediate_size=lmc.intermediate_size, num_layers=lmc.num_layers, num_heads=lmc.num_heads,
-                     num_kv_heads=lmc.num_kv_heads, rms_norm_eps=lmc.rms_norm_eps, rope_theta=lmc.rope_theta,
-                     max_position_embeddings=lmc.max_position_embeddings,
-                     tie_word_embeddings=lmc.tie_word_embeddings)
-
-
-def build_flamingo(mcfg, *, vocab_size: int, image_token_id: int, eoc_token_id: int,
+def build_flamingo(cfg: ModelConfig, *, vocab_size: int, image_token_id: int, eoc_token_id: int,
                    lm: Llama | None = None, vision: VisionTower | None = None) -> FlamingoModel:
     """FlamingoModel from a `ModelConfig`; vocab ids come from the tokenizer (len, <image>, <|endofchunk|>).
-    `lm`/`vision` override the config's (used when reloading a saved model)."""
+    `lm`/`vision` replace the config's (used when reloading a saved model). Draws the fresh
+    weights from torch's global RNG, in module order: seed it first for identical replicas."""
     if lm is None:
-        lm = (llama_mod.from_hf(mcfg.lm.path) if mcfg.lm.path
-              else llama_mod.from_config(lm_args_from_config(mcfg.lm, vocab_size)))
-    v = mcfg.vision
+        lm = (llama.from_hf(cfg.lm.path) if cfg.lm.path
+              else llama.from_config(dataclasses.replace(cfg.lm, vocab_size=cfg.lm.vocab_size or vocab_size)))
     if vision is None:
-        vision = (vision_from_hf(v.path, frozen=mcfg.freeze_vision) if v.path else
-                  vision_from_config(v.kind, image_size=v.image_size, patch_size=v.patch_size,
-                                     hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                                     num_layers=v.num_layers, num_heads=v.num_heads, frozen=mcfg.freeze_vision,
-                                     sincos_positions=v.sincos_positions))
-    p, x = mcfg.perceiver, mcfg.xattn
-    model = FlamingoModel(lm, vision, image_token_id=image_token_id, eoc_token_id=eoc_token_id,
-                          vocab_size=vocab_size, xattn_every=x.every, xattn_heads=x.heads, xattn_dim_head=x.dim_head,
-                          xattn_ff_mult=x.ff_mult, perceiver_depth=p.depth, perceiver_heads=p.heads,
-                          perceiver_dim_head=p.dim_head, num_latents=p.num_latents, max_frames=p.max_frames,
-                          perceiver_ff_mult=p.ff_mult, freeze_lm=mcfg.freeze_lm, xattn_gate_init=x.gate_init)
-    model.activation_checkpointing = mcfg.activation_checkpointing
-    return model
+        vision = (vision_from_hf(cfg.vision.path, frozen=cfg.freeze_vision) if cfg.vision.path
+                  else vision_from_config(cfg.vision, frozen=cfg.freeze_vision))
+    return FlamingoModel(lm, vision, cfg, vocab_size=vocab_size, image_token_id=image_token_id,
+                         eoc_token_id=eoc_token_id)
 
-
-def build_from_tokenizer(mcfg, tokenizer) -> FlamingoModel:
-    return build_flamingo(mcfg, vocab_size=len(tokenizer),
-                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                          eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN))
-
-
-def save_flamingo(model: FlamingoModel, path, model_config: dict) -> None:
-    """The whole model as one safetensors folder plus what rebuilds it without the original
-    checkpoints: furnace's model config, the decoder's HF config and the vision tower's config."""
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    (p / "flamingo.json").write_text(json.dumps({
-        "model": model_config, "vocab_size": model.vocab_size, "image_token_id": model.image_token_id,
-        "eoc_token_id": model.eoc_token_id, "lm_config": llama_mod.hf_config_from_args(model.lm.args),
-        "vision_kind": model.vision.kind, "vision_config": model.vision.model.config.to_dict()}, indent=2))
-    save_weights(flamingo_state_dict(model), p)
-
-
-def flamingo_state_dict(model: FlamingoModel) -> dict[str, torch.Tensor]:
-    """state_dict without the tied duplicates (safetensors stores each tensor once)."""
-    state = model.state_dict()
-    if model.lm.args.tie_word_embeddings:
-        state.pop("lm.lm_head.weight", None)
-        state.pop("new_tokens.head.weight", None)
-    return state
-
-
-def load_flamingo(path) -> FlamingoModel:
-    from furnace.config import ModelConfig, _apply
-
-    meta = json.loads((Path(path) / "flamingo.json").read_text())
-    mcfg = ModelConfig()
-    _apply(mcfg, meta["model"], "model.")
-    lm = Llama(llama_mod.args_from_hf_config(meta["lm_config"]))
-    cfg_cls, cls = KINDS[meta["vision_kind"]]
-    vision = VisionTower(cls(cfg_cls(**meta["vision_config"])), meta["vision_kind"], mcfg.freeze_vision)
-    model = build_flamingo(mcfg, vocab_size=meta["vocab_size"], image_token_id=meta["image_token_id"],
-                           eoc_token_id=meta["eoc_token_id"], lm=lm, vision=vision)
-    load_flamingo_state(model, load_weights(path))
-    return model
-
-
-def load_flamingo_state(model: FlamingoModel, state: dict[str, torch.Tensor]) -> None:
-    """Strict load that accepts the tied duplicates being absent."""
-    tied = {"lm.lm_head.weight", "new_tokens.head.weight"} if model.lm.args.tie_word_embeddings else set()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ValueError(f"weights do not match this Flamingo: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class RMSNorm(nn.Module):
@@ -44,3 +45,13 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     """[B, n, L, D] -> [B, L, n*D]."""
     b, n, l, d = x.shape
     return x.transpose(1, 2).reshape(b, l, n * d)
+
+
+def run_block(owner: nn.Module, block, *args, cache=None):
+    """`block(*args, cache)`, with activation checkpointing decided here, once for every layout:
+    when `owner.activation_checkpointing` is set, `owner` is training and gradients are on, the
+    block's activations are recomputed in the backward instead of kept (never while decoding
+    with a KV cache)."""
+    if owner.activation_checkpointing and owner.training and cache is None and torch.is_grad_enabled():
+        return checkpoint(block, *args, None, use_reentrant=False)
+    return block(*args, cache)

@@ -1,61 +1,33 @@
 """Decoder for the Llama family (Llama 2/3, Mistral, Qwen2): RMSNorm, RoPE, GQA, SwiGLU.
 
 Parameter names match HF's `*ForCausalLM` minus the `model.` prefix, so import and export are
-a key rename. Layers are stateless: positions, segments and the KV cache arrive through
-forward. Attention goes through `furnace_kernels.attention`.
+a key rename. Layers take their `LMConfig` and are stateless: positions, segments and the KV
+cache arrive through forward. Attention goes through `furnace_kernels.attention`.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
+from furnace.config import LMConfig
 from furnace_kernels import attention
 
 from .hf_io import load_weights, read_config, save_weights, write_config
-from .layers import RMSNorm, merge_heads, split_heads
+from .layers import RMSNorm, merge_heads, run_block, split_heads
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
-@dataclass
-class LlamaArgs:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int = 0                       # 0 = hidden_size // num_heads
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None        # {"rope_type": "linear"|"llama3", ...}
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False                  # Qwen2; Llama's attention_bias sets it and o_bias
-    o_bias: bool = False
-    mlp_bias: bool = False
-    sliding_window: int | None = None       # Mistral: sequences longer than this are refused
-    model_type: str = "llama"
-    hf_config: dict = field(default_factory=dict, repr=False)  # the imported config, kept for export
-
-    def __post_init__(self):
-        if not self.head_dim:
-            self.head_dim = self.hidden_size // self.num_heads
-
-
 # ---------------------------------------------------------------------------- RoPE
 
-def rope_inv_freq(args: LlamaArgs) -> torch.Tensor:
-    d = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
-    sc = args.rope_scaling or {}
+def rope_inv_freq(cfg: LMConfig) -> torch.Tensor:
+    d = cfg.attention_head_dim()
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type", sc.get("type", "default"))
     if kind == "linear":
         inv = inv / sc["factor"]
@@ -99,14 +71,14 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, a: LlamaArgs):
+    def __init__(self, cfg: LMConfig):
         super().__init__()
-        self.head_dim = a.head_dim
-        self.sliding_window = a.sliding_window
-        self.q_proj = nn.Linear(a.hidden_size, a.num_heads * a.head_dim, bias=a.qkv_bias)
-        self.k_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.v_proj = nn.Linear(a.hidden_size, a.num_kv_heads * a.head_dim, bias=a.qkv_bias)
-        self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=a.o_bias)
+        self.head_dim = d = cfg.attention_head_dim()
+        self.sliding_window = cfg.sliding_window
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, segment_ids=None, kv_segment_ids=None, cache: KVCache | None = None):
         q = apply_rope(split_heads(self.q_proj(x), self.head_dim), cos, sin)
@@ -124,23 +96,23 @@ class SelfAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, a: LlamaArgs):
+    def __init__(self, cfg: LMConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
-        self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
-        self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, a: LlamaArgs):
+    def __init__(self, cfg: LMConfig):
         super().__init__()
-        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.self_attn = SelfAttention(a)
-        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
-        self.mlp = SwiGLU(a)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg)
 
     def forward(self, h, cos, sin, segment_ids=None, kv_segment_ids=None, cache=None):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, kv_segment_ids, cache)
@@ -148,21 +120,27 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """`module(input_ids) -> logits [B, L, V]`. Flamingo drives `embed`, `layers` and `head`
-    itself so it can interleave its cross-attention blocks."""
+    """`module(input_ids) -> logits [B, L, V]`. Flamingo drives `embed_tokens`, `layers` and
+    `lm_head` itself so it can interleave its cross-attention blocks.
 
-    def __init__(self, args: LlamaArgs):
+    `cfg.vocab_size` must be resolved (> 0). `hf_config` is the config.json this decoder was
+    imported from, if any: export writes it back with what changed."""
+
+    def __init__(self, cfg: LMConfig, hf_config: dict | None = None):
         super().__init__()
-        self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_layers))
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        if cfg.vocab_size < 1:
+            raise ValueError("LMConfig.vocab_size must be set (> 0) to build a decoder")
+        self.cfg = cfg
+        self.hf_config = dict(hf_config or {})
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Always a module, tied or not: ZeRO-3 gathers a parameter only inside its owner's forward,
         # so the head must run as a module call even when it shares the embedding's weight.
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
-        if args.tie_word_embeddings:
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.activation_checkpointing = False
 
     def reset_parameters(self, std: float = 0.02) -> None:
@@ -177,17 +155,11 @@ class Llama(nn.Module):
                 nn.init.ones_(m.weight)
 
     def tie_weights(self) -> None:
-        if self.args.tie_word_embeddings:
+        if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype):
         return rope_cos_sin(self.inv_freq, position_ids, dtype)
-
-    def run_layer(self, i: int, h, cos, sin, segment_ids=None, kv_segment_ids=None, cache=None):
-        layer = self.layers[i]
-        if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
-            return checkpoint(layer, h, cos, sin, segment_ids, kv_segment_ids, None, use_reentrant=False)
-        return layer(h, cos, sin, segment_ids, kv_segment_ids, cache)
 
     def forward(self, input_ids, position_ids=None, segment_ids=None):
         """Logits for input_ids [B, L]. `segment_ids` [B, L] restricts attention to equal ids
@@ -196,14 +168,15 @@ class Llama(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
-        for i in range(len(self.layers)):
-            h = self.run_layer(i, h, cos, sin, segment_ids)
+        for layer in self.layers:
+            h = run_block(self, layer, h, cos, sin, segment_ids, None)
         return self.lm_head(self.norm(h))
 
 
 # ---------------------------------------------------------------------------- HF import / export
 
-def args_from_hf_config(cfg: dict) -> LlamaArgs:
+def config_from_hf(cfg: dict, path: str | None = None) -> LMConfig:
+    """The LMConfig of an HF config.json (Llama / Mistral / Qwen2); one clear error otherwise."""
     mt = cfg.get("model_type")
     if mt not in SUPPORTED:
         archs = cfg.get("architectures") or [mt]
@@ -227,7 +200,8 @@ def args_from_hf_config(cfg: dict) -> LlamaArgs:
     if mt == "qwen2" and not cfg.get("use_sliding_window", False):
         window = None
     bias = bool(cfg.get("attention_bias", False))
-    return LlamaArgs(
+    return LMConfig(
+        path=None if path is None else str(path),
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
         intermediate_size=cfg["intermediate_size"],
@@ -245,13 +219,13 @@ def args_from_hf_config(cfg: dict) -> LlamaArgs:
         mlp_bias=bool(cfg.get("mlp_bias", False)),
         sliding_window=window,
         model_type=mt,
-        hf_config=cfg,
     )
 
 
-def hf_config_from_args(a: LlamaArgs) -> dict:
+def hf_config(lm: Llama) -> dict:
     """The config.json to write: the imported one updated with what may have changed."""
-    cfg = dict(a.hf_config) if a.hf_config else {
+    a = lm.cfg
+    cfg = dict(lm.hf_config) if lm.hf_config else {
         "model_type": a.model_type,
         "hidden_act": "silu",
         "rope_parameters": {"rope_theta": a.rope_theta, "rope_type": "default", **(a.rope_scaling or {})},
@@ -262,7 +236,7 @@ def hf_config_from_args(a: LlamaArgs) -> dict:
     cfg.update(
         architectures=[SUPPORTED[a.model_type]], model_type=a.model_type, vocab_size=a.vocab_size,
         hidden_size=a.hidden_size, intermediate_size=a.intermediate_size, num_hidden_layers=a.num_layers,
-        num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads, head_dim=a.head_dim,
+        num_attention_heads=a.num_heads, num_key_value_heads=a.num_kv_heads, head_dim=a.attention_head_dim(),
         rms_norm_eps=a.rms_norm_eps, tie_word_embeddings=a.tie_word_embeddings,
     )
     cfg.pop("dtype", None)
@@ -272,26 +246,27 @@ def hf_config_from_args(a: LlamaArgs) -> dict:
 
 def from_hf(path, dtype: torch.dtype = torch.float32) -> Llama:
     """Load a local HF Llama/Mistral/Qwen2 checkpoint folder (config.json + safetensors)."""
-    args = args_from_hf_config(read_config(path))
+    raw = read_config(path)
+    cfg = config_from_hf(raw, path)
     state = {k.removeprefix("model."): v.to(dtype) for k, v in load_weights(path).items()}
-    if args.tie_word_embeddings:
+    if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     with torch.device("meta"):
-        model = Llama(args)
+        model = Llama(cfg, hf_config=raw)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # assign=True replaced the shared Parameter with two
     if missing or unexpected:
-        raise ValueError(f"checkpoint {str(path)!r} does not match a {args.model_type} decoder: "
+        raise ValueError(f"checkpoint {str(path)!r} does not match a {cfg.model_type} decoder: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.inv_freq = rope_inv_freq(args)  # non-persistent buffer: rebuild it off the meta device
+    model.inv_freq = rope_inv_freq(cfg)  # non-persistent buffer: rebuild it off the meta device
     return model
 
 
 def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in model.state_dict().items():
-        if k == "lm_head.weight" and model.args.tie_word_embeddings:
+        if k == "lm_head.weight" and model.cfg.tie_word_embeddings:
             continue  # HF stores a tied head once, as the embedding
         out[k if k.startswith("lm_head.") else f"model.{k}"] = v
     return out
@@ -302,17 +277,14 @@ def to_hf(model: Llama, path, *, dtype: torch.dtype | None = None, max_shard_byt
     state = hf_state_dict(model)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    cfg = hf_config_from_args(model.args)
+    cfg = hf_config(model)
     cfg["dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
     write_config(cfg, path)
     save_weights(state, path, max_shard_bytes=max_shard_bytes)
 
 
-def from_config(args: LlamaArgs) -> Llama:
-    model = Llama(args)
+def from_config(cfg: LMConfig) -> Llama:
+    """A decoder with fresh weights (N(0, 0.02) matrices, unit norms)."""
+    model = Llama(cfg)
     model.reset_parameters()
     return model
-
-
-def replace_args(args: LlamaArgs, **changes) -> LlamaArgs:
-    return dataclasses.replace(args, **changes)

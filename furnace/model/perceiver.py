@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from furnace.config import PerceiverConfig
 from furnace_kernels import attention
 
 from .layers import FeedForward, merge_heads, split_heads
@@ -32,15 +33,16 @@ class PerceiverAttention(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """features [N, F, P, d] (F frames of P patches) -> latents [N, num_latents, d]."""
+    """features [N, F, P, d] (F frames of P patches) -> latents [N, num_latents, d]; `dim` is
+    the vision tower's width."""
 
-    def __init__(self, dim: int, *, depth: int = 6, heads: int = 8, dim_head: int = 64,
-                 num_latents: int = 64, max_frames: int = 8, ff_mult: int = 4):
+    def __init__(self, dim: int, cfg: PerceiverConfig):
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
-        self.frame_embs = nn.Parameter(torch.randn(max_frames, dim) * 0.02)  # media-time embeddings
+        self.latents = nn.Parameter(torch.randn(cfg.num_latents, dim) * 0.02)
+        self.frame_embs = nn.Parameter(torch.randn(cfg.max_frames, dim) * 0.02)  # media-time embeddings
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, heads, dim_head), FeedForward(dim, ff_mult)]) for _ in range(depth))
+            nn.ModuleList([PerceiverAttention(dim, cfg.heads, cfg.dim_head), FeedForward(dim, cfg.ff_mult)])
+            for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:

@@ -5,14 +5,12 @@ import torch
 import torch.nn as nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
+from furnace.config import VisionConfig
+from furnace.data.images import IMAGE_STATS
+
 from .hf_io import read_config
 
 KINDS = {"clip": (CLIPVisionConfig, CLIPVisionModel), "siglip": (SiglipVisionConfig, SiglipVisionModel)}
-# Normalisation the tower was trained with; the loader preprocesses images to match.
-IMAGE_STATS = {
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
 
 
 def _kind_of(cfg: dict) -> str:
@@ -42,6 +40,7 @@ class VisionTower(nn.Module):
 
     @property
     def image_stats(self):
+        """(mean, std) the tower was trained with; the loader normalises images to match."""
         return IMAGE_STATS[self.kind]
 
     def train(self, mode: bool = True):
@@ -95,15 +94,15 @@ def init_sincos_positions(model: nn.Module) -> None:
         emb[:extra] = 0
 
 
-def vision_from_config(kind: str, *, image_size: int, patch_size: int, hidden_size: int, intermediate_size: int,
-                       num_layers: int, num_heads: int, frozen: bool = False,
-                       sincos_positions: bool = True) -> VisionTower:
-    if kind not in KINDS:
-        raise ValueError(f"model.vision.kind must be one of {sorted(KINDS)}; got {kind!r}")
-    cfg_cls, cls = KINDS[kind]
-    cfg = cfg_cls(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
-                  intermediate_size=intermediate_size, num_hidden_layers=num_layers, num_attention_heads=num_heads)
-    model = cls(cfg)
-    if sincos_positions:
+def vision_from_config(cfg: VisionConfig, frozen: bool = False) -> VisionTower:
+    """A tower trained from scratch, shaped by `cfg` (its `path` is not read here)."""
+    if cfg.kind not in KINDS:
+        raise ValueError(f"model.vision.kind must be one of {sorted(KINDS)}; got {cfg.kind!r}")
+    hf_cfg_cls, cls = KINDS[cfg.kind]
+    hf_cfg = hf_cfg_cls(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.hidden_size,
+                        intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                        num_attention_heads=cfg.num_heads)
+    model = cls(hf_cfg)
+    if cfg.sincos_positions:
         init_sincos_positions(model)
-    return VisionTower(model, kind, frozen)
+    return VisionTower(model, cfg.kind, frozen)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from furnace.config import XAttnConfig
 from furnace_kernels import attention
 
 from .layers import FeedForward, merge_heads, split_heads
@@ -40,13 +41,14 @@ class CrossAttention(nn.Module):
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    def __init__(self, dim: int, dim_visual: int, *, heads: int = 8, dim_head: int = 64, ff_mult: int = 4,
-                 gate_init: float = 0.0):
+    """`dim`: the decoder's width; `dim_visual`: the latents' (the vision tower's)."""
+
+    def __init__(self, dim: int, dim_visual: int, cfg: XAttnConfig):
         super().__init__()
-        self.attn = CrossAttention(dim, dim_visual, heads, dim_head)
-        self.attn_gate = nn.Parameter(torch.full((1,), float(gate_init)))
-        self.ff = FeedForward(dim, ff_mult)
-        self.ff_gate = nn.Parameter(torch.full((1,), float(gate_init)))
+        self.attn = CrossAttention(dim, dim_visual, cfg.heads, cfg.dim_head)
+        self.attn_gate = nn.Parameter(torch.full((1,), float(cfg.gate_init)))
+        self.ff = FeedForward(dim, cfg.ff_mult)
+        self.ff_gate = nn.Parameter(torch.full((1,), float(cfg.gate_init)))
 
     def forward(self, x, latents, text_time, media_segment, media_kv: MediaKV | None = None):
         x = x + self.attn(x, latents, text_time, media_segment, media_kv) * self.attn_gate.tanh().to(x.dtype)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMLoss,
-                     _mark, vocab_range)
+                     mark_sharded, vocab_range)
 
 
 # Leaf module names that parallelize() shards (the plan in the docstring).
@@ -70,7 +70,7 @@ def _vocab_head(lm_head: nn.Linear, embed: VocabParallelEmbedding | None, group)
         with torch.no_grad():
             head.weight.zero_()
             head.weight[: end - start].copy_(lm_head.weight.data[start:end])
-        _mark(head.weight, 0)
+        mark_sharded(head.weight, 0)
         head.requires_grad_(lm_head.weight.requires_grad)
     head.vocab_size = vocab
     return head
@@ -85,7 +85,7 @@ def parallelize(model, topology) -> nn.Module:
     group = topology.get_tensor_model_parallel_group()
     model.tp_group = group
     lm = model.lm
-    a = lm.args
+    a = lm.cfg
     for name, div in (("num_heads", a.num_heads), ("num_kv_heads", a.num_kv_heads)):
         if div % tp:
             raise ValueError(f"tensor parallel size {tp} must divide model.lm.{name}={div}")

@@ -117,7 +117,8 @@ def gather_from_tp(x, group):
     return x if _size(group) == 1 else _GatherFromTP.apply(x, group)
 
 
-def _mark(p: nn.Parameter, dim: int) -> None:
+def mark_sharded(p: nn.Parameter, dim: int) -> None:
+    """Flag a tensor-parallel shard: DeepSpeed's gradient norm counts it on every rank (split on `dim`)."""
     p.tensor_model_parallel = True
     p.partition_dim = dim
 
@@ -153,9 +154,9 @@ class ColumnParallelLinear(nn.Module):
         self.group, self.gather_output = group, gather_output
         self.weight = nn.Parameter(torch.empty(out_features // n, in_features, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features // n, dtype=dtype, device=device)) if bias else None
-        _mark(self.weight, 0)
+        mark_sharded(self.weight, 0)
         if self.bias is not None:
-            _mark(self.bias, 0)
+            mark_sharded(self.bias, 0)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group, *, gather_output: bool = False) -> "ColumnParallelLinear":
@@ -192,7 +193,7 @@ class RowParallelLinear(nn.Module):
         self.group, self.input_is_parallel = group, input_is_parallel
         self.weight = nn.Parameter(torch.empty(out_features, in_features // n, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        _mark(self.weight, 1)
+        mark_sharded(self.weight, 1)
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group, *, input_is_parallel: bool = True) -> "RowParallelLinear":
@@ -234,7 +235,7 @@ class VocabParallelEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim, self.group = num_embeddings, embedding_dim, group
         self.start, self.end, self.per_rank = vocab_range(num_embeddings, r, n)
         self.weight = nn.Parameter(torch.zeros(self.per_rank, embedding_dim, dtype=dtype, device=device))
-        _mark(self.weight, 0)
+        mark_sharded(self.weight, 0)
 
     @classmethod
     def from_embedding(cls, emb: nn.Embedding, group) -> "VocabParallelEmbedding":

@@ -11,14 +11,20 @@ FLOP model (matmuls only; norms, softmax and elementwise work are ignored):
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
+import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from furnace.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
 # Dense bf16 peak TFLOP/s by device name fragment (vendor datasheets).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -37,11 +43,12 @@ def device_peak_tflops(device: torch.device | None = None) -> float | None:
 
 
 def _linear_params(module: nn.Module) -> tuple[int, int]:
-    """(frozen, trainable) weight elements of the nn.Linear layers in `module`."""
+    """(frozen, trainable) weight elements of the linear layers in `module`: nn.Linear and the
+    tensor-parallel ones, counted at full size (in x out) even when sharded or ZeRO-3 partitioned."""
     frozen = trainable = 0
     for m in module.modules():
-        if isinstance(m, nn.Linear):
-            n = getattr(m.weight, "ds_numel", m.weight.numel())  # full size even when ZeRO-3 partitioned it
+        if isinstance(m, (nn.Linear, ColumnParallelLinear, RowParallelLinear)):
+            n = m.in_features * m.out_features
             if m.weight.requires_grad:
                 trainable += n
             else:
@@ -61,7 +68,7 @@ def flamingo_flops_per_sample(model, shape: StepShape) -> dict:
     """Forward and training (fwd + bwd) FLOPs of one sample through a FlamingoModel."""
     L, T, F = shape.seq_len, shape.images, shape.frames
     lm, vis = model.lm, model.vision
-    a = lm.args
+    a = lm.cfg
     d, dv, n = a.hidden_size, vis.hidden_size, model.num_latents
     vcfg = vis.model.config
     patches = (vcfg.image_size // vcfg.patch_size) ** 2
@@ -105,7 +112,7 @@ def flamingo_flops_per_sample(model, shape: StepShape) -> dict:
 
     # decoder layers and head
     lf, lt = _linear_params(lm.layers)
-    attn_dim = a.num_heads * a.head_dim
+    attn_dim = a.num_heads * a.attention_head_dim()
     dec_lin = 2 * L * (lf + lt)
     dec_att = 4 * L * L * attn_dim * a.num_layers * 0.5
     head = 2 * L * d * model.vocab_size
@@ -151,7 +158,7 @@ class MetricsWriter:
         self.tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
+            try:  # tensorboard is optional
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
@@ -176,8 +183,6 @@ class MetricsWriter:
 
 
 def _cpu_model() -> str:
-    import platform
-
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -188,13 +193,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def peak_memory_gb() -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on the CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
 def run_info(argv: list[str] | None = None) -> dict:
     """What every benchmark JSON records: device, library versions, the command line, the time,
     and the machine's load (numbers taken on a shared machine say so)."""
-    import datetime
-    import platform
-    import sys
-
     versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
     for name in ("triton", "deepspeed", "transformers", "webdataset", "tokenizers", "numpy", "PIL"):
         try:

@@ -1,4 +1,4 @@
-"""Held-out evaluation: validation loss and caption accuracy (greedy captions vs references).
+"""Held-out evaluation: validation loss and caption exact match (greedy captions vs references).
 
 Under ZeRO-3 a parameter exists whole only inside its module's forward, so decoding through
 the engine would all-gather every module at every token. Instead the parameters are gathered
@@ -7,10 +7,30 @@ evaluates its share of the validation set locally; only the final sums are all-r
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 
-from furnace.model.tokens import IGNORE_INDEX
+from furnace.data.text import TextEncoder
+from furnace.parallel.apply import full_state_dict
+from furnace.tokens import IGNORE_INDEX
+from furnace.training.distributed import all_reduce_host
+
+
+def normalize_caption(text: str) -> str:
+    text = re.sub(r"\s+", " ", str(text)).strip().lower()
+    return text.rstrip(" .")
+
+
+def caption_accuracy(preds, refs) -> float:
+    """Exact-match accuracy after whitespace/case normalisation (and a trailing '.')."""
+    preds, refs = list(preds), list(refs)
+    if len(preds) != len(refs):
+        raise ValueError(f"caption_accuracy: {len(preds)} predictions for {len(refs)} references")
+    if not refs:
+        return 0.0
+    return sum(normalize_caption(p) == normalize_caption(r) for p, r in zip(preds, refs)) / len(refs)
 
 
 def refresh_replica(replica: torch.nn.Module, module: torch.nn.Module) -> None:
@@ -18,8 +38,6 @@ def refresh_replica(replica: torch.nn.Module, module: torch.nn.Module) -> None:
     import deepspeed
 
     if getattr(module, "tp_size", 1) > 1:  # tensor-parallel shards: gather them into whole tensors
-        from furnace.parallel.apply import full_state_dict
-
         state = full_state_dict(module)
         with torch.no_grad():
             for name, dst in replica.named_parameters():
@@ -49,8 +67,6 @@ def evaluate_local(model, loader, tokenizer, *, device, max_new_tokens: int, acc
     """([loss x tokens, tokens, correct captions, captions], a few (prediction, reference) pairs)
     over this rank's validation share.
     Filler rows (no image: the loader's padding of uneven shares) count for nothing."""
-    from furnace.data.text import TextEncoder
-
     text = TextEncoder(tokenizer, max_length=0, max_images=1)  # decoding only: lengths unused
     model.eval()
     stats = torch.zeros(4, dtype=torch.float64)
@@ -82,8 +98,6 @@ def evaluate_local(model, loader, tokenizer, *, device, max_new_tokens: int, acc
 
 def summarize(stats: torch.Tensor, examples=(), group=None) -> dict:
     if dist.is_initialized():
-        from furnace.engine import all_reduce_host
-
         all_reduce_host(stats, group=group)
     return {"val_loss": float(stats[0] / stats[1].clamp(min=1)),
             "caption_accuracy": float(stats[2] / stats[3].clamp(min=1)), "val_samples": int(stats[3]),

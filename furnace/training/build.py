@@ -1,0 +1,114 @@
+"""The one builder: a config and a rank grid -> everything a run needs. train.py, the benchmarks
+and the tests all build through it, so a new capability is wired once.
+
+    init_distributed()
+    topology = Topology(cfg.parallel.tp, cfg.parallel.pp)
+    run = build(cfg, topology)          # tokenizer -> seeded model -> TP -> PP -> engine -> loader
+    loss = run.engine(batch)
+
+Each step is also usable alone: `build_tokenizer`, `build_model`, `build_loader`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import furnace_kernels
+from furnace.config import Config, gradient_accumulation_steps
+from furnace.data.demo import ensure_demo_data
+from furnace.data.loader import DPSlice, ShardLoader
+from furnace.data.synthetic import demo_tokenizer
+from furnace.data.tokenizer import load_tokenizer
+from furnace.model.flamingo import FlamingoModel, build_flamingo
+from furnace.parallel.apply import parallelize
+from furnace.parallel.pipeline import flamingo_pipeline
+from furnace.parallel.topology import Topology
+from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN
+from furnace.training import engine as eng
+from furnace.training.metrics import StepShape, flamingo_flops_per_sample
+
+
+@dataclass
+class Components:
+    cfg: Config
+    topology: Topology
+    dp: int
+    grad_accum: int
+    tokenizer: Any
+    model: FlamingoModel     # with this rank's tensor-parallel shards; under PP its modules live in `pipe`
+    pipe: Any                # the deepspeed PipelineModule (layout B), else None
+    engine: Any
+    ds_config: dict
+    flops: dict              # FLOPs of one sample at (max_length, max_images) of the whole model
+    train_loader: Any        # None when built with loaders=False
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def val_loader(self, batch_size: int) -> ShardLoader:
+        """This dp rank's share of the validation set, one pass, decoded in this process."""
+        return build_loader(self.cfg, self.tokenizer, self.model, self.topology, split="val",
+                            batch_size=batch_size, num_workers=0)
+
+
+def data_paths(cfg: Config, *, progress: bool = False) -> dict:
+    """{"train_shards", "val_shards", "tokenizer"}: draws the synthetic demo set into
+    `data.synthetic_dir` first when the configured shards are missing."""
+    return ensure_demo_data(cfg.data, progress=progress)
+
+
+def build_tokenizer(tokenizer_dir: str | None):
+    """The tokenizer in `tokenizer_dir`, or the demo's word-level one."""
+    return load_tokenizer(tokenizer_dir) if tokenizer_dir else demo_tokenizer()
+
+
+def build_model(cfg: Config, tokenizer, *, lm=None) -> FlamingoModel:
+    """The whole (unsharded) model, its fresh weights drawn from torch's global RNG. `lm`: a
+    decoder to use instead of the configured one."""
+    return build_flamingo(cfg.model, vocab_size=len(tokenizer),
+                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                          eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN), lm=lm)
+
+
+def build_loader(cfg: Config, tokenizer, model: FlamingoModel, topology: Topology, *, split: str,
+                 batch_size: int, num_workers: int | None = None):
+    """This rank's loader of `split`, normalising images as the model's tower expects. With
+    debug.replicated_data (training only) every rank reads the 1-rank stream and keeps its
+    micro-batches (`DPSlice`)."""
+    dp_rank, dp = topology.coord.dp, topology.dp
+    replicated = cfg.debug.replicated_data and split == "train"
+    mean, std = model.vision.image_stats
+    loader = ShardLoader.from_config(cfg.data, tokenizer, split=split, batch_size=batch_size,
+                                     dp_rank=0 if replicated else dp_rank, dp_size=1 if replicated else dp,
+                                     seed=cfg.train.seed, image_size=model.vision.image_size, mean=mean, std=std,
+                                     num_workers=num_workers)
+    return DPSlice(loader, dp_rank, dp) if replicated else loader
+
+
+def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bool = False,
+          tokenizer=None) -> Components:
+    """Everything a run needs on this rank (collective: every rank calls it). `loaders=False`
+    skips the data (benchmarks on random tensors); `tokenizer` replaces the configured one."""
+    furnace_kernels.set_backend("attention", cfg.model.attention_backend)
+    dp = topology.dp
+    grad_accum = gradient_accumulation_steps(cfg, dp)
+    if tokenizer is None:
+        tok_dir = data_paths(cfg, progress=progress)["tokenizer"] if loaders else cfg.data.tokenizer
+        tokenizer = build_tokenizer(tok_dir)
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_model(cfg, tokenizer)
+    d = cfg.data
+    flops = flamingo_flops_per_sample(model, StepShape(seq_len=d.max_length, images=d.max_images))
+    if topology.tp > 1:
+        parallelize(model, topology)  # this rank's shards of the full, seeded weights
+    pipe = flamingo_pipeline(model, topology) if topology.pp > 1 else None
+    engine, ds_config = eng.initialize(cfg, pipe if pipe is not None else model, topology, dp, grad_accum)
+    train_loader = None
+    if loaders:
+        train_loader = build_loader(cfg, tokenizer, model, topology, split="train",
+                                    batch_size=cfg.train.micro_batch_size)
+    return Components(cfg=cfg, topology=topology, dp=dp, grad_accum=grad_accum, tokenizer=tokenizer, model=model,
+                      pipe=pipe, engine=engine, ds_config=ds_config, flops=flops, train_loader=train_loader)

@@ -1,0 +1,58 @@
+"""Process groups: DeepSpeed's communication backend on NCCL or gloo, and host-side reductions."""
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A TCP port free on this host right now (for a rendezvous started here)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def skip_inference_shm_op() -> None:
+    """Keep DeepSpeed from JIT-building its shared-memory all-reduce op on CPU hosts.
+
+    Only DeepSpeed's inference tensor-parallel path (`inference_all_reduce`) uses that op, but
+    every process group it creates on the CPU accelerator compiles it first: ~80 s of C++ on a
+    fresh install (and a compiler requirement) for nothing a training run calls. Without the op
+    DeepSpeed falls back to the process group's all_reduce."""
+    try:  # not `import deepspeed.comm.torch as m`: deepspeed.comm's own `torch` name shadows it
+        ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:
+        return
+    if hasattr(ds_torch_comm, "build_shm_op"):
+        ds_torch_comm.build_shm_op = lambda: None
+
+
+def init_distributed(**kw) -> None:
+    """DeepSpeed's process group: NCCL with this rank's GPU (LOCAL_RANK) on CUDA hosts, gloo elsewhere.
+    Without a launcher's environment (RANK, WORLD_SIZE) it starts a 1-rank group on a free port;
+    a torch.distributed group that exists already is adopted as it is."""
+    import deepspeed
+
+    if "RANK" not in os.environ and not dist.is_initialized():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    skip_inference_shm_op()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **kw)
+
+
+def all_reduce_host(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sums a small CPU tensor (step stats, eval counts) over `group` in place. NCCL reduces
+    only device tensors, so under it the tensor makes a round trip through this rank's GPU."""
+    if dist.get_backend(group) == "nccl":
+        d = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(d, group=group)
+        t.copy_(d)
+    else:
+        dist.all_reduce(t, group=group)
+    return t

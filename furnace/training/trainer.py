@@ -1,0 +1,240 @@
+"""The training loop: build the run, resume, then steps with logging, evaluation, checkpoint
+cadence and signal handling. Started by `furnace.training.launch.main` on every rank."""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import signal
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from deepspeed.utils import logger as ds_logger
+from tqdm import tqdm
+
+from furnace.parallel.apply import full_state_dict
+from furnace.parallel.pipeline import batch_to_pipe
+from furnace.parallel.topology import Topology
+from furnace.training import checkpoint as ckpt
+from furnace.training.build import build, build_model
+from furnace.training.distributed import all_reduce_host, init_distributed
+from furnace.training.engine import current_loss_scale
+from furnace.training.evaluate import caption_accuracy, evaluate_local, refresh_replica, summarize
+from furnace.training.faults import Faults
+from furnace.training.gate_grads import GateGrads
+from furnace.training.metrics import MetricsWriter, ThroughputMeter, device_peak_tflops, peak_memory_gb
+
+log = logging.getLogger("furnace")
+
+
+class Trainer:
+    def __init__(self, cfg, dp: int):
+        self.cfg = cfg
+        self.dp = dp
+        self.stop_requested = False
+        self.replica = None  # plain copy of the model for evaluation (built on first use)
+
+    # -------------------------------------------------------------- setup
+
+    def _setup_logging(self, rank: int) -> None:
+        run_dir = Path(self.cfg.train.run_dir)
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        fmt = logging.Formatter(f"%(asctime)s rank{rank} %(levelname)s %(message)s")
+        fh = logging.FileHandler(run_dir / "logs" / f"rank{rank:03d}.log")
+        fh.setFormatter(fmt)
+        log.handlers[:] = [fh]
+        if rank == 0:
+            sh = logging.StreamHandler(sys.stderr)
+            sh.setFormatter(logging.Formatter("%(message)s"))
+            sh.setLevel(logging.WARNING)
+            log.addHandler(sh)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+    def _on_sigterm(self, signum, frame):
+        self.stop_requested = True
+        log.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting")
+
+    def setup(self) -> None:
+        # DeepSpeed's per-call deprecation warnings would bury the progress bar.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+        ds_logger.setLevel(logging.WARNING)
+
+        cfg = self.cfg
+        init_distributed(timeout=datetime.timedelta(minutes=30))
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._setup_logging(self.rank)
+        log.info("pid %d, world %d, host %s", os.getpid(), self.world, os.uname().nodename)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        log.info("config: %s", cfg.to_dict())
+        self.faults = Faults(cfg.debug.faults, self.rank)
+
+        self.topo = Topology(cfg.parallel.tp, cfg.parallel.pp)
+        c = self.components = build(cfg, self.topo, progress=self.rank == 0)
+        self.tokenizer, self.model, self.pipe, self.engine = c.tokenizer, c.model, c.pipe, c.engine
+        self.grad_accum, self.flops, self.loader, self.device = c.grad_accum, c.flops, c.train_loader, c.device
+        if self.rank == 0:  # the run carries its tokenizer: exports and evals need no other path
+            self.tokenizer.save_pretrained(Path(cfg.train.run_dir) / "tokenizer")
+        self.gate_grads = GateGrads(self.model, self.engine, self.pipe, self.topo) if cfg.debug.log_gate_grads else None
+        self.step = 0
+        state = ckpt.load_checkpoint(self.engine, cfg.train.run_dir)
+        if state is not None:
+            self.step = int(state["step"])
+            self.loader.load_state_dict(state["loader"])
+            ckpt.set_rng_state(state["rng"])
+            log.warning(f"resumed from {ckpt.latest_tag(cfg.train.run_dir)} at step {self.step}")
+        self.writer = MetricsWriter(cfg.train.run_dir, enabled=self.rank == 0)
+
+    # -------------------------------------------------------------- steps
+
+    def _micro_step(self, it) -> tuple[torch.Tensor, int, int]:
+        batch = next(it)
+        tokens = int(batch["attention_mask"].sum())
+        samples = int(batch["input_ids"].shape[0])
+        self.model.check_media(batch["input_ids"], batch["media_valid"])  # on the CPU: no host sync
+        batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        loss = self.faults.corrupt_loss(self.engine(batch), self.step + 1)
+        self.engine.backward(loss)
+        if self.gate_grads is not None:
+            self.gate_grads.before_step()
+        self.engine.step()
+        return loss.detach().float(), tokens, samples
+
+    def _train_step(self, it) -> tuple[torch.Tensor, int, int]:
+        """One optimizer step: (mean loss over its micro-batches, tokens, samples) on this rank."""
+        if self.pipe is not None:
+            return self._pipe_step(it)
+        losses, tokens, samples = [], 0, 0
+        for _ in range(self.grad_accum):
+            loss, n_tok, n_s = self._micro_step(it)
+            losses.append(loss)
+            tokens += n_tok
+            samples += n_s
+        return torch.stack(losses).mean().cpu(), tokens, samples  # one host sync a step, not one a micro-batch
+
+    def _pipe_step(self, it) -> tuple[torch.Tensor, int, int]:
+        """One optimizer step of the pipeline engine (it runs the micro-batches itself). Every
+        rank draws the step's micro-batches, so loaders stay in lockstep whatever the stage."""
+        batches = [next(it) for _ in range(self.grad_accum)]
+        for b in batches:
+            self.model.check_media(b["input_ids"], b["media_valid"])
+        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+        samples = sum(int(b["input_ids"].shape[0]) for b in batches)
+        loss = self.engine.train_batch(data_iter=iter([batch_to_pipe(b) for b in batches]))
+        if self.gate_grads is not None:
+            self.gate_grads.after_pipeline_step()
+        return loss.detach().float().cpu(), tokens, samples
+
+    def _skipped_samples(self) -> int:
+        return int(sum(self.loader.skipped.values()))
+
+    def save(self) -> None:
+        state = {"step": self.step, "loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
+        full = None
+        if self.topo.tp > 1 or self.topo.pp > 1:  # export cannot reassemble these offline: gather now
+            full = full_state_dict(self.model, pipe=self.pipe, topology=self.topo)
+        tag = ckpt.save_checkpoint(self.engine, self.cfg.train.run_dir, self.step, state,
+                                   ckpt.config_snapshot(self.cfg), keep=self.cfg.train.keep_checkpoints,
+                                   full_state=full, faults=self.faults)
+        log.warning(f"saved checkpoint {tag}")
+
+    def evaluate(self) -> dict:
+        if self.replica is None:
+            self.replica = build_model(self.cfg, self.tokenizer).to(self.device)
+        if self.pipe is not None:  # gather the stages (and tp shards) into the plain replica
+            self.replica.load_state_dict(full_state_dict(self.model, pipe=self.pipe, topology=self.topo), strict=False)
+        else:
+            refresh_replica(self.replica, self.engine.module)
+        val = self.components.val_loader(batch_size=4 * self.cfg.train.micro_batch_size)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision, torch.float32)
+        with torch.autocast(self.device.type if hasattr(self.device, "type") else "cpu", dtype=dtype,
+                            enabled=dtype != torch.float32):
+            stats, examples = evaluate_local(self.replica, val, self.tokenizer, device=self.device,
+                                             max_new_tokens=self.cfg.data.max_length, accuracy_fn=caption_accuracy)
+        return summarize(stats, examples, self.topo.get_data_parallel_group())
+
+    def run(self) -> int:
+        try:
+            self.setup()
+            return self._loop()
+        except Exception:
+            log.exception("training failed")
+            raise
+
+    def _loop(self) -> int:
+        t = self.cfg.train
+        it = iter(self.loader)
+        meter = ThroughputMeter()
+        peak = device_peak_tflops()
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc="train")
+        last_eval = None
+        while self.step < t.max_steps:
+            local, tokens, samples = self._train_step(it)
+            self.step += 1
+            finite = bool(torch.isfinite(local))
+            # one small all-reduce: loss, tokens, samples, non-finite count, stop request, skipped
+            stats = torch.tensor([float(local) if finite else 0.0, tokens, samples, 0 if finite else 1,
+                                  1 if self.stop_requested else 0, self._skipped_samples()], dtype=torch.float64)
+            all_reduce_host(stats)
+            n_model = self.world // self.dp  # tp*pp peers repeat the same samples
+            loss_val = stats[0].item() / self.world
+            if stats[3] > 0 and t.precision != "fp16":
+                bad = [None] * self.world
+                dist.all_gather_object(bad, (self.rank, finite))
+                ranks = [r for r, ok in bad if not ok]
+                msg = f"non-finite loss at step {self.step} on rank(s) {ranks}; lower train.lr or check the data"
+                log.error(msg)
+                raise FloatingPointError(msg)
+            meter.add(int(stats[1]) // n_model, int(stats[2]) // n_model,
+                      self.flops["train"] * int(stats[2]) / n_model)
+            if self.step % t.log_every == 0 or self.step == t.max_steps:
+                rates = meter.read()
+                rec = {
+                    "step": self.step, "loss": loss_val, "lr": self.engine.get_lr()[0],
+                    "loss_scale": current_loss_scale(self.engine),
+                    "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), **rates,
+                    "skipped_samples": int(stats[5]) // n_model,
+                    "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
+                    "mem_gb": peak_memory_gb(),
+                }
+                if peak:
+                    rec["mfu"] = rates["tflops"] / self.world / peak
+                if self.gate_grads is not None:
+                    rec.update(self.gate_grads.last)
+                self.writer.write(rec)
+                log.info("step %d %s", self.step, rec)
+                bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.2e}", scale=f"{rec['loss_scale']:.0f}",
+                                tok_s=f"{rates['tokens_per_s']:.0f}", smp_s=f"{rates['samples_per_s']:.1f}", refresh=False)
+            bar.update(1)
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+                last_eval = self._eval_and_log()
+                meter.reset()
+            stop = stats[4] > 0
+            if (t.save_every and self.step % t.save_every == 0) or stop or self.step == t.max_steps:
+                self.save()
+                meter.reset()
+            if stop:
+                bar.close()
+                log.warning(f"stopped by SIGTERM at step {self.step}; re-run the same command to resume")
+                return 0
+        bar.close()
+        if t.eval_every:
+            last_eval = self._eval_and_log()
+        if self.rank == 0 and last_eval is not None:
+            print(f"held-out caption accuracy: {last_eval['caption_accuracy']:.3f} "
+                  f"({last_eval['val_samples']} samples), val loss {last_eval['val_loss']:.4f}", flush=True)
+        self.writer.close()
+        dist.barrier()
+        return 0
+
+    def _eval_and_log(self) -> dict:
+        res = self.evaluate()
+        rec = {"step": self.step, "eval/val_loss": res["val_loss"], "eval/caption_accuracy": res["caption_accuracy"]}
+        self.writer.write(rec)
+        log.warning(f"eval at step {self.step}: val loss {res['val_loss']:.4f}, caption accuracy "
+                    f"{res['caption_accuracy']:.3f}; e.g. {res['examples'][:2]}")
+        return res

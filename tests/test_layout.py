@@ -1,0 +1,135 @@
+"""The package's shape: imports point one way (config -> data -> model -> parallel -> training ->
+entry points), `furnace_kernels` imports only torch and triton, there is no import cycle, and
+every module imports on its own."""
+import ast
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Layer of each first-party package; a module may import its own layer and the ones below.
+LAYERS = {"furnace.config": 0, "furnace.tokens": 0, "furnace.presets": 0, "furnace.data": 1, "furnace.model": 2,
+          "furnace.parallel": 3, "furnace.training": 4, "furnace.export": 5}
+KERNELS_MAY_IMPORT = {"torch", "triton"}
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for base, pkg in ((ROOT / "furnace", "furnace"), (ROOT / "kernels", "furnace_kernels")):
+        for path in sorted(base.rglob("*.py")):
+            parts = [pkg, *path.relative_to(base).with_suffix("").parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+MODULES = modules()
+
+
+def imports_of(name: str, path: Path) -> set[str]:
+    """Every module `name` imports, at any depth of its code (lazy imports included)."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            # `from pkg import sub` imports the submodule pkg.sub when there is one
+            found.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES)
+    return found
+
+
+def first_party(target: str) -> str | None:
+    """The module of this tree that `target` names (or the package holding it)."""
+    while target:
+        if target in MODULES:
+            return target
+        target = target.rpartition(".")[0]
+    return None
+
+
+def layer(name: str) -> int:
+    return next(v for k, v in LAYERS.items() if name == k or name.startswith(k + "."))
+
+
+GRAPH = {name: {m for t in imports_of(name, path) if (m := first_party(t)) and m != name}
+         for name, path in MODULES.items()}
+
+
+def test_imports_point_one_way():
+    wrong = [f"{a} (layer {layer(a)}) imports {b} (layer {layer(b)})"
+             for a, deps in GRAPH.items() if a.startswith("furnace.") or a == "furnace"
+             for b in deps if b.startswith("furnace.") and layer(b) > layer(a)]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_kernels_import_only_torch_and_triton():
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    wrong = [f"{name} imports {t}" for name, path in MODULES.items() if name.startswith("furnace_kernels")
+             for t in imports_of(name, path)
+             if t.split(".")[0] not in stdlib | KERNELS_MAY_IMPORT and not t.startswith("furnace_kernels")]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycle():
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        path.append(m)
+        for d in sorted(GRAPH[m]):
+            if state.get(d) == 1:
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(d):] + [d]))
+            if d not in state:
+                visit(d)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(GRAPH):
+        if m not in state:
+            visit(m)
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    """Each module is the first of this tree to be imported in its own process (forked from one
+    that holds only the third-party libraries), so a cycle fails whichever module starts it."""
+    import subprocess
+
+    code = (
+        "import os, sys, importlib, traceback\n"
+        "import torch, numpy, PIL.Image, transformers, webdataset, tokenizers, safetensors, yaml, tqdm\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('furnace', 'furnace_kernels')]\n"
+        f"names = {sorted(MODULES)!r}\n"
+        "failed = []\n"
+        "for name in names:\n"
+        "    r, w = os.pipe()\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        os.close(r)\n"
+        "        try:\n"
+        "            importlib.import_module(name)\n"
+        "            os._exit(0)\n"
+        "        except BaseException:\n"
+        "            os.write(w, traceback.format_exc()[-2000:].encode())\n"
+        "            os._exit(1)\n"
+        "    os.close(w)\n"
+        "    msg = os.read(r, 4096).decode()\n"
+        "    os.close(r)\n"
+        "    if os.waitpid(pid, 0)[1] != 0:\n"
+        "        failed.append(f'{name}: {msg}')\n"
+        "print('\\n'.join(failed))\n"
+        "sys.exit(1 if failed else 0)\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")})
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
