@@ -62,3 +62,18 @@ def test_bad_shapes_and_backend_names_are_refused():
         attention(q, q, q, q_segment=torch.zeros(1, 4))
     with pytest.raises(ValueError, match="backend"):
         set_backend("attention", "cuda-magic")
+
+
+def test_triton_backend_refused_with_the_import_error_when_triton_is_unusable(monkeypatch):
+    import furnace_kernels.backend as backend
+
+    monkeypatch.setattr(backend, "_triton_error", ["ImportError: No module named 'triton'"])
+    with pytest.raises(RuntimeError, match="attention backend 'triton' needs Triton.*No module named 'triton'"):
+        set_backend("attention", "triton")
+    assert backend.get_backend("attention") == "auto"  # nothing changed
+    # auto never needs Triton off CUDA; on CUDA it warns and runs the reference
+    q = torch.randn(1, 2, 5, 8)
+    assert not backend.use_triton("attention", q)
+    cuda_like = type("T", (), {"is_cuda": True})()
+    with pytest.warns(UserWarning, match="runs the PyTorch reference"):
+        assert not backend.use_triton("attention", cuda_like)

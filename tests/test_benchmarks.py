@@ -5,11 +5,7 @@ import sys
 
 import pytest
 
-from train_utils import ROOT, env
-
-TINY = ["model.lm.num_layers=2", "model.lm.hidden_size=64", "model.lm.intermediate_size=128", "model.lm.num_heads=4",
-        "model.lm.num_kv_heads=2", "model.xattn.every=1", "model.perceiver.depth=1", "model.perceiver.num_latents=4",
-        "model.vision.num_layers=1", "train.micro_batch_size=4", "train.global_batch_size=8", "data.num_workers=0"]
+from train_utils import ROOT, TINY, env
 
 
 @pytest.mark.parametrize("mode", ["synthetic", "loader"])
@@ -17,7 +13,7 @@ def test_throughput_demo_writes_positive_fields(tmp_path, mode):
     out = tmp_path / "tp.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "--preset", "demo", "--steps", "2",
            "--warmup", "1", "--out", str(out)]
-    sets = list(TINY)
+    sets = [*TINY, "train.global_batch_size=8"]
     if mode == "synthetic":
         cmd.append("--synthetic-data")
         cmd += ["--ablate", "ckpt"]
