@@ -108,6 +108,12 @@ class DataConfig:
     train_weights: str | None = None   # mixing weights for ';'-separated train_shards, e.g. "0.7,0.3"
     synthetic_seed: int = 0
     synthetic_image_size: int = 32     # pixels the synthetic set is drawn at (the loader resizes)
+    # Bounds on what one untrusted shard can make a loader worker read or decode; what exceeds
+    # them is skipped and counted, never decoded.
+    max_member_bytes: int = 32 * 2**20        # one tar member (an image, a caption, a document)
+    max_members_per_sample: int = 256         # members under one sample key
+    max_image_pixels: int = 40_000_000        # width x height, read from the header before decoding
+    max_shard_bytes: int = 4 * 2**30          # bytes a compressed shard may expand to
 
 
 @dataclass
@@ -137,6 +143,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     fused_loss_scaling: bool = True    # fp16: furnace's fused grad stats instead of DeepSpeed's
+    # Resuming with a changed config that the checkpoint cannot honour (model shape, layout,
+    # data, seed, batch sizes) is refused unless this is set.
+    allow_config_change: bool = False
+    dist_timeout_minutes: float = 30.0  # how long a collective may wait for a rank before failing
 
 
 @dataclass
