@@ -6,6 +6,7 @@ Matches the vision tower's processor: resize (bicubic) to `image_size` x `image_
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 import torch
@@ -28,9 +29,21 @@ def is_image_member(ext: str) -> bool:
     return ext.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
 
 
-def decode_image(data: bytes, image_size: int) -> np.ndarray:
-    """Bytes -> uint8 [image_size, image_size, 3]. Raises on undecodable data."""
-    img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+class ImageTooLarge(ValueError):
+    pass
+
+
+def decode_image(data: bytes, image_size: int, max_pixels: int = 40_000_000) -> np.ndarray:
+    """Bytes -> uint8 [image_size, image_size, 3]. Raises on undecodable data, and raises
+    ImageTooLarge, before decoding any pixel, when the header declares more than `max_pixels`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)  # reads the header only
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageTooLarge("over PIL's own pixel bound") from None
+    if img.width * img.height > max_pixels:
+        raise ImageTooLarge(f"{img.width}x{img.height} pixels")
     if img.format == "JPEG":
         img.draft("RGB", (image_size, image_size))  # DCT-domain downscale of big JPEGs (>= target)
     if img.mode != "RGB":

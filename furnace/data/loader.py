@@ -58,7 +58,7 @@ from furnace.data.images import CLIP_MEAN, CLIP_STD
 from furnace.data.replay import MAX_EMPTY_EPOCHS, Replay
 from furnace.data.samples import SampleDecoder
 from furnace.data.sources import Source, expand_shards, sources_from_config
-from furnace.data.tar import iter_shard_samples
+from furnace.data.tar import ReadLimits, iter_shard_samples
 from furnace.data.text import SkipSample, TextEncoder
 
 STATE_VERSION = 1
@@ -98,7 +98,7 @@ class ShardLoader:
                  num_workers: int = 0, shuffle_buffer: int = 1000, training: bool = True,
                  epochs: int | None = None, pad_to_max_length: bool = True, prefetch_factor: int = 2,
                  pin_memory: bool = False, multiprocessing_context: str | None = None,
-                 check_files: bool = True):
+                 check_files: bool = True, limits: ReadLimits = ReadLimits(), max_image_pixels: int = 40_000_000):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if batch_size < 1 or max_length < 4 or max_images < 1 or image_size < 1:
@@ -111,7 +111,8 @@ class ShardLoader:
                                         "python -m furnace.data.synthetic)")
         self.tokenizer = tokenizer
         self.encoder = TextEncoder(tokenizer, max_length, max_images)
-        self.samples = SampleDecoder(self.encoder, image_size)
+        self.samples = SampleDecoder(self.encoder, image_size, max_image_pixels)
+        self.limits = limits
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.max_length, self.max_images, self.image_size = max_length, max_images, image_size
         self.mean, self.std = tuple(float(x) for x in mean), tuple(float(x) for x in std)
@@ -137,7 +138,8 @@ class ShardLoader:
         return cls(sources, tokenizer, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
                    max_length=data_cfg.max_length, max_images=data_cfg.max_images, image_size=image_size,
                    mean=mean, std=std, num_workers=data_cfg.num_workers if num_workers is None else num_workers,
-                   shuffle_buffer=data_cfg.shuffle_buffer, training=training)
+                   shuffle_buffer=data_cfg.shuffle_buffer, training=training,
+                   limits=ReadLimits.from_config(data_cfg), max_image_pixels=data_cfg.max_image_pixels)
 
     # ------------------------------------------------------------------ config helpers
     @staticmethod
@@ -199,7 +201,7 @@ class ShardLoader:
         for si, src in enumerate(self.sources):
             e0, k0 = start["sources"][si]
             streams.append(iter(Replay(src["urls"], si, slot, slots, self.seed, self.shuffle_buffer,
-                                        counter, start=(e0, k0), epochs=self.epochs)))
+                                        counter, start=(e0, k0), epochs=self.epochs, limits=self.limits)))
         pos = [list(x) for x in start["sources"]]
         last_good = [p[0] for p in pos]  # epoch of the last good sample per source
         i = start["mix"]
@@ -260,7 +262,7 @@ class ShardLoader:
         for si, src in enumerate(self.sources):
             for url in sorted(src["urls"]):
                 # shard-level problems are counted once (worker 0), sample-level ones by their owner
-                for raw in iter_shard_samples(url, counter if w == 0 else Counter()):
+                for raw in iter_shard_samples(url, counter if w == 0 else Counter(), self.limits):
                     i = n
                     n += 1
                     if i % dp != self.dp_rank:

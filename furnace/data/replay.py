@@ -11,7 +11,7 @@ import random
 from collections import Counter
 from typing import Iterator
 
-from furnace.data.tar import iter_shard_samples
+from furnace.data.tar import ReadLimits, iter_shard_samples
 
 MAX_EMPTY_EPOCHS = 3
 
@@ -21,10 +21,10 @@ class Replay:
     buffer within the epoch. Starting at (epoch, skip) fast-forwards without decoding."""
 
     def __init__(self, shards, src_idx, slot, slots, seed, shuffle_buffer, counter, start=(0, 0),
-                 epochs=None):
+                 epochs=None, limits: ReadLimits = ReadLimits()):
         self.shards, self.src_idx, self.slot, self.slots = shards, src_idx, slot, slots
         self.seed, self.buf, self.counter = seed, shuffle_buffer, counter
-        self.start, self.epochs = start, epochs
+        self.start, self.epochs, self.limits = start, epochs, limits
 
     def plan(self, epoch: int) -> tuple[list[str], int, int]:
         order = list(range(len(self.shards)))
@@ -37,7 +37,7 @@ class Replay:
         urls, stride, offset = self.plan(epoch)
         i = 0
         for url in urls:
-            for s in iter_shard_samples(url, counter):
+            for s in iter_shard_samples(url, counter, self.limits):
                 if i % stride == offset:
                     yield s
                 i += 1

@@ -2,6 +2,8 @@
 
 A row is (ids, [uint8 HxWx3 per image], interleaved, filler): `interleaved` marks documents
 (their labels skip the text outside image chunks), `filler` the loader's padding rows.
+Whatever one sample's bytes hold, `row` either returns a row or raises SkipSample: an error
+no check below anticipates is counted as `bad_sample`, never raised.
 """
 from __future__ import annotations
 
@@ -9,16 +11,28 @@ import json
 
 import numpy as np
 
-from furnace.data.images import IMAGE_EXTS, decode_image
+from furnace.data.images import IMAGE_EXTS, ImageTooLarge, decode_image, is_image_member
 from furnace.data.text import SkipSample, TextEncoder
 
 
 class SampleDecoder:
-    def __init__(self, encoder: TextEncoder, image_size: int):
-        self.encoder, self.image_size = encoder, image_size
+    def __init__(self, encoder: TextEncoder, image_size: int, max_image_pixels: int = 40_000_000):
+        self.encoder, self.image_size, self.max_image_pixels = encoder, image_size, max_image_pixels
 
     def row(self, raw: dict) -> tuple:
         """raw tar sample -> (ids, images, interleaved, filler=False); raises SkipSample."""
+        if "__skip__" in raw:  # past a read bound (furnace/data/tar.py)
+            raise SkipSample(raw["__skip__"])
+        try:
+            return self._row(raw)
+        except SkipSample:
+            raise
+        except RecursionError:  # JSON nested deeper than the parser goes
+            raise SkipSample("bad_json") from None
+        except Exception:
+            raise SkipSample("bad_sample") from None
+
+    def _row(self, raw: dict) -> tuple:
         doc = None
         if "json" in raw:
             try:
@@ -29,12 +43,12 @@ class SampleDecoder:
                 raise SkipSample("bad_json")
         if doc is not None and "segments" in doc:
             segs = doc["segments"]
-            if not isinstance(segs, list) or not all(isinstance(s, dict) for s in segs):
+            if not isinstance(segs, list) or not all(_valid_segment(s) for s in segs):
                 raise SkipSample("bad_json")
             ids, members = self.encoder.document(segs)
             arrays = []
             for m in members:
-                data = raw.get(str(m).lower())
+                data = raw.get(m.lower())
                 if data is None:
                     raise SkipSample("missing_image")
                 arrays.append(self.image(data))
@@ -46,7 +60,10 @@ class SampleDecoder:
             except UnicodeDecodeError:
                 raise SkipSample("missing_caption") from None
         elif doc is not None:
-            text = doc.get("caption") or next(iter(doc.get("captions") or []), None)
+            captions = doc.get("captions") or []
+            if not isinstance(captions, list):
+                raise SkipSample("bad_json")
+            text = doc.get("caption") or next(iter(captions), None)
         if not isinstance(text, str) or not text.strip():
             raise SkipSample("missing_caption")
         img = next((raw[k] for k in IMAGE_EXTS if k in raw), None)
@@ -61,6 +78,17 @@ class SampleDecoder:
 
     def image(self, data: bytes) -> np.ndarray:
         try:
-            return decode_image(data, self.image_size)
+            return decode_image(data, self.image_size, self.max_image_pixels)
+        except ImageTooLarge:
+            raise SkipSample("image_too_large") from None
         except Exception:  # any PIL failure on bad bytes
             raise SkipSample("bad_image") from None
+
+
+def _valid_segment(seg) -> bool:
+    """{"text": str} or {"image": member name of an image, e.g. "0.jpg"}."""
+    if not isinstance(seg, dict):
+        return False
+    if "image" in seg:
+        return isinstance(seg["image"], str) and is_image_member(seg["image"])
+    return True

@@ -3,9 +3,13 @@
 Caption pair:   [bos] <image> caption <|endofchunk|> eos      (bos only if the tokenizer has one)
 Interleaved:    [bos] text <image> chunk <|endofchunk|> <image> chunk <|endofchunk|> ... eos
                 each image's following text chunk ends with <|endofchunk|>.
-Literal "<image>" / "<|endofchunk|>" strings in user text are removed before tokenising.
+Literal "<image>" / "<|endofchunk|>" strings in user text are removed before tokenising; any
+other special token written in the text ("</s>", "<pad>") is encoded as text, never as a
+control id.
 """
 from __future__ import annotations
+
+from tokenizers import Tokenizer
 
 from furnace.data.tokenizer import special_ids
 from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN
@@ -26,14 +30,15 @@ class TextEncoder:
         self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
         self.max_length, self.max_images = max_length, max_images
         self.tokenizer = tokenizer
-        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        # A private copy that splits special-token strings like any text (the shared tokenizer
+        # keeps its own setting).
+        self._backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._backend.encode_special_tokens = True
         self._prefix = [self.bos_id] if self.bos_id is not None else []
 
     def encode(self, text: str) -> list[int]:
         text = text.replace(IMAGE_TOKEN, " ").replace(EOC_TOKEN, " ")
-        if self._backend is not None:
-            return list(self._backend.encode(text, add_special_tokens=False).ids)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self._backend.encode(text, add_special_tokens=False).ids)
 
     def caption(self, caption: str) -> list[int]:
         ids = self._prefix + [self.image_id] + self.encode(caption) + [self.eoc_id, self.eos_id]

@@ -97,8 +97,11 @@ def evaluate_local(model, loader, tokenizer, *, device, max_new_tokens: int, acc
 
 
 def summarize(stats: torch.Tensor, examples=(), group=None) -> dict:
+    """Sums over the ranks; a score with nothing behind it (no labelled token, no caption) is
+    NaN, never a 0 that reads like a result."""
     if dist.is_initialized():
         all_reduce_host(stats, group=group)
-    return {"val_loss": float(stats[0] / stats[1].clamp(min=1)),
-            "caption_accuracy": float(stats[2] / stats[3].clamp(min=1)), "val_samples": int(stats[3]),
+    nan = float("nan")
+    return {"val_loss": float(stats[0] / stats[1]) if stats[1] > 0 else nan,
+            "caption_accuracy": float(stats[2] / stats[3]) if stats[3] > 0 else nan, "val_samples": int(stats[3]),
             "examples": list(examples)}

@@ -155,6 +155,7 @@ class Trainer:
                             enabled=dtype != torch.float32):
             stats, examples = evaluate_local(self.replica, val, self.tokenizer, device=self.device,
                                              max_new_tokens=self.cfg.data.max_length, accuracy_fn=caption_accuracy)
+        self.val_skipped = val.skipped
         return summarize(stats, examples, self.topo.get_data_parallel_group())
 
     def run(self) -> int:
@@ -233,6 +234,9 @@ class Trainer:
 
     def _eval_and_log(self) -> dict:
         res = self.evaluate()
+        if res["val_samples"] == 0:
+            log.warning(f"the validation set ({self.cfg.data.val_shards}) gave no usable sample (skipped on rank "
+                        f"{self.rank}: {self.val_skipped}); val loss and caption accuracy are NaN: fix data.val_shards")
         rec = {"step": self.step, "eval/val_loss": res["val_loss"], "eval/caption_accuracy": res["caption_accuracy"]}
         self.writer.write(rec)
         log.warning(f"eval at step {self.step}: val loss {res['val_loss']:.4f}, caption accuracy "
