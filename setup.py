@@ -9,6 +9,7 @@ setup(
     # for a distribution named `kernels`, so the bare name must stay free.
     packages=[
         "furnace",
+        "furnace.config",
         "furnace.model",
         "furnace.parallel",
         "furnace.data",

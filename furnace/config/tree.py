@@ -1,0 +1,164 @@
+"""The typed config tree: one dataclass per section, each field with its valid range."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message is one line that names the fix."""
+
+
+@dataclass
+class LMConfig:
+    """The Llama-family decoder. With `path`, the checkpoint's own config.json replaces every
+    shape field below (`furnace.model.llama.from_hf`), and they are not checked."""
+    path: str | None = None            # local HF checkpoint dir (Llama / Mistral / Qwen2); None = from scratch
+    vocab_size: int = 0                # >= 0; from scratch: 0 = size of the tokenizer
+    hidden_size: int = 256             # >= 1; a multiple of num_heads when head_dim = 0
+    intermediate_size: int = 704       # >= 1; a multiple of parallel.tp
+    num_layers: int = 4                # >= 1; >= parallel.pp and >= model.xattn.every
+    num_heads: int = 8                 # >= 1; a multiple of num_kv_heads and of parallel.tp
+    num_kv_heads: int = 4              # >= 1; divides num_heads; a multiple of parallel.tp
+    head_dim: int = 0                  # >= 0; 0 = hidden_size // num_heads; the head dim must be even (RoPE)
+    max_position_embeddings: int = 2048  # >= 1
+    rope_theta: float = 10000.0        # finite, > 0
+    rope_scaling: dict | None = None   # None or {"rope_type": "default" | "linear" | "llama3", ...} as in HF configs
+    rms_norm_eps: float = 1e-5         # finite, > 0
+    tie_word_embeddings: bool = True
+    qkv_bias: bool = False             # Qwen2
+    o_bias: bool = False               # Llama's attention_bias sets qkv_bias and o_bias
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # None or >= data.max_length (Mistral: longer sequences are refused)
+    model_type: str = "llama"          # llama | mistral | qwen2: the architecture export writes
+
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass
+class VisionConfig:
+    """The vision tower. With `path`, the checkpoint's config replaces the shape fields below."""
+    path: str | None = None            # local HF CLIP/SigLIP dir; None = from scratch (below)
+    kind: str = "clip"                 # clip | siglip (from scratch)
+    image_size: int = 32               # >= 1; a multiple of patch_size
+    patch_size: int = 8                # >= 1
+    hidden_size: int = 128             # >= 1; a multiple of num_heads
+    intermediate_size: int = 512       # >= 1
+    num_layers: int = 2                # >= 1
+    num_heads: int = 4                 # >= 1
+    sincos_positions: bool = True      # from scratch: start the position rows at a 2-D sin-cos code
+
+
+@dataclass
+class PerceiverConfig:
+    num_latents: int = 64              # >= 1
+    depth: int = 6                     # >= 1
+    heads: int = 8                     # >= 1; a multiple of parallel.tp
+    dim_head: int = 64                 # >= 1
+    ff_mult: int = 4                   # >= 1
+    max_frames: int = 8                # >= 1: frames per media item
+
+
+@dataclass
+class XAttnConfig:
+    every: int = 4                     # 1..model.lm.num_layers: a gated xattn block before every k-th decoder layer
+    heads: int = 8                     # >= 1; a multiple of parallel.tp
+    dim_head: int = 64                 # >= 1
+    ff_mult: int = 4                   # >= 1
+    # tanh gates start at 0 so a pretrained LM is untouched at step 0 (Flamingo). An LM trained
+    # from scratch has nothing to protect; closed gates only delay learning to look.
+    gate_init: float = 0.0             # finite
+
+
+@dataclass
+class ModelConfig:
+    lm: LMConfig = field(default_factory=LMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    xattn: XAttnConfig = field(default_factory=XAttnConfig)
+    freeze_lm: bool = True
+    freeze_vision: bool = True
+    activation_checkpointing: bool = False
+    attention_backend: str = "auto"    # auto | triton | reference
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = "data/demo/train-{000000..000015}.tar"   # non-empty; ';' separates sources to mix
+    val_shards: str = "data/demo/val-000000.tar"                 # non-empty; ';' separates sources
+    tokenizer: str | None = None       # local HF tokenizer dir; None = the demo tokenizer
+    max_length: int = 64               # >= 4 tokens
+    max_images: int = 1                # >= 1 per sample
+    num_workers: int = 1               # >= 0; 0 = decode in the training process
+    shuffle_buffer: int = 1000         # >= 0 samples; 0 = no shuffle
+    synthetic_dir: str | None = "data/demo"   # build the synthetic set here if the shards are missing
+    synthetic_n: int = 20000           # >= 1 samples
+    # None, or one finite weight > 0 per ';'-separated train_shards source, e.g. "0.7,0.3"
+    train_weights: str | None = None
+    synthetic_seed: int = 0            # >= 0
+    synthetic_image_size: int = 32     # >= 8 pixels the synthetic set is drawn at (the loader resizes)
+    # Bounds on what one untrusted shard can make a loader worker read or decode; what exceeds
+    # them is skipped and counted, never decoded. Each >= 1.
+    max_member_bytes: int = 32 * 2**20        # one tar member (an image, a caption, a document)
+    max_members_per_sample: int = 256         # members under one sample key
+    max_image_pixels: int = 40_000_000        # width x height, read from the header before decoding
+    max_shard_bytes: int = 4 * 2**30          # bytes a compressed shard may expand to
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1                        # >= 1; tp * pp divides the world size
+    pp: int = 1                        # >= 1; pp > 1 needs zero_stage 1
+    zero_stage: int = 3                # 0..3; tp > 1 with pp = 1 needs 3
+    zero3_gather: str = "block"        # block | module: ZeRO-3 gathers whole repeated blocks or every module
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000              # >= 1
+    run_dir: str = "runs/demo"         # non-empty
+    save_every: int = 500              # >= 0; 0 = only at the end
+    eval_every: int = 250              # >= 0; 0 = never
+    log_every: int = 10                # >= 1
+    seed: int = 1234                   # 0..2**63-1
+    global_batch_size: int = 32        # >= 1 samples per optimizer step, a multiple of micro_batch_size x dp
+    micro_batch_size: int = 8          # >= 1
+    precision: str = "bf16"            # bf16 | fp16 | fp32
+    lr: float = 1e-3                   # finite, >= 0
+    min_lr_ratio: float = 0.1          # 0..1: the cosine's floor as a fraction of lr
+    warmup_steps: int = 50             # >= 0
+    lr_decay_steps: int = 0            # >= 0; cosine horizon; 0 = max_steps (set it to extend a run exactly)
+    keep_checkpoints: int = 2          # >= 1
+    weight_decay: float = 0.0          # finite, >= 0
+    grad_clip: float = 1.0             # finite, >= 0; 0 = no clipping
+    fused_loss_scaling: bool = True    # fp16: furnace's fused grad stats instead of DeepSpeed's
+    # Resuming with a changed config that the checkpoint cannot honour (model shape, layout,
+    # data, seed, batch sizes) is refused unless this is set.
+    allow_config_change: bool = False
+    dist_timeout_minutes: float = 30.0  # finite, > 0: how long a collective may wait for a rank before failing
+
+
+@dataclass
+class DebugConfig:
+    """Diagnostics; none of them is needed to train."""
+    # Every rank reads the 1-rank stream of micro-batches and keeps those whose index % dp is
+    # its dp rank: every layout then sees the 1-rank run's micro-batches (the parity tests).
+    replicated_data: bool = False
+    log_gate_grads: bool = False       # record the xattn tanh gates' gradients as gate_grad/* metrics
+    # Fault drills, a comma list of kind@step[:rank] (furnace/training/faults.py), kind in
+    # inf | nan | die-write | die-marker | die-latest and rank < world size: inf@3, nan@2:1,
+    # die-marker@6. "" = none.
+    faults: str = ""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
