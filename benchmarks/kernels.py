@@ -41,7 +41,7 @@ from furnace_kernels import attention_reference  # noqa: E402
 from furnace_kernels.flash_attention import attention_triton  # noqa: E402
 from furnace_kernels.loss_scale import apply_, grad_stats  # noqa: E402
 from furnace.parallel.zero3 import install_fused_loss_scaling  # noqa: E402
-from furnace.training.distributed import skip_inference_shm_op  # noqa: E402
+from furnace.training.distributed import init_distributed  # noqa: E402
 from furnace.training.metrics import run_info  # noqa: E402
 
 
@@ -308,11 +308,7 @@ def bench_deepspeed_zero3(quick, copy_gbs):
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29611")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    init_distributed()
     acc = get_accelerator()
     if not acc.is_fp16_supported():  # CPU accelerator without oneDNN fp16: the path itself works
         acc.is_fp16_supported = lambda: True
@@ -323,7 +319,6 @@ def bench_deepspeed_zero3(quick, copy_gbs):
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
            "fp16": {"enabled": True, "initial_scale_power": 8}, "steps_per_print": 10**9}
-    skip_inference_shm_op()  # no 80 s C++ build of an op only DeepSpeed's inference uses
     engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     x = torch.randn(2, width, device=engine.device, dtype=torch.float16)
     engine.backward(engine(x).float().pow(2).mean())

@@ -22,11 +22,13 @@ tower counts forward only. Tokens are the non-padding tokens of the batches.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -110,6 +112,9 @@ def synthetic_batches(cfg, tokenizer, vocab: int, image_size: int, n: int = 4):
 def run_variant(name: str, cfg, args, world: int) -> dict:
     rank = dist.get_rank()
     dp = validate(cfg, world, check_paths=True)
+    if cfg.parallel.pp > 1:
+        raise ConfigError("throughput.py measures layout A (parallel.pp=1): the pipeline engine runs whole "
+                          "steps only; --set parallel.pp=1")
     if cfg.model.attention_backend == "triton" and not torch.cuda.is_available():
         return {"variant": name, "skipped": "the Triton attention path needs CUDA"}
     if cfg.train.precision == "fp16":
@@ -238,8 +243,6 @@ def variants(args):
 
 def effective_config(cfg) -> str:
     """The config as the run will see it ("auto" attention resolved), to spot duplicate variants."""
-    import dataclasses
-
     d = dataclasses.asdict(cfg)
     if d["model"]["attention_backend"] == "auto":
         d["model"]["attention_backend"] = "triton" if torch.cuda.is_available() else "reference"
@@ -277,8 +280,6 @@ def write_report(args, results: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    import warnings
-
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's per-call deprecations
     args = parse_args(argv)
     init_distributed()

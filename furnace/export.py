@@ -22,16 +22,19 @@ from furnace.model.hf_io import read_config
 from furnace.model import llama
 from furnace.model.flamingo_io import lm_with_new_tokens, load_flamingo_state, save_flamingo
 from furnace.training.build import build_model
-from furnace.training.checkpoint import FULL_MODEL, checkpoint_dir, latest_tag
+from furnace.training.checkpoint import FULL_MODEL, checkpoint_dir, choose_resume_tag
 from furnace.training.safe_load import safe_torch_load
 
 
 def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag = tag or latest_tag(run_dir)
     if tag is None:
-        raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)} (no `latest`)")
+        tag, notes = choose_resume_tag(run_dir, set_aside=False)
+        for n in notes:
+            print(f"furnace export: {n}", file=sys.stderr)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)}")
     full = checkpoint_dir(run_dir) / tag / FULL_MODEL
     if full.exists():  # tensor/pipeline-parallel run: the trainer gathered shards and stages at save time
         return load_file(str(full)), tag
@@ -43,12 +46,13 @@ def load_run_model(run_dir, tag: str | None = None):
     """The Flamingo of a run at a checkpoint, on the CPU in fp32."""
     state, tag = consolidated_state(run_dir, tag)
     cfg = Config()
-    update(cfg, json.loads((checkpoint_dir(run_dir) / tag / "config.json").read_text()))
+    update(cfg, json.loads((checkpoint_dir(run_dir) / tag / "config.json").read_text()), saved=True)
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
     lm = None  # architecture only: the weights come from the checkpoint...
     if cfg.model.lm.path:  # ...but a pretrained LM's shape lives in its own config.json
         raw = read_config(cfg.model.lm.path)
-        lm = llama.Llama(llama.config_from_hf(raw, cfg.model.lm.path), hf_config=raw)
+        lm = llama.Llama(llama.config_from_hf(raw), hf_config=raw)
+        cfg.model.lm = lm.cfg  # the saved metadata describes the decoder built, not the preset's
     model = build_model(cfg, tokenizer, lm=lm)
     load_flamingo_state(model, state)
     return model.eval(), tokenizer, cfg, tag
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m furnace.export", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
-    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
     a = p.parse_args(argv)
     try:
         res = export(a.run_dir, a.out, a.tag)

@@ -11,6 +11,11 @@ EOC_TOKEN = "<|endofchunk|>"
 IGNORE_INDEX = -100
 
 
+def positions(input_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] 0..L-1 in every row (an expanded view): the positions of unpacked rows."""
+    return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+
+
 def text_time(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """[B, L] image index each token belongs to: 0 before the first <image>, k from the k-th on.
 
@@ -44,7 +49,7 @@ def build_labels(
     if interleaved.any():
         # A token is outside a chunk when no <image> came yet, or when an <|endofchunk|> strictly
         # before it is newer than the latest <image> at or before it.
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        pos = positions(input_ids)
         none = torch.full_like(pos, -1)
         last_image = torch.where(is_image, pos, none).cummax(dim=1).values
         last_eoc = torch.where(input_ids == eoc_token_id, pos, none).cummax(dim=1).values

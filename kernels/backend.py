@@ -1,42 +1,42 @@
 """Which implementation runs each kernel: one registry for every op.
 
     auto       Triton on CUDA tensors, the PyTorch reference elsewhere (and, with a warning, where
-               Triton cannot be imported)
+               the op's Triton code cannot be imported)
     triton     always Triton: CUDA tensors, or the CPU under TRITON_INTERPRET=1; refused with the
-               import error when Triton is unusable
+               import error when the op's Triton code is unusable
     reference  always the PyTorch reference
 """
 from __future__ import annotations
 
+import functools
+import importlib
 import warnings
 
 import torch
 
 CHOICES = ("auto", "triton", "reference")
-OPS = ("attention", "loss_scale")
-_chosen = dict.fromkeys(OPS, "auto")
-_triton_error: list = []  # [] = not probed yet; [None] = importable; [message] = why not
+# What each op's Triton path imports (the attention kernels compile at import).
+TRITON_MODULES = {"attention": "furnace_kernels.flash_attention", "loss_scale": "triton.language"}
+_chosen = dict.fromkeys(TRITON_MODULES, "auto")
 
 
-def triton_error() -> str | None:
-    """Why Triton cannot be imported here (None when it can); probed once."""
-    if not _triton_error:
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
-            _triton_error.append(None)
-        except Exception as e:  # ImportError, or a broken install raising anything at import
-            _triton_error.append(f"{type(e).__name__}: {e}")
-    return _triton_error[0]
+@functools.cache
+def triton_error(op: str) -> str | None:
+    """Why `op`'s Triton code cannot be imported here (None when it can); probed once."""
+    try:
+        importlib.import_module(TRITON_MODULES[op])
+        return None
+    except Exception as e:  # ImportError, or a broken install raising anything at import
+        return f"{type(e).__name__}: {e}"
 
 
 def _check(op: str, name: str) -> None:
-    if op not in OPS:
-        raise ValueError(f"unknown kernel op {op!r}; ops: {', '.join(OPS)}")
+    if op not in TRITON_MODULES:
+        raise ValueError(f"unknown kernel op {op!r}; ops: {', '.join(TRITON_MODULES)}")
     if name not in CHOICES:
         raise ValueError(f"{op} backend must be one of {CHOICES}; got {name!r}")
-    if name == "triton" and triton_error() is not None:
-        raise RuntimeError(f"{op} backend 'triton' needs Triton, which failed to import ({triton_error()}); "
+    if name == "triton" and triton_error(op) is not None:
+        raise RuntimeError(f"{op} backend 'triton' needs Triton, which failed to import ({triton_error(op)}); "
                            "install triton or choose the auto or reference backend")
 
 
@@ -51,13 +51,14 @@ def get_backend(op: str) -> str:
 
 def use_triton(op: str, tensor: torch.Tensor | None, override: str | None = None) -> bool:
     """Whether `op` on `tensor` runs the Triton kernel (`override`: a per-call backend name)."""
+    if override is not None:
+        _check(op, override)
     name = override or _chosen[op]
-    _check(op, name)
     if name != "auto":
         return name == "triton"
     if tensor is None or not tensor.is_cuda:
         return False
-    if triton_error() is not None:
-        warnings.warn(f"Triton cannot be imported ({triton_error()}); {op} runs the PyTorch reference", stacklevel=3)
+    if triton_error(op) is not None:
+        warnings.warn(f"Triton cannot run {op} ({triton_error(op)}); it runs the PyTorch reference", stacklevel=3)
         return False
     return True

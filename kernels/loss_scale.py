@@ -262,19 +262,6 @@ class DynamicLossScaler:
         self.last_overflow_iter = -1
         self.dtype = dtype
 
-    @classmethod
-    def from_deepspeed(cls, ds_scaler) -> "DynamicLossScaler":
-        """Copy configuration and state from a deepspeed DynamicLossScaler."""
-        s = cls(ds_scaler.cur_scale, growth_factor=ds_scaler.scale_factor, backoff_factor=1.0 / ds_scaler.scale_factor,
-                growth_interval=ds_scaler.scale_window, hysteresis=ds_scaler.delayed_shift,
-                consecutive_hysteresis=ds_scaler.consecutive_hysteresis, min_scale=ds_scaler.min_scale,
-                raise_error_at_min_scale=getattr(ds_scaler, "raise_error_at_min_scale", True),
-                dtype=getattr(ds_scaler, "dtype", torch.float16))
-        s.cur_iter = ds_scaler.cur_iter
-        s.last_overflow_iter = ds_scaler.last_overflow_iter
-        s.cur_hysteresis = ds_scaler.cur_hysteresis
-        return s
-
     # DeepSpeed-compatible surface
     @property
     def loss_scale(self) -> float:

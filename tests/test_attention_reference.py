@@ -67,7 +67,7 @@ def test_bad_shapes_and_backend_names_are_refused():
 def test_triton_backend_refused_with_the_import_error_when_triton_is_unusable(monkeypatch):
     import furnace_kernels.backend as backend
 
-    monkeypatch.setattr(backend, "_triton_error", ["ImportError: No module named 'triton'"])
+    monkeypatch.setattr(backend, "triton_error", lambda op: "ImportError: No module named 'triton'")
     with pytest.raises(RuntimeError, match="attention backend 'triton' needs Triton.*No module named 'triton'"):
         set_backend("attention", "triton")
     assert backend.get_backend("attention") == "auto"  # nothing changed

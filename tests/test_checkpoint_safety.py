@@ -57,3 +57,26 @@ def test_safe_torch_load_overrides_callers_that_ask_for_full_unpickling(tmp_path
         torch.load(tmp_path / "evil.pt", weights_only=False)  # as DeepSpeed's zero_to_fp32 does
     assert not marker.exists()
     assert torch.load.__module__.startswith("torch")  # restored after the block
+
+
+def test_deepspeed_loaders_that_unpickle_are_refused_in_one_line():
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from furnace.training.safe_load import UnsafeCheckpointLoading, use_safe_checkpoint_loading
+
+    class OtherEngine(TorchCheckpointEngine):  # any engine but the torch one: its load is its own
+        pass
+
+    class WithOther:
+        checkpoint_engine = OtherEngine()
+
+    class Universal:
+        checkpoint_engine = TorchCheckpointEngine()
+
+        def load_universal_checkpoint(self):
+            return True
+
+    for engine, needle in ((WithOther(), "OtherEngine loads checkpoints by unpickling"), (Universal(), "universal")):
+        with pytest.raises(UnsafeCheckpointLoading, match=needle) as e:
+            use_safe_checkpoint_loading(engine)
+        assert "\n" not in str(e.value)

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 # Layer of each first-party package; a module may import its own layer and the ones below.
-LAYERS = {"furnace.config": 0, "furnace.tokens": 0, "furnace.presets": 0, "furnace.data": 1, "furnace.model": 2,
+LAYERS = {"furnace.config": 0, "furnace.tokens": 0, "furnace.presets": 0, "furnace.system": 0, "furnace.data": 1, "furnace.model": 2,
           "furnace.parallel": 3, "furnace.training": 4, "furnace.export": 5}
 KERNELS_MAY_IMPORT = {"torch", "triton"}
 
@@ -30,22 +30,30 @@ def modules() -> dict[str, Path]:
 MODULES = modules()
 
 
-def imports_of(name: str, path: Path) -> set[str]:
-    """Every module `name` imports, at any depth of its code (lazy imports included)."""
+def _targets(node, package: str) -> set[str]:
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names}
+    base = node.module or ""
+    if node.level:
+        anchor = package.split(".")
+        anchor = anchor[: len(anchor) - (node.level - 1)]
+        base = ".".join(anchor + ([base] if base else []))
+    # `from pkg import sub` imports the submodule pkg.sub when there is one
+    return {base} | {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES}
+
+
+def imports_of(name: str, path: Path, *, nested_only: bool = False) -> set[str]:
+    """Every module `name` imports, at any depth of its code (lazy imports included), or with
+    `nested_only` just those imported inside a function."""
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text())
+    roots = [f for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))] if nested_only \
+        else [tree]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = package.split(".")
-                anchor = anchor[: len(anchor) - (node.level - 1)]
-                base = ".".join(anchor + ([base] if base else []))
-            found.add(base)
-            # `from pkg import sub` imports the submodule pkg.sub when there is one
-            found.update(f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in MODULES)
+    for root in roots:
+        for node in ast.walk(root):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                found |= _targets(node, package)
     return found
 
 
@@ -71,6 +79,17 @@ def test_imports_point_one_way():
              for a, deps in GRAPH.items() if a.startswith("furnace.") or a == "furnace"
              for b in deps if b.startswith("furnace.") and layer(b) > layer(a)]
     assert not wrong, "\n".join(wrong)
+
+
+# The first-party imports made inside a function, each for a reason.
+LAZY = {("furnace.training.launch", "furnace.training.trainer"): "the ranks alone load the trainer (seconds)",
+        ("furnace_kernels", "furnace_kernels.flash_attention"): "Triton compiles at import: only where it runs"}
+
+
+def test_first_party_imports_stand_at_module_top():
+    lazy = {(name, m) for name, path in MODULES.items() for t in imports_of(name, path, nested_only=True)
+            if (m := first_party(t)) and m != name}
+    assert lazy <= set(LAZY), f"imports inside functions (move them to the top): {sorted(lazy - set(LAZY))}"
 
 
 def test_kernels_import_only_torch_and_triton():

@@ -19,15 +19,6 @@ COMMON = (f"train.max_steps={STEPS}", "train.save_every=3", f"train.lr_decay_ste
           "model.xattn.gate_init=0.1", "debug.replicated_data=true", "debug.log_gate_grads=true")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from furnace.data.synthetic import build
-
-    out = tmp_path_factory.mktemp("data") / "synth"
-    meta = build(str(out), n=320, seed=0, image_size=32, shards=4, n_val=48)
-    return {"dir": str(out), "train": meta["train_pattern"], "val": meta["val_pattern"]}
-
-
 RUNS: dict = {}  # layout -> run_dir, shared by the parity, resume and export tests
 
 

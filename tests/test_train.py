@@ -10,31 +10,12 @@ import pytest
 import torch
 
 from furnace.training.distributed import free_port
-from train_utils import ROOT, env, losses, metrics, run, train_cmd
+from train_utils import ROOT, alive, env, losses, metrics, rank_pid, run, start, train_cmd, wait_for
 
 pytestmark = pytest.mark.multirank
 
 FIELDS = ("step", "loss", "lr", "loss_scale", "grad_norm", "tokens_per_s", "samples_per_s", "tflops",
           "skipped_samples", "mem_gb")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from furnace.data.synthetic import build
-
-    out = tmp_path_factory.mktemp("data") / "synth"
-    meta = build(str(out), n=320, seed=0, image_size=32, shards=4, n_val=48)
-    return {"dir": str(out), "train": meta["train_pattern"], "val": meta["val_pattern"]}
-
-
-@pytest.fixture(scope="module")
-def full_run(data, tmp_path_factory):
-    """The uninterrupted reference: 6 steps, checkpoints at 3 and 6."""
-    run_dir = tmp_path_factory.mktemp("full") / "run"
-    res = run(train_cmd(run_dir, data, "train.max_steps=6", "train.save_every=3", "train.lr_decay_steps=6"))
-    assert res.returncode == 0, res.stderr[-3000:]
-    (run_dir.parent / "output.txt").write_text(res.stdout + res.stderr)
-    return run_dir
 
 
 def test_zero3_two_rank_smoke(full_run):
@@ -83,19 +64,26 @@ def test_resume_reproduces_uninterrupted_losses(full_run, data, tmp_path):
         assert got[step] == ref[step], (step, got[step], ref[step])
 
 
-def test_kill_during_save_keeps_latest_on_the_previous_checkpoint(full_run, data, tmp_path):
+@pytest.mark.parametrize("point,resumes_from", [("write", 3), ("marker", 3), ("latest", 6)])
+def test_kill_during_save_loses_nothing(point, resumes_from, full_run, data, tmp_path):
+    """Rank 0 dies while saving step 6: with files half written, or all written but not marked
+    complete, the run resumes from step 3; marked complete but `latest` not moved yet, from 6
+    (`latest` is only a hint). Either way the step-6 loss is the uninterrupted run's."""
     run_dir = tmp_path / "run"
     args = ("train.max_steps=6", "train.save_every=3", "train.lr_decay_steps=6")
-    killed = run(train_cmd(run_dir, data, *args, "debug.faults=die@6"))
+    killed = run(train_cmd(run_dir, data, *args, f"debug.faults=die-{point}@6"))
     assert killed.returncode != 0
     ck = run_dir / "checkpoints"
     assert (ck / "latest").read_text().strip() == "step00000003"
-    assert (ck / "step00000006").exists()  # the partial save is there, but not pointed at
+    assert (ck / "step00000006").exists() and (ck / "step00000003" / "complete.json").exists()
+    assert (ck / "step00000006" / "complete.json").exists() == (point == "latest")
     again = run(train_cmd(run_dir, data, *args))
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed from step00000003" in again.stderr
+    assert f"resumed from step{resumes_from:08d}" in again.stderr
     assert (ck / "latest").read_text().strip() == "step00000006"
+    assert (ck / "step00000006" / "complete.json").exists() and (ck / "step00000003" / "complete.json").exists()
     assert losses(run_dir)[6] == losses(full_run)[6]
+    assert [m["step"] for m in metrics(run_dir) if "loss" in m] == [1, 2, 3, 4, 5, 6]  # each step once
 
 
 def test_export_consolidates_zero3_checkpoint(full_run, tmp_path):
@@ -122,50 +110,19 @@ def test_export_consolidates_zero3_checkpoint(full_run, tmp_path):
         assert (lm(text).logits - model.lm(text)).abs().max() <= 1e-5
 
 
-def _wait_for(pred, timeout):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(0.5)
-    return False
-
-
-def _alive(pid) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _rank_pid(run_dir, rank):
-    log = run_dir / "logs" / f"rank{rank:03d}.log"
-    for line in log.read_text().splitlines():
-        if " pid " in line:
-            return int(line.split(" pid ")[1].split(",")[0])
-    raise AssertionError(f"no pid in {log}")
-
-
-def _start(run_dir, data, *extra):
-    return subprocess.Popen(train_cmd(run_dir, data, "train.max_steps=100000", "train.save_every=0", *extra),
-                            cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
 def test_sigkill_of_one_rank_stops_the_others_quickly(data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, data)
+    proc = start(run_dir, data)
     try:
-        assert _wait_for(lambda: len(metrics(run_dir)) >= 2, 240), "training did not start"
-        victim = _rank_pid(run_dir, 1)
+        assert wait_for(lambda: len(metrics(run_dir)) >= 2, 240), "training did not start"
+        victim = rank_pid(run_dir, 1)
         t0 = time.time()
         os.kill(victim, signal.SIGKILL)
         rc = proc.wait(timeout=90)
         assert rc != 0
         assert time.time() - t0 < 60
-        survivor = _rank_pid(run_dir, 0)
-        assert _wait_for(lambda: not _alive(survivor), 60 - (time.time() - t0))
+        survivor = rank_pid(run_dir, 0)
+        assert wait_for(lambda: not alive(survivor), 60 - (time.time() - t0))
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -173,11 +130,11 @@ def test_sigkill_of_one_rank_stops_the_others_quickly(data, tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = _start(run_dir, data)
+    proc = start(run_dir, data)
     try:
-        assert _wait_for(lambda: len(metrics(run_dir)) >= 2, 240), "training did not start"
+        assert wait_for(lambda: len(metrics(run_dir)) >= 2, 240), "training did not start"
         for r in (0, 1):  # what a scheduler does: SIGTERM to every task
-            os.kill(_rank_pid(run_dir, r), signal.SIGTERM)
+            os.kill(rank_pid(run_dir, r), signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out[-3000:]
         tag = (run_dir / "checkpoints" / "latest").read_text().strip()

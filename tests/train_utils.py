@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ def env(**extra) -> dict:
     set, train.py would take itself for an already launched rank)."""
     e = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
     e.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra})
-    return e
+    return {k: v for k, v in e.items() if v is not None}  # extra KEY=None removes KEY
 
 
 def run(cmd, timeout: int = 420, **env_extra) -> subprocess.CompletedProcess:
@@ -56,3 +57,35 @@ def metrics(run_dir) -> list[dict]:
 
 def losses(run_dir) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m}
+
+
+def start(run_dir, data, *extra, **env_extra) -> subprocess.Popen:
+    """A long run in the background, in a session of its own (signals can reach it as a group)."""
+    return subprocess.Popen(train_cmd(run_dir, data, "train.max_steps=100000", "train.save_every=0", *extra),
+                            cwd=ROOT, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def wait_for(pred, timeout) -> bool:
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def alive(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def rank_pid(run_dir, rank) -> int:
+    log = Path(run_dir) / "logs" / f"rank{rank:03d}.log"
+    for line in log.read_text().splitlines():
+        if " pid " in line:
+            return int(line.split(" pid ")[1].split(",")[0])
+    raise AssertionError(f"no pid in {log}")

@@ -284,6 +284,7 @@ class ShardLoader:
         for k in range(w, total, W):
             if k not in emitted:
                 yield emit(k)
+        yield None, {"worker": w, "pos": None, "skipped": dict(counter)}  # the final counts, with no batch
 
     # ------------------------------------------------------------------ iteration / state
     def __iter__(self):
@@ -309,6 +310,8 @@ class ShardLoader:
             if meta["pos"] is not None:
                 self._positions[w] = meta["pos"]
             self._worker_skips[w] = Counter(meta["skipped"])
+            if batch is None:
+                continue
             self._batches += 1
             self.last_keys, self.last_sources = meta["keys"], meta["sources"]
             self.last_meta = meta

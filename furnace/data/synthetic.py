@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from furnace.data.shards import ShardWriter
+from furnace.system import usable_cores
 from furnace.data.tokenizer import build_word_tokenizer, save_tokenizer
 
 COLOURS = {
@@ -151,8 +152,7 @@ def write_split(out: str, split: str, n: int, seed: int, image_size: int = 32, s
                 progress: bool = False) -> dict:
     maxcount = max(1, math.ceil(n / max(1, shards)))
     writer = ShardWriter(out, split, maxcount=maxcount, image_format="png")
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # macOS lacks it
-    workers = min(8, cpus)
+    workers = min(8, usable_cores())
     for img, cap in tqdm(generate(n, seed, split, image_size, workers), total=n, desc=f"synthetic {split}",
                          disable=not progress, unit="sample"):
         writer.add_caption(img, cap)

@@ -67,6 +67,8 @@ def save_tokenizer(tok, path: str | os.PathLike) -> None:
 
 def load_tokenizer(path: str | os.PathLike):
     """`path`: a local HF tokenizer directory (tokenizer.json etc.)."""
+    if path is None:
+        raise FileNotFoundError("no tokenizer directory given; pass a local HF tokenizer dir (data.tokenizer)")
     path = str(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path!r} not found; pass a local HF tokenizer dir "

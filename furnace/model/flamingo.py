@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from furnace.config import ModelConfig
-from furnace.tokens import IGNORE_INDEX, IMAGE_TOKEN, build_labels, text_time
+from furnace.tokens import IGNORE_INDEX, IMAGE_TOKEN, build_labels, positions, text_time
 
 from . import llama
 from .layers import run_block
@@ -118,10 +118,6 @@ def output_logits(h: torch.Tensor, lm_head: nn.Module, new_head: nn.Module | Non
     return logits
 
 
-def default_positions(input_ids: torch.Tensor) -> torch.Tensor:
-    return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-
-
 # ------------------------------------------------------------------ the model
 
 class NewTokens(nn.Module):
@@ -203,14 +199,14 @@ class FlamingoModel(nn.Module):
         """Logits of the decoder with xattn blocks; latents [B, T*n, dv]."""
         h = self.embed(input_ids)
         if position_ids is None:
-            position_ids = default_positions(input_ids)
+            position_ids = positions(input_ids)
         cos, sin = self.lm.rope(position_ids, h.dtype)
         for i, layer in enumerate(self.lm.layers):
             j = self.xattn_index(i)
+            xattn = None if j is None else self.xattn[j]
             media_kv = None if media_kvs is None or j is None else media_kvs[j]
-            h = run_block(self, decoder_block, layer, self.xattn_for(i), h, cos, sin, latents, media_segment,
-                          text_times, segment_ids, kv_segment_ids, media_kv,
-                          cache=None if caches is None else caches[i])
+            h = run_block(self, decoder_block, layer, xattn, h, cos, sin, latents, media_segment, text_times,
+                          segment_ids, kv_segment_ids, media_kv, cache=None if caches is None else caches[i])
         return self.head(self.lm.norm(h))
 
     # -------------------------------------------------------------- training

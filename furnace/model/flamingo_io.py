@@ -58,7 +58,7 @@ def save_flamingo(model: FlamingoModel, path, model_config: dict) -> None:
 def load_flamingo(path) -> FlamingoModel:
     meta = json.loads((Path(path) / "flamingo.json").read_text())
     mcfg = ModelConfig()
-    update(mcfg, meta["model"], "model.")
+    update(mcfg, meta["model"], "model.", saved=True)
     lm = Llama(llama.config_from_hf(meta["lm_config"]), hf_config=meta["lm_config"])
     cfg_cls, cls = KINDS[meta["vision_kind"]]
     vision = VisionTower(cls(cfg_cls(**meta["vision_config"])), meta["vision_kind"], mcfg.freeze_vision)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from furnace.config import LMConfig
+from furnace.tokens import positions
 from furnace_kernels import attention
 
 from .hf_io import load_weights, read_config, save_weights, write_config
@@ -166,7 +167,7 @@ class Llama(nn.Module):
         (packed documents, or left padding with 0 for pads)."""
         h = self.embed_tokens(input_ids)
         if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            position_ids = positions(input_ids)
         cos, sin = self.rope(position_ids, h.dtype)
         for layer in self.layers:
             h = run_block(self, layer, h, cos, sin, segment_ids, None)

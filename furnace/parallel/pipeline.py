@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from furnace.model.flamingo import (check_media, decoder_block, default_positions, embed_tokens, media_context,
-                                    output_logits)
+from furnace.model.flamingo import check_media, decoder_block, embed_tokens, media_context, output_logits
 from furnace.model.layers import run_block
 from furnace.model.llama import rope_cos_sin
+from furnace.tokens import positions
 
 
 class MediaStage(nn.Module):
@@ -41,13 +41,14 @@ class MediaStage(nn.Module):
         self.image_token_id = model.image_token_id
 
     def forward(self, inputs):
-        input_ids, images, media_valid, *rest = inputs
+        input_ids, images, media_valid, *pos_seg = inputs
         media_valid = media_valid.bool()
         check_media(input_ids, media_valid, self.image_token_id)
         latents, seg, tt = media_context(self.vision, self.perceiver, input_ids, images, media_valid,
                                          self.image_token_id)
-        positions = rest if rest else [default_positions(input_ids).contiguous()]  # sends need contiguous
-        return (input_ids, latents, seg, tt, *positions)
+        if not pos_seg:
+            pos_seg = [positions(input_ids).contiguous()]  # sends need contiguous tensors
+        return (input_ids, latents, seg, tt, *pos_seg)
 
 
 class EmbedHead(nn.Module):
@@ -96,8 +97,12 @@ class BlockStage(nn.Module):
         super().__init__()
         self.xattn = model.xattn_for(i)
         self.layer = model.lm.layers[i]
-        self.activation_checkpointing = model.activation_checkpointing
+        self._model = [model]  # a list: its parameters belong to the stages, not to this one twice
         self.register_buffer("inv_freq", model.lm.inv_freq.clone(), persistent=False)
+
+    @property
+    def activation_checkpointing(self) -> bool:  # the model's own setting, read where it is decided
+        return self._model[0].activation_checkpointing
 
     def forward(self, inputs):
         h, latents, seg, tt, position_ids, *segments = inputs
@@ -148,15 +153,15 @@ def flamingo_pipeline(model, topology, *, partition_method: str = "parameters"):
 
 
 def batch_to_pipe(batch: dict):
-    """The batch dict as the PipelineEngine wants it: ((stage-0 inputs), labels). Packed rows
-    (with segment_ids) carry their position_ids and segment_ids along."""
+    """The batch dict as the PipelineEngine wants it: ((stage-0 inputs), labels), with the
+    batch's position_ids and segment_ids (packed rows) when it has them."""
     labels = batch.get("labels")
     if labels is None:
         raise ValueError("pipeline batches need labels")
     inputs = (batch["input_ids"], batch["images"], batch["media_valid"])
-    if batch.get("segment_ids") is not None:
-        positions = batch.get("position_ids")
+    positions, segments = batch.get("position_ids"), batch.get("segment_ids")
+    if positions is not None or segments is not None:
         if positions is None:
-            positions = default_positions(batch["input_ids"])
-        inputs += (positions, batch["segment_ids"])
+            positions = positions(batch["input_ids"]).contiguous()
+        inputs += (positions,) if segments is None else (positions, segments)
     return inputs, labels

@@ -47,6 +47,20 @@ def gather_by_block(model: nn.Module) -> int:
     return len(blocks)
 
 
+def scaler_from_deepspeed(ds_scaler) -> DynamicLossScaler:
+    """furnace's DynamicLossScaler with the configuration and state of a DeepSpeed one."""
+    s = DynamicLossScaler(ds_scaler.cur_scale, growth_factor=ds_scaler.scale_factor,
+                          backoff_factor=1.0 / ds_scaler.scale_factor, growth_interval=ds_scaler.scale_window,
+                          hysteresis=ds_scaler.delayed_shift, consecutive_hysteresis=ds_scaler.consecutive_hysteresis,
+                          min_scale=ds_scaler.min_scale,
+                          raise_error_at_min_scale=getattr(ds_scaler, "raise_error_at_min_scale", True),
+                          dtype=getattr(ds_scaler, "dtype", torch.float16))
+    s.cur_iter = ds_scaler.cur_iter
+    s.last_overflow_iter = ds_scaler.last_overflow_iter
+    s.cur_hysteresis = ds_scaler.cur_hysteresis
+    return s
+
+
 def install_fused_loss_scaling(engine_or_optimizer, *, replace_scaler: bool = True, backend: str | None = None):
     """Route a DeepSpeed ZeRO-3 optimizer's overflow check, gradient norm and unscale/clip
     through one `grad_stats` pass, one all-reduce and one multiply.
@@ -83,7 +97,7 @@ def install_fused_loss_scaling(engine_or_optimizer, *, replace_scaler: bool = Tr
         return opt
 
     if replace_scaler and getattr(opt.loss_scaler, "dynamic", False) and not isinstance(opt.loss_scaler, DynamicLossScaler):
-        opt.loss_scaler = DynamicLossScaler.from_deepspeed(opt.loss_scaler)
+        opt.loss_scaler = scaler_from_deepspeed(opt.loss_scaler)
 
     state = {"sumsq": None, "scale": None}
 

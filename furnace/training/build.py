@@ -40,7 +40,6 @@ class Components:
     model: FlamingoModel     # with this rank's tensor-parallel shards; under PP its modules live in `pipe`
     pipe: Any                # the deepspeed PipelineModule (layout B), else None
     engine: Any
-    ds_config: dict
     flops: dict              # FLOPs of one sample at (max_length, max_images) of the whole model
     train_loader: Any        # None when built with loaders=False
 
@@ -52,12 +51,6 @@ class Components:
         """This dp rank's share of the validation set, one pass, decoded in this process."""
         return build_loader(self.cfg, self.tokenizer, self.model, self.topology, split="val",
                             batch_size=batch_size, num_workers=0)
-
-
-def data_paths(cfg: Config, *, progress: bool = False) -> dict:
-    """{"train_shards", "val_shards", "tokenizer"}: draws the synthetic demo set into
-    `data.synthetic_dir` first when the configured shards are missing."""
-    return ensure_demo_data(cfg.data, progress=progress)
 
 
 def build_tokenizer(tokenizer_dir: str | None):
@@ -96,7 +89,8 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
     dp = topology.dp
     grad_accum = gradient_accumulation_steps(cfg, dp)
     if tokenizer is None:
-        tok_dir = data_paths(cfg, progress=progress)["tokenizer"] if loaders else cfg.data.tokenizer
+        # with data: the synthetic demo set is drawn first when its shards are missing
+        tok_dir = ensure_demo_data(cfg.data, progress=progress)["tokenizer"] if loaders else cfg.data.tokenizer
         tokenizer = build_tokenizer(tok_dir)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg, tokenizer)
@@ -105,10 +99,10 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
     if topology.tp > 1:
         parallelize(model, topology)  # this rank's shards of the full, seeded weights
     pipe = flamingo_pipeline(model, topology) if topology.pp > 1 else None
-    engine, ds_config = eng.initialize(cfg, pipe if pipe is not None else model, topology, dp, grad_accum)
+    engine, _ = eng.initialize(cfg, pipe if pipe is not None else model, topology, dp, grad_accum)
     train_loader = None
     if loaders:
         train_loader = build_loader(cfg, tokenizer, model, topology, split="train",
                                     batch_size=cfg.train.micro_batch_size)
     return Components(cfg=cfg, topology=topology, dp=dp, grad_accum=grad_accum, tokenizer=tokenizer, model=model,
-                      pipe=pipe, engine=engine, ds_config=ds_config, flops=flops, train_loader=train_loader)
+                      pipe=pipe, engine=engine, flops=flops, train_loader=train_loader)

@@ -1,15 +1,23 @@
 """Checkpoints: DeepSpeed's (module, optimizer, scheduler) + per-rank furnace state (loader
 position, RNG states, step) + the config, under `<run_dir>/checkpoints/stepNNNNNNNN/`.
 
-`latest` is written last, atomically, after every rank finished: a kill at any point of a save
-leaves `latest` on the previous complete one.
+A tag is complete only once `complete.json` is in it: rank 0 writes that marker (the tag's
+files and their sizes, the layout, the tokenizer's fingerprint) after every rank's files are
+written and fsynced. `latest` is only a hint for people and tools. Resuming takes the newest
+complete tag whose files are all there at their recorded sizes (rank 0 decides, every rank
+checks its own state file, all agree before anything loads); a damaged tag is reported by name
+and set aside, and the one before it is used. Pruning deletes only complete tags beyond
+`train.keep_checkpoints` and partial saves, never the newest complete ones.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import logging
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -19,10 +27,33 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from furnace.training.faults import Faults
+from furnace.training.safe_load import allowed_global_names
 
 LATEST = "latest"
+MARKER = "complete.json"
 FULL_MODEL = "full_model.safetensors"
+TAG = re.compile(r"^step\d{8}$")
+log = logging.getLogger("furnace")
 
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used as asked; the message is one line that names the fix."""
+
+
+def tag_of(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def rank_state_file(rank: int) -> str:
+    return f"furnace_rank{rank:05d}.pt"
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides the token ids: the tokenizer's full definition (vocabulary, merges, specials)."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ RNG state
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
@@ -47,16 +78,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# ------------------------------------------------------------------ files
+
 def checkpoint_dir(run_dir) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def latest_tag(run_dir) -> str | None:
-    f = checkpoint_dir(run_dir) / LATEST
-    if not f.exists():
-        return None
-    tag = f.read_text().strip()
-    return tag if (checkpoint_dir(run_dir) / tag).is_dir() else None
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file under `path` that this host wrote, and the directories naming them."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(root))
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -66,32 +111,74 @@ def _atomic_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_DIRECTORY)
+    _fsync_dir(path.parent)
+
+
+def _tags(ckdir: Path) -> list[Path]:
+    """Tag directories, newest first."""
+    if not ckdir.is_dir():
+        return []
+    return sorted((p for p in ckdir.iterdir() if p.is_dir() and TAG.match(p.name)), reverse=True)
+
+
+def verify(tagdir: Path) -> str | None:
+    """None when `tagdir` is a complete checkpoint with every file at its recorded size; else
+    what is wrong ("incomplete" when there is no marker)."""
+    marker = tagdir / MARKER
+    if not marker.is_file():
+        return "incomplete"
     try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MARKER} is unreadable"
+    for name, size in files.items():
+        p = tagdir / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != size:
+            return f"{name} has {p.stat().st_size} bytes where {size} were written"
+    return None
 
 
+def read_marker(tagdir: Path) -> dict:
+    return json.loads((tagdir / MARKER).read_text())
 
-def save_checkpoint(engine, run_dir, step: int, rank_state: dict, config: dict, *, keep: int = 2,
+
+# ------------------------------------------------------------------ save
+
+def save_checkpoint(engine, run_dir, step: int, rank_state: dict, config: dict, meta: dict, *, keep: int = 2,
                     full_state: dict | None = None, faults: Faults | None = None) -> str:
-    """Collective: every rank calls it. Returns the tag. `full_state` (tensor/pipeline-parallel
-    layouts: the model gathered into one plain state_dict) is written by rank 0 next to
-    DeepSpeed's files, for export; resuming uses DeepSpeed's per-rank files. `faults`: the
-    run's fault drills (debug.faults), which may stop a rank between the files and `latest`."""
+    """Collective: every rank calls it. Returns the tag. `meta` goes into the marker (layout,
+    tokenizer fingerprint). `full_state` (tensor/pipeline-parallel layouts: the model gathered
+    into one plain state_dict) is written by rank 0 next to DeepSpeed's files, for export.
+    `faults`: the run's fault drills, which may stop rank 0 at a point of the save."""
     ckdir = checkpoint_dir(run_dir)
-    tag = f"step{step:08d}"
+    tag = tag_of(step)
+    tagdir = ckdir / tag
     rank = dist.get_rank()
+    if rank == 0 and (tagdir / MARKER).exists():  # rewriting a tag: it is incomplete until the end
+        (tagdir / MARKER).unlink()
+        _fsync_dir(tagdir)
+    dist.barrier()
     engine.save_checkpoint(str(ckdir), tag=tag, client_state={"step": step}, save_latest=False)
-    torch.save(rank_state, ckdir / tag / f"furnace_rank{rank:05d}.pt")
+    torch.save(rank_state, tagdir / rank_state_file(rank))
     if rank == 0:
-        (ckdir / tag / "config.json").write_text(json.dumps(config, indent=2))
+        (tagdir / "config.json").write_text(json.dumps(config, indent=2))
         if full_state is not None:
-            save_file({k: v.contiguous() for k, v in full_state.items()}, str(ckdir / tag / FULL_MODEL))
+            save_file({k: v.contiguous() for k, v in full_state.items()}, str(tagdir / FULL_MODEL))
+    if faults is not None:
+        faults.maybe_die(step, "write")
+    dist.barrier()
+    _fsync_tree(tagdir)
     dist.barrier()
     if faults is not None:
-        faults.maybe_die(step)
+        faults.maybe_die(step, "marker")
+    if rank == 0:
+        files = {str(p.relative_to(tagdir)): p.stat().st_size for p in sorted(tagdir.rglob("*"))
+                 if p.is_file() and p.name != MARKER}
+        _atomic_write(tagdir / MARKER, json.dumps({"step": step, **meta, "files": files}, indent=1))
+    if faults is not None:
+        faults.maybe_die(step, "latest")
     if rank == 0:
         _atomic_write(ckdir / LATEST, tag)
         _prune(ckdir, keep, current=tag)
@@ -100,28 +187,82 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, config: dict, 
 
 
 def _prune(ckdir: Path, keep: int, current: str) -> None:
-    tags = sorted(p for p in ckdir.iterdir() if p.is_dir() and p.name.startswith("step"))
-    complete = [p for p in tags if p.name <= current]
-    for p in complete[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
-    # Directories newer than `latest` are partial saves from a killed run: drop them too.
-    for p in tags:
-        if p.name > current:
+    """Drop complete tags beyond the newest `keep` and partial saves; never the current one."""
+    complete = 0
+    for p in _tags(ckdir):
+        if p.name == current:
+            complete += 1
+            continue
+        if not (p / MARKER).exists():  # a save that never finished: no checkpoint to lose
             shutil.rmtree(p, ignore_errors=True)
+        elif complete >= keep:
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            complete += 1
 
 
-def load_checkpoint(engine, run_dir) -> dict | None:
-    """Collective. Loads `latest` if any; returns this rank's furnace state (or None)."""
-    tag = latest_tag(run_dir)
-    if tag is None:
-        return None
+# ------------------------------------------------------------------ resume
+
+def choose_resume_tag(run_dir, *, set_aside: bool = True) -> tuple[str | None, list[str]]:
+    """(the newest complete, intact tag or None, what was found on the way, one line each).
+    With `set_aside`, damaged tags are renamed to `<tag>.damaged` so that no later run trips
+    over them (and the next save cannot take their place)."""
+    ckdir = checkpoint_dir(run_dir)
+    notes: list[str] = []
+    tags = _tags(ckdir)
+    latest_file = ckdir / LATEST
+    hint = latest_file.read_bytes().decode("utf-8", "replace").strip() if latest_file.is_file() else None
+    chosen = None
+    for p in tags:
+        problem = verify(p)
+        if problem is None:
+            chosen = p.name
+            break
+        if problem == "incomplete":
+            notes.append(f"checkpoint {p.name} is incomplete (its save was interrupted); it is skipped")
+            continue
+        if not set_aside:
+            notes.append(f"checkpoint {p.name} is damaged ({problem}); using an earlier checkpoint")
+            continue
+        aside = p.with_name(f"{p.name}.damaged")
+        n = 1
+        while aside.exists():
+            aside, n = p.with_name(f"{p.name}.damaged{n}"), n + 1
+        p.rename(aside)
+        notes.append(f"checkpoint {p.name} is damaged ({problem}); moved to {aside.name}, resuming from an "
+                     "earlier checkpoint")
+    if chosen is None and tags and not any((p / MARKER).exists() for p in tags) and hint in {p.name for p in tags}:
+        chosen = hint  # written before furnace marked complete checkpoints: `latest` was the record
+        notes.append(f"checkpoint {hint} has no completion marker (an older furnace wrote it); trusting `latest`")
+    if chosen is not None and hint != chosen:
+        said = "is missing" if hint is None else f"names {hint!r}"
+        notes.append(f"checkpoints/latest {said}; resuming from the newest complete checkpoint, {chosen}")
+        if set_aside:  # the hint is for people and tools: make it true again
+            _atomic_write(latest_file, chosen)
+    return chosen, notes
+
+
+def unsafe_globals(tagdir: Path) -> list[str]:
+    """'file: global' for every pickled global in the tag's .pt files outside the allowlist:
+    what loading would have to import and call."""
+    allowed = allowed_global_names()
+    out = []
+    for p in sorted(tagdir.rglob("*.pt")):
+        try:
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
+        except Exception as e:  # not a torch file at all
+            out.append(f"{p.name}: unreadable ({type(e).__name__})")
+            continue
+        out.extend(f"{p.name}: {g}" for g in names if g not in allowed)
+    return out
+
+
+def load_checkpoint(engine, run_dir, tag: str) -> dict:
+    """Collective. Loads `tag` (chosen by `choose_resume_tag` on rank 0 and agreed on); returns
+    this rank's furnace state."""
     ckdir = checkpoint_dir(run_dir)
     engine.load_checkpoint(str(ckdir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    path = ckdir / tag / f"furnace_rank{dist.get_rank():05d}.pt"
-    if not path.exists():
-        raise RuntimeError(f"{path} missing: checkpoint {tag} was written with another world size; "
-                           "resume with the same layout (parallel.tp/pp and number of ranks)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(ckdir / tag / rank_state_file(dist.get_rank()), map_location="cpu", weights_only=True)
 
 
 def config_snapshot(cfg) -> dict:

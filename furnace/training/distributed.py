@@ -1,6 +1,7 @@
 """Process groups: DeepSpeed's communication backend on NCCL or gloo, and host-side reductions."""
 from __future__ import annotations
 
+import datetime
 import importlib
 import os
 import socket
@@ -31,19 +32,21 @@ def skip_inference_shm_op() -> None:
         ds_torch_comm.build_shm_op = lambda: None
 
 
-def init_distributed(**kw) -> None:
-    """DeepSpeed's process group: NCCL with this rank's GPU (LOCAL_RANK) on CUDA hosts, gloo elsewhere.
-    Without a launcher's environment (RANK, WORLD_SIZE) it starts a 1-rank group on a free port;
-    a torch.distributed group that exists already is adopted as it is."""
+def init_distributed(timeout: datetime.timedelta | None = None) -> None:
+    """DeepSpeed's process group: NCCL with this rank's GPU (LOCAL_RANK) on CUDA hosts, gloo
+    elsewhere, from a launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR, ...). Without one,
+    a 1-rank group on a free local port (benchmarks, notebooks); a torch.distributed group that
+    exists already is adopted as it is."""
     import deepspeed
 
-    if "RANK" not in os.environ and not dist.is_initialized():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    kw = {} if timeout is None else {"timeout": timeout}
+    if "RANK" not in os.environ and not dist.is_initialized():
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, **kw)
     skip_inference_shm_op()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", **kw)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kw)
 
 
 def all_reduce_host(t: torch.Tensor, group=None) -> torch.Tensor:

@@ -46,7 +46,6 @@ def build_ds_config(cfg, dp: int, grad_accum: int) -> dict:
         ds["fp16"] = fp16 or _read_ds_config("zero3_fp16")["fp16"]
     if p.pp > 1:
         pipe = ds.setdefault("pipeline", {})
-        pipe["activation_checkpoint_interval"] = 0  # the model checkpoints its own blocks (model.activation_checkpointing)
         # Send whole activations between stages: the latents travel with the hidden states and
         # need their gradients back, which DeepSpeed's tp-partitioned sends do not carry.
         pipe["pipe_partitioned"] = False
@@ -69,8 +68,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay, "name": "decay"},
+                          {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}) if g["params"]]
     return groups
 
 

@@ -1,17 +1,29 @@
 """`train.py`'s command line: parse, validate before any process group exists, then either run
-this rank (under a launcher: deepspeed, torchrun, SLURM) or, started bare, launch the local
-ranks with torch's launcher (no ssh needed)."""
+this rank (under a launcher: deepspeed, torchrun, SLURM) or, started bare, start the local ranks
+itself (no ssh, no rendezvous service).
+
+The bare launcher gives each rank cores / ranks threads (unless OMP_NUM_THREADS is set), passes
+SIGTERM and SIGINT on to the ranks and waits for them (they save and exit 0; a second signal
+kills them), stops the others when one rank fails, and never leaves a rank behind: a rank whose
+launcher dies gets SIGTERM.
+"""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import torch
 
 from furnace.config import ConfigError, load_config, validate
-from furnace.training.faults import Faults
+from furnace.system import usable_cores
+from furnace.training.distributed import free_port
+
+GRACE_S = 10  # after one rank failed: how long the others get to notice before SIGTERM, then SIGKILL
 
 
 def parse_args(argv=None):
@@ -35,25 +47,74 @@ def local_world_size(args) -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 2
 
 
-def _without_nproc(argv):
-    """Drop --nproc for the children (torchrun's parser would take it as its own --nproc-per-node)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            out.append(a)
-    return out
+def _die_with_parent() -> None:
+    """In a rank, before exec: SIGTERM when the launcher goes, however it goes (Linux)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: a killed launcher can orphan its ranks
+        pass
+
+
+class LocalRanks:
+    """`nproc` ranks of this same command on this host, and what the launcher does for them."""
+
+    def __init__(self, argv, nproc: int):
+        self.nproc = nproc
+        target = [os.path.abspath(sys.argv[0])] if os.path.isfile(sys.argv[0]) else ["-m", "furnace.training.launch"]
+        threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, usable_cores() // nproc))
+        port = str(free_port())
+        self.procs = []
+        for r in range(nproc):
+            env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc),
+                   "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                   "OMP_NUM_THREADS": threads}
+            self.procs.append(subprocess.Popen([sys.executable, *target, *argv], env=env, preexec_fn=_die_with_parent))
+        self.signals = 0
+
+    def forward(self, signum, frame) -> None:
+        self.signals += 1
+        name = signal.Signals(signum).name
+        if self.signals == 1:
+            print(f"furnace: {name}: the ranks save a checkpoint at the end of this step and stop "
+                  "(a second signal kills them)", file=sys.stderr, flush=True)
+            self._send(signal.SIGTERM)
+        else:
+            self._send(signal.SIGKILL)
+
+    def _send(self, sig) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(sig)
+
+    def wait(self) -> int:
+        """0 when every rank exited 0; else the first failing rank's status."""
+        failed_at, status = None, 0
+        while any(p.poll() is None for p in self.procs):
+            codes = [p.poll() for p in self.procs]
+            if failed_at is None and any(c not in (None, 0) for c in codes):
+                failed_at = time.monotonic()
+                status = next(c for c in codes if c not in (None, 0))
+            if failed_at is not None:  # the others may be waiting for the failed one in a collective
+                waited = time.monotonic() - failed_at
+                if waited > 2 * GRACE_S:
+                    self._send(signal.SIGKILL)
+                elif waited > GRACE_S:
+                    self._send(signal.SIGTERM)
+            time.sleep(0.2)
+        for r, p in enumerate(self.procs):
+            if p.returncode < 0:
+                print(f"furnace: rank {r} was killed by {signal.Signals(-p.returncode).name}", file=sys.stderr)
+        return status or next((p.returncode for p in self.procs if p.returncode), 0)
 
 
 def relaunch(argv, nproc: int) -> int:
-    """Start `nproc` local ranks of this same command with torch's launcher (no ssh needed)."""
-    target = [os.path.abspath(sys.argv[0])] if os.path.isfile(sys.argv[0]) else ["-m", "furnace.training.launch"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *target, *argv]
-    print(f"furnace: no launcher found; starting {nproc} local ranks: {' '.join(cmd)}", flush=True)
-    return subprocess.call(cmd)
+    """Start `nproc` local ranks of this same command and wait for them."""
+    print(f"furnace: no launcher found; starting {nproc} local ranks", flush=True)
+    ranks = LocalRanks(argv, nproc)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, ranks.forward)
+    code = ranks.wait()
+    return 128 + -code if code < 0 else code
 
 
 def main(argv=None) -> int:
@@ -61,19 +122,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set)
+        if args.nproc < 0:
+            raise ConfigError(f"--nproc must be >= 1 (or 0: one rank per GPU, else 2); got {args.nproc}")
         world = int(os.environ["WORLD_SIZE"]) if launched() else local_world_size(args)
-        dp = validate(cfg, world)
-        Faults(cfg.debug.faults, 0)  # a malformed drill fails here, not on some rank later
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+        validate(cfg, world)
+    except (ConfigError, FileNotFoundError) as e:
         print(f"furnace: config error: {e}", file=sys.stderr)
         return 2
     if not launched():
-        return relaunch(_without_nproc(argv), world)
+        return relaunch(argv, world)
     # Only the ranks load the trainer (transformers, DeepSpeed: seconds of imports); the bare
     # launcher and a config error stay fast.
     from furnace.training.trainer import Trainer
 
-    return Trainer(cfg, dp).run()
+    return Trainer(cfg).run()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from furnace.parallel.tensor import ColumnParallelLinear, RowParallelLinear
+from furnace.system import usable_cores
 
 # Dense bf16 peak TFLOP/s by device name fragment (vendor datasheets).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -150,20 +151,41 @@ class ThroughputMeter:
 
 
 class MetricsWriter:
-    """`<run_dir>/metrics.jsonl` (appended across resumes) and TensorBoard events."""
+    """`<run_dir>/metrics.jsonl` and TensorBoard events, continued across resumes: records past
+    `resume_step` (written after the checkpoint the run resumes from) are moved to
+    `metrics.discarded.jsonl`, and TensorBoard purges its events past that step, so every step
+    appears once."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._cut(resume_step)
             try:  # tensorboard is optional
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1)
             except ImportError:  # tensorboard missing: JSONL only
                 self.tb = None
+
+    def _cut(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep, drop = [], []
+        for line in self.path.read_text().splitlines(keepends=True):
+            try:
+                past = json.loads(line).get("step", 0) > step
+            except (ValueError, AttributeError):  # a line cut short by a crash
+                past = True
+            (drop if past else keep).append(line)
+        if drop:
+            with open(self.path.with_name("metrics.discarded.jsonl"), "a") as f:
+                f.writelines(drop)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -210,7 +232,7 @@ def run_info(argv: list[str] | None = None) -> dict:
         except Exception:  # not installed here
             versions[name.lower()] = None
     cpu = {"model": _cpu_model(), "logical_cores": os.cpu_count(),
-           "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+           "usable_cores": usable_cores(),
            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     if torch.cuda.is_available():
         device, count = torch.cuda.get_device_name(), torch.cuda.device_count()

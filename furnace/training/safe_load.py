@@ -1,5 +1,7 @@
 """Loading checkpoints without unpickling code: torch.load with weights_only=True and an
-allowlist of the few classes DeepSpeed's checkpoints hold, wired into DeepSpeed's loaders."""
+allowlist of the few classes DeepSpeed's checkpoints hold, wired into DeepSpeed's loaders.
+DeepSpeed paths that unpickle on their own terms (other checkpoint engines, universal
+checkpoints) are refused when the engine is built."""
 from __future__ import annotations
 
 import contextlib
@@ -19,6 +21,15 @@ def _checkpoint_globals() -> list:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address, FusedScaler]
 
 
+def allowed_global_names() -> set[str]:
+    """The allowlist as torch.serialization names globals ("module.QualName")."""
+    return {f"{c.__module__}.{c.__qualname__}" for c in _checkpoint_globals()}
+
+
+class UnsafeCheckpointLoading(RuntimeError):
+    """A DeepSpeed setting would load checkpoints by unpickling them."""
+
+
 def safe_load(path, map_location=None, **kw):
     """torch.load with weights_only=True and the allowlist above: a checkpoint cannot run code."""
     kw["weights_only"] = True
@@ -30,17 +41,21 @@ _TORCH_LOAD = torch.load
 
 
 def use_safe_checkpoint_loading(engine) -> None:
-    """DeepSpeed's torch checkpoint engine unpickles with weights_only=False; swap in a subclass
-    whose load is `safe_load` (saving is unchanged)."""
+    """DeepSpeed's torch checkpoint engine unpickles with weights_only=False; make its load
+    `safe_load` (saving is unchanged). Any other checkpoint engine, and universal checkpoint
+    loading, are refused: their loaders unpickle."""
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            return safe_load(path, map_location=map_location)
-
     ce = getattr(engine, "checkpoint_engine", None)
-    if type(ce) is TorchCheckpointEngine:
-        ce.__class__ = SafeTorchCheckpointEngine
+    if type(ce) is not TorchCheckpointEngine:
+        raise UnsafeCheckpointLoading(
+            f"DeepSpeed's {type(ce).__name__} loads checkpoints by unpickling them; furnace loads weights only: "
+            "remove the `checkpoint` engine settings from the DeepSpeed config")
+    load_universal = getattr(engine, "load_universal_checkpoint", None)
+    if load_universal is not None and load_universal():
+        raise UnsafeCheckpointLoading("DeepSpeed's universal checkpoint loading unpickles its files; furnace loads "
+                                      "weights only: remove checkpoint.load_universal from the DeepSpeed config")
+    ce.load = lambda path, map_location=None: safe_load(path, map_location=map_location)
 
 
 @contextlib.contextmanager

@@ -1,5 +1,10 @@
 """The training loop: build the run, resume, then steps with logging, evaluation, checkpoint
-cadence and signal handling. Started by `furnace.training.launch.main` on every rank."""
+cadence and signal handling. Started by `furnace.training.launch.main` on every rank.
+
+SIGTERM or SIGINT to any rank stops every rank at the end of the current step (the flag rides
+on the step's all-reduce): a due evaluation is skipped, a checkpoint is saved, the exit status
+is 0. An error a user can fix (a config, a checkpoint, a busy run_dir) is one line from rank 0
+and exit status 2; anything else is one line per failing rank naming its log, and status 1."""
 from __future__ import annotations
 
 import datetime
@@ -15,6 +20,7 @@ import torch.distributed as dist
 from deepspeed.utils import logger as ds_logger
 from tqdm import tqdm
 
+from furnace.config import ConfigError
 from furnace.parallel.apply import full_state_dict
 from furnace.parallel.pipeline import batch_to_pipe
 from furnace.parallel.topology import Topology
@@ -25,16 +31,23 @@ from furnace.training.engine import current_loss_scale
 from furnace.training.evaluate import caption_accuracy, evaluate_local, refresh_replica, summarize
 from furnace.training.faults import Faults
 from furnace.training.gate_grads import GateGrads
+from furnace.system import usable_cores
 from furnace.training.metrics import MetricsWriter, ThroughputMeter, device_peak_tflops, peak_memory_gb
+from furnace.training.resume import agree_on_resume, apply_honoured
+from furnace.training.run_lock import RunDirBusy, RunDirLock
+from furnace.training.safe_load import UnsafeCheckpointLoading
 
 log = logging.getLogger("furnace")
+log.addHandler(logging.NullHandler())  # nothing reaches the terminal before the rank's log is set up
+log.propagate = False
+# Errors every rank meets alike and a user can fix: one line, exit status 2.
+USER_ERRORS = (ConfigError, ckpt.CheckpointError, RunDirBusy, UnsafeCheckpointLoading, FloatingPointError)
 
 
 class Trainer:
-    def __init__(self, cfg, dp: int):
+    def __init__(self, cfg):
         self.cfg = cfg
-        self.dp = dp
-        self.stop_requested = False
+        self.stop_requested: str | bool = False  # the signal's name once one arrived
         self.replica = None  # plain copy of the model for evaluation (built on first use)
 
     # -------------------------------------------------------------- setup
@@ -50,13 +63,23 @@ class Trainer:
             sh = logging.StreamHandler(sys.stderr)
             sh.setFormatter(logging.Formatter("%(message)s"))
             sh.setLevel(logging.WARNING)
+            sh.addFilter(lambda record: record.levelno < logging.ERROR)  # errors: one line from `run`, tracebacks in the log
             log.addHandler(sh)
         log.setLevel(logging.INFO)
         log.propagate = False
 
-    def _on_sigterm(self, signum, frame):
-        self.stop_requested = True
-        log.warning("SIGTERM received: saving a checkpoint at the end of this step, then exiting")
+    def _on_stop_signal(self, signum, frame):
+        if not self.stop_requested:  # later signals (a launcher passing one on) change nothing
+            self.stop_requested = signal.Signals(signum).name
+            log.warning(f"{self.stop_requested} received: saving a checkpoint at the end of this step, then exiting")
+
+    def _threads(self) -> None:
+        """cores / local ranks intra-op threads unless the user set OMP_NUM_THREADS (every rank
+        using every core makes ranks on one host fight for them)."""
+        if "OMP_NUM_THREADS" in os.environ:
+            return
+        local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        torch.set_num_threads(max(1, usable_cores() // local))
 
     def setup(self) -> None:
         # DeepSpeed's per-call deprecation warnings would bury the progress bar.
@@ -65,11 +88,15 @@ class Trainer:
         ds_logger.setLevel(logging.WARNING)
 
         cfg = self.cfg
-        init_distributed(timeout=datetime.timedelta(minutes=30))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_stop_signal)
+        self._threads()
+        init_distributed(timeout=datetime.timedelta(minutes=cfg.train.dist_timeout_minutes))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._lock_run_dir()
         self._setup_logging(self.rank)
-        log.info("pid %d, world %d, host %s", os.getpid(), self.world, os.uname().nodename)
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        log.info("pid %d, world %d, host %s, %d threads", os.getpid(), self.world, os.uname().nodename,
+                 torch.get_num_threads())
         log.info("config: %s", cfg.to_dict())
         self.faults = Faults(cfg.debug.faults, self.rank)
 
@@ -77,17 +104,40 @@ class Trainer:
         c = self.components = build(cfg, self.topo, progress=self.rank == 0)
         self.tokenizer, self.model, self.pipe, self.engine = c.tokenizer, c.model, c.pipe, c.engine
         self.grad_accum, self.flops, self.loader, self.device = c.grad_accum, c.flops, c.train_loader, c.device
+        self.dp = c.dp
+        self.meta = {"tokenizer": ckpt.tokenizer_fingerprint(self.tokenizer), "world_size": self.world,
+                     "tp": self.topo.tp, "pp": self.topo.pp, "dp": self.dp}
+        tag = agree_on_resume(cfg.train.run_dir, cfg, self.meta)
         if self.rank == 0:  # the run carries its tokenizer: exports and evals need no other path
             self.tokenizer.save_pretrained(Path(cfg.train.run_dir) / "tokenizer")
         self.gate_grads = GateGrads(self.model, self.engine, self.pipe, self.topo) if cfg.debug.log_gate_grads else None
         self.step = 0
-        state = ckpt.load_checkpoint(self.engine, cfg.train.run_dir)
-        if state is not None:
+        if tag is not None:
+            state = ckpt.load_checkpoint(self.engine, cfg.train.run_dir, tag)
+            apply_honoured(self.engine, cfg)
             self.step = int(state["step"])
-            self.loader.load_state_dict(state["loader"])
+            try:
+                self.loader.load_state_dict(state["loader"])
+            except ValueError as e:
+                if not cfg.train.allow_config_change:
+                    raise
+                log.warning(f"the data stream starts over (train.allow_config_change): {e}")
             ckpt.set_rng_state(state["rng"])
-            log.warning(f"resumed from {ckpt.latest_tag(cfg.train.run_dir)} at step {self.step}")
-        self.writer = MetricsWriter(cfg.train.run_dir, enabled=self.rank == 0)
+            log.warning(f"resumed from {tag} at step {self.step}")
+        self.writer = MetricsWriter(cfg.train.run_dir, enabled=self.rank == 0, resume_step=self.step)
+
+    def _lock_run_dir(self) -> None:
+        """Rank 0 takes the run_dir's lock; every rank learns whether it could (collective)."""
+        self.lock = RunDirLock(self.cfg.train.run_dir)
+        box = [None]
+        if self.rank == 0:
+            try:
+                self.lock.acquire()
+            except RunDirBusy as e:
+                box = [str(e)]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise RunDirBusy(box[0])
 
     # -------------------------------------------------------------- steps
 
@@ -138,7 +188,7 @@ class Trainer:
         if self.topo.tp > 1 or self.topo.pp > 1:  # export cannot reassemble these offline: gather now
             full = full_state_dict(self.model, pipe=self.pipe, topology=self.topo)
         tag = ckpt.save_checkpoint(self.engine, self.cfg.train.run_dir, self.step, state,
-                                   ckpt.config_snapshot(self.cfg), keep=self.cfg.train.keep_checkpoints,
+                                   ckpt.config_snapshot(self.cfg), self.meta, keep=self.cfg.train.keep_checkpoints,
                                    full_state=full, faults=self.faults)
         log.warning(f"saved checkpoint {tag}")
 
@@ -159,19 +209,33 @@ class Trainer:
         return summarize(stats, examples, self.topo.get_data_parallel_group())
 
     def run(self) -> int:
+        """The exit status: 0 done or stopped by a signal, 2 an error the user can fix, 1 a failure."""
+        rank = int(os.environ.get("RANK", 0))
         try:
             self.setup()
             return self._loop()
-        except Exception:
+        except USER_ERRORS as e:  # every rank reached the same verdict: rank 0 says it once
+            log.error(str(e))
+            if rank == 0:
+                print(f"furnace: {e}", file=sys.stderr, flush=True)
+            return 2
+        except Exception as e:
             log.exception("training failed")
-            raise
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            where = Path(self.cfg.train.run_dir) / "logs" / f"rank{rank:03d}.log"
+            print(f"furnace: rank {rank} failed: {type(e).__name__}: {first} (traceback in {where})",
+                  file=sys.stderr, flush=True)
+            return 1
 
     def _loop(self) -> int:
         t = self.cfg.train
         it = iter(self.loader)
         meter = ThroughputMeter()
         peak = device_peak_tflops()
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=self.rank != 0, dynamic_ncols=True, desc="train")
+        # A bar on a terminal; in a log file, one plain line every train.log_every steps instead.
+        interactive = sys.stderr.isatty()
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=self.rank != 0 or not interactive,
+                   dynamic_ncols=True, desc="train")
         last_eval = None
         while self.step < t.max_steps:
             local, tokens, samples = self._train_step(it)
@@ -210,17 +274,22 @@ class Trainer:
                 log.info("step %d %s", self.step, rec)
                 bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.2e}", scale=f"{rec['loss_scale']:.0f}",
                                 tok_s=f"{rates['tokens_per_s']:.0f}", smp_s=f"{rates['samples_per_s']:.1f}", refresh=False)
+                if self.rank == 0 and not interactive:
+                    print(f"step {self.step}/{t.max_steps} loss {loss_val:.4f} lr {rec['lr']:.2e} "
+                          f"scale {rec['loss_scale']:.0f} tok/s {rates['tokens_per_s']:.0f} "
+                          f"samples/s {rates['samples_per_s']:.1f}", file=sys.stderr, flush=True)
             bar.update(1)
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps:
+            stop = stats[4] > 0
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps and not stop:
                 last_eval = self._eval_and_log()
                 meter.reset()
-            stop = stats[4] > 0
             if (t.save_every and self.step % t.save_every == 0) or stop or self.step == t.max_steps:
                 self.save()
                 meter.reset()
             if stop:
                 bar.close()
-                log.warning(f"stopped by SIGTERM at step {self.step}; re-run the same command to resume")
+                why = self.stop_requested or "a signal to another rank"
+                log.warning(f"stopped by {why} at step {self.step}; re-run the same command to resume")
                 return 0
         bar.close()
         if t.eval_every:

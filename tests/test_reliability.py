@@ -1,0 +1,251 @@
+"""What a run guarantees when things go wrong, in real processes (2 gloo ranks, ZeRO-3): damaged
+or missing checkpoint pointers, damaged tags, a second run on the same run_dir, config and
+tokenizer changes on resume, signals to the launcher, the ranks or the whole group, a planted
+pickle, an unusable validation set. docs/reliability.md lists these tests."""
+import json
+import math
+import os
+import shutil
+import signal
+import time
+
+import pytest
+import torch
+
+from furnace.training.engine import warmup_cosine
+from train_utils import alive, losses, metrics, rank_pid, run, start, train_cmd, wait_for
+
+pytestmark = pytest.mark.multirank
+ARGS = ("train.max_steps=6", "train.save_every=3", "train.lr_decay_steps=6")
+
+
+def copy_run(full_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run, run_dir)
+    return run_dir
+
+
+def furnace_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("furnace:") and "starting" not in line]
+
+
+# ------------------------------------------------------------------ checkpoints
+
+@pytest.mark.parametrize("damage", ["deleted", "garbled", "stale"])
+def test_latest_is_a_hint_the_newest_complete_tag_is_resumed(damage, full_run, data, tmp_path):
+    run_dir = copy_run(full_run, tmp_path)
+    latest = run_dir / "checkpoints" / "latest"
+    if damage == "deleted":
+        latest.unlink()
+    else:
+        latest.write_bytes(b"\x00\xffstep0000" if damage == "garbled" else b"step00000003")
+    res = run(train_cmd(run_dir, data, "train.max_steps=7", "train.save_every=3", "train.lr_decay_steps=6"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resumed from step00000006" in res.stderr and "checkpoints/latest" in res.stderr
+    assert latest.read_text().strip() == "step00000007"
+    assert [m["step"] for m in metrics(run_dir) if "loss" in m] == list(range(1, 8))
+
+
+def test_a_damaged_newest_tag_is_named_set_aside_and_the_previous_one_used(full_run, data, tmp_path):
+    run_dir = copy_run(full_run, tmp_path)
+    victim = run_dir / "checkpoints" / "step00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    res = run(train_cmd(run_dir, data, *ARGS))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "checkpoint step00000006 is damaged (zero_pp_rank_1_mp_rank_00_optim_states.pt has" in res.stderr
+    assert "resumed from step00000003" in res.stderr
+    assert (run_dir / "checkpoints" / "step00000006.damaged").is_dir()  # kept for a post-mortem, not deleted
+    ref, got = losses(full_run), losses(run_dir)
+    assert [got[s] for s in (4, 5, 6)] == [ref[s] for s in (4, 5, 6)]  # exact resume from step 3
+    assert [m["step"] for m in metrics(run_dir) if "loss" in m] == [1, 2, 3, 4, 5, 6]  # cut back, then redone
+    discarded = (run_dir / "metrics.discarded.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["step"] for line in discarded) == [4, 5, 6]
+
+
+def test_a_second_run_on_one_run_dir_is_refused_naming_the_holder(data, tmp_path):
+    run_dir = tmp_path / "run"
+    first = start(run_dir, data)
+    try:
+        assert wait_for(lambda: len(metrics(run_dir)) >= 2, 240), "training did not start"
+        holder = rank_pid(run_dir, 0)
+        second = run(train_cmd(run_dir, data, "train.max_steps=3"), timeout=240)
+        assert second.returncode == 2
+        lines = furnace_lines(second.stderr)
+        assert len(lines) == 1 and "is in use by another run" in lines[0] and f"pid {holder}" in lines[0], lines
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the first run goes on
+        before = len(metrics(run_dir))
+        assert wait_for(lambda: len(metrics(run_dir)) > before, 60)
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)
+        first.communicate(timeout=120)
+    assert first.returncode == 0
+
+
+# ------------------------------------------------------------------ resume safety
+
+def test_a_change_the_checkpoint_cannot_honour_is_refused_in_one_line(full_run, data, tmp_path):
+    run_dir = copy_run(full_run, tmp_path)
+    res = run(train_cmd(run_dir, data, "train.max_steps=8", "model.lm.hidden_size=96", "train.seed=7"))
+    assert res.returncode == 2
+    lines = furnace_lines(res.stderr)
+    assert len(lines) == 1, res.stderr[-2000:]
+    assert "model.lm.hidden_size: 64 -> 96" in lines[0] and "train.seed: 1234 -> 7" in lines[0]
+    assert "train.allow_config_change=true" in lines[0] and "Traceback" not in res.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step00000006"  # nothing touched
+    allowed = run(train_cmd(run_dir, data, "train.max_steps=7", "train.seed=7", "train.allow_config_change=true"))
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "cannot honour" in allowed.stderr and "resumed from step00000006" in allowed.stderr
+
+
+def test_a_new_learning_rate_takes_effect_on_resume(full_run, data, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run(train_cmd(run_dir, data, "train.max_steps=3", "train.save_every=3", "train.lr_decay_steps=6")).returncode == 0
+    res = run(train_cmd(run_dir, data, *ARGS, "train.lr=5e-4", "train.weight_decay=0.1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "train.lr: 0.001 -> 0.0005" in res.stderr and "train.weight_decay: 0.0 -> 0.1" in res.stderr
+    ref = {m["step"]: m["lr"] for m in metrics(full_run) if "lr" in m}
+    got = {m["step"]: m["lr"] for m in metrics(run_dir) if "lr" in m}
+    factor = warmup_cosine(2, 6, 0.1)
+    for step in (4, 5, 6):  # the same schedule position, the new base rate (not the checkpoint's)
+        assert got[step] == pytest.approx(5e-4 * factor(step)) and ref[step] == pytest.approx(1e-3 * factor(step))
+
+
+def test_a_different_tokenizer_is_refused_on_resume(full_run, data, tmp_path):
+    from furnace.data.tokenizer import build_word_tokenizer, save_tokenizer
+    from furnace.data.synthetic import vocabulary
+
+    run_dir = copy_run(full_run, tmp_path)
+    other = tmp_path / "tok"
+    save_tokenizer(build_word_tokenizer([*vocabulary(), "zebra"]), other)
+    res = run(train_cmd(run_dir, data, "train.max_steps=8", f"data.tokenizer={other}"))
+    assert res.returncode == 2
+    lines = furnace_lines(res.stderr)
+    assert len(lines) == 1 and "the tokenizer (fingerprint" in lines[0] and "data.tokenizer" in lines[0], lines
+
+
+# ------------------------------------------------------------------ safe loading
+
+class Planted:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_pickle_in_a_real_checkpoint_is_refused(full_run, data, tmp_path):
+    """An attacker who can write the run_dir swaps a DeepSpeed file for one that runs code when
+    unpickled, and fixes up the completion marker: the resume refuses it, nothing runs."""
+    run_dir = copy_run(full_run, tmp_path)
+    tag = run_dir / "checkpoints" / "step00000006"
+    victim = tag / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    real = torch.load(victim, weights_only=False)
+    marker = tmp_path / "pwned"
+    torch.save({**real, "extra": Planted(marker)}, victim)
+    done = json.loads((tag / "complete.json").read_text())
+    done["files"][victim.name] = victim.stat().st_size
+    (tag / "complete.json").write_text(json.dumps(done))
+    res = run(train_cmd(run_dir, data, "train.max_steps=8"))
+    assert res.returncode == 2
+    lines = furnace_lines(res.stderr)
+    assert len(lines) == 1 and "outside the weights-only allowlist" in lines[0] and "posix.system" in lines[0], lines
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------ signals and processes
+
+def _stop_and_check(proc, run_dir, how):
+    assert wait_for(lambda: len(metrics(run_dir)) >= 2, 240), "training did not start"
+    how(proc)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / tag / "complete.json").exists()
+    assert int(tag.removeprefix("step")) == max(losses(run_dir))
+    assert "Traceback" not in out
+    return out
+
+
+def test_sigterm_to_the_bare_launcher_saves_and_exits_zero(data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, data)
+    try:
+        out = _stop_and_check(proc, run_dir, lambda p: os.kill(p.pid, signal.SIGTERM))
+        assert "stopped by SIGTERM" in out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ctrl_c_saves_and_exits_zero_without_tracebacks(data, tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it; also SIGTERM to the
+    group (SLURM, the deepspeed launcher)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        run_dir = tmp_path / sig.name
+        proc = start(run_dir, data)
+        try:
+            out = _stop_and_check(proc, run_dir, lambda p: os.killpg(p.pid, sig))
+            assert f"stopped by {sig.name}" in out
+            assert len([line for line in out.splitlines() if sig.name in line]) <= 3  # a line or two, not a dump
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_killed_launcher_leaves_no_rank_behind(data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, data)
+    try:
+        assert wait_for(lambda: len(metrics(run_dir)) >= 2, 240), "training did not start"
+        ranks = [rank_pid(run_dir, r) for r in (0, 1)]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+        assert wait_for(lambda: not any(alive(p) for p in ranks), 60), "ranks outlived their launcher"
+        tag = (run_dir / "checkpoints" / "latest").read_text().strip()  # they got SIGTERM: they saved
+        assert (run_dir / "checkpoints" / tag / "complete.json").exists()
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_due_eval_is_skipped_when_stopping(data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(run_dir, data, "train.eval_every=1")
+    try:
+        assert wait_for(lambda: len([m for m in metrics(run_dir) if "eval/val_loss" in m]) >= 2, 240)
+        os.kill(rank_pid(run_dir, 1), signal.SIGTERM)  # one rank: all stop
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0
+    last = max(losses(run_dir))
+    evals = [m["step"] for m in metrics(run_dir) if "eval/val_loss" in m]
+    assert evals == list(range(1, last))  # every step was evaluated but the one that stopped
+
+
+def test_threads_per_rank_are_cores_over_ranks_unless_set(data, tmp_path):
+    from furnace.system import usable_cores
+
+    for omp, want in ((None, max(1, usable_cores() // 2)), (str(usable_cores()), usable_cores())):
+        run_dir = tmp_path / f"omp{omp}"
+        env = {"OMP_NUM_THREADS": omp} if omp else {"OMP_NUM_THREADS": None}
+        res = run(train_cmd(run_dir, data, "train.max_steps=1"), **env)
+        assert res.returncode == 0, res.stderr[-3000:]
+        for r in (0, 1):
+            assert f", {want} threads" in (run_dir / "logs" / f"rank{r:03d}.log").read_text()
+
+
+# ------------------------------------------------------------------ evaluation
+
+def test_an_unusable_validation_set_reports_nan_and_a_warning(data, tmp_path):
+    bad = tmp_path / "val-000000.tar"
+    bad.write_bytes(b"not a tar at all" * 100)
+    run_dir = tmp_path / "run"
+    res = run(train_cmd(run_dir, data, "train.max_steps=2", "train.eval_every=2", f"data.val_shards={bad}"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "gave no usable sample" in res.stderr and "bad_shard" in res.stderr
+    evals = [m for m in metrics(run_dir) if "eval/val_loss" in m]
+    assert evals and all(math.isnan(m["eval/val_loss"]) and math.isnan(m["eval/caption_accuracy"]) for m in evals)
+    assert "held-out caption accuracy: nan (0 samples)" in res.stdout
