@@ -60,6 +60,8 @@ LAYOUTS = {
     "tp2_dp2_zero3": (4, ("parallel.tp=2",)),
     # layout B: ZeRO-1 x TP x PP x DP (DeepSpeed PipelineEngine)
     "pp2_zero1": (2, ("parallel.pp=2", "parallel.zero_stage=1")),
+    # the model's own activation checkpointing, applied per block inside the pipeline stages
+    "pp2_zero1_checkpointed": (2, ("parallel.pp=2", "parallel.zero_stage=1", "model.activation_checkpointing=true")),
     "tp2_pp2_dp2_zero1": (8, ("parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1")),
 }
 

@@ -7,13 +7,12 @@ import math
 import os
 import shutil
 import signal
-import time
 
 import pytest
 import torch
 
 from furnace.training.engine import warmup_cosine
-from train_utils import alive, losses, metrics, rank_pid, run, start, train_cmd, wait_for
+from train_utils import alive, losses, metrics, rank_pid, run, running, train_cmd, wait_for
 
 pytestmark = pytest.mark.multirank
 ARGS = ("train.max_steps=6", "train.save_every=3", "train.lr_decay_steps=6")
@@ -65,9 +64,7 @@ def test_a_damaged_newest_tag_is_named_set_aside_and_the_previous_one_used(full_
 
 def test_a_second_run_on_one_run_dir_is_refused_naming_the_holder(data, tmp_path):
     run_dir = tmp_path / "run"
-    first = start(run_dir, data)
-    try:
-        assert wait_for(lambda: len(metrics(run_dir)) >= 2, 240), "training did not start"
+    with running(run_dir, data) as first:
         holder = rank_pid(run_dir, 0)
         second = run(train_cmd(run_dir, data, "train.max_steps=3"), timeout=240)
         assert second.returncode == 2
@@ -77,10 +74,9 @@ def test_a_second_run_on_one_run_dir_is_refused_naming_the_holder(data, tmp_path
         assert first.poll() is None  # the first run goes on
         before = len(metrics(run_dir))
         assert wait_for(lambda: len(metrics(run_dir)) > before, 60)
-    finally:
         os.killpg(first.pid, signal.SIGTERM)
         first.communicate(timeout=120)
-    assert first.returncode == 0
+        assert first.returncode == 0
 
 
 # ------------------------------------------------------------------ resume safety
@@ -157,7 +153,6 @@ def test_a_planted_pickle_in_a_real_checkpoint_is_refused(full_run, data, tmp_pa
 # ------------------------------------------------------------------ signals and processes
 
 def _stop_and_check(proc, run_dir, how):
-    assert wait_for(lambda: len(metrics(run_dir)) >= 2, 240), "training did not start"
     how(proc)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
@@ -170,13 +165,9 @@ def _stop_and_check(proc, run_dir, how):
 
 def test_sigterm_to_the_bare_launcher_saves_and_exits_zero(data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, data)
-    try:
+    with running(run_dir, data) as proc:
         out = _stop_and_check(proc, run_dir, lambda p: os.kill(p.pid, signal.SIGTERM))
         assert "stopped by SIGTERM" in out
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_ctrl_c_saves_and_exits_zero_without_tracebacks(data, tmp_path):
@@ -184,41 +175,29 @@ def test_ctrl_c_saves_and_exits_zero_without_tracebacks(data, tmp_path):
     group (SLURM, the deepspeed launcher)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         run_dir = tmp_path / sig.name
-        proc = start(run_dir, data)
-        try:
+        with running(run_dir, data) as proc:
             out = _stop_and_check(proc, run_dir, lambda p: os.killpg(p.pid, sig))
             assert f"stopped by {sig.name}" in out
             assert len([line for line in out.splitlines() if sig.name in line]) <= 3  # a line or two, not a dump
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_a_killed_launcher_leaves_no_rank_behind(data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, data)
-    try:
-        assert wait_for(lambda: len(metrics(run_dir)) >= 2, 240), "training did not start"
+    with running(run_dir, data) as proc:
         ranks = [rank_pid(run_dir, r) for r in (0, 1)]
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=30)
         assert wait_for(lambda: not any(alive(p) for p in ranks), 60), "ranks outlived their launcher"
         tag = (run_dir / "checkpoints" / "latest").read_text().strip()  # they got SIGTERM: they saved
         assert (run_dir / "checkpoints" / tag / "complete.json").exists()
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_a_due_eval_is_skipped_when_stopping(data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, data, "train.eval_every=1")
-    try:
-        assert wait_for(lambda: len([m for m in metrics(run_dir) if "eval/val_loss" in m]) >= 2, 240)
+    with running(run_dir, data, "train.eval_every=1",
+                 until=lambda: len([m for m in metrics(run_dir) if "eval/val_loss" in m]) >= 2) as proc:
         os.kill(rank_pid(run_dir, 1), signal.SIGTERM)  # one rank: all stop
         proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0
     last = max(losses(run_dir))
     evals = [m["step"] for m in metrics(run_dir) if "eval/val_loss" in m]
@@ -249,3 +228,27 @@ def test_an_unusable_validation_set_reports_nan_and_a_warning(data, tmp_path):
     evals = [m for m in metrics(run_dir) if "eval/val_loss" in m]
     assert evals and all(math.isnan(m["eval/val_loss"]) and math.isnan(m["eval/caption_accuracy"]) for m in evals)
     assert "held-out caption accuracy: nan (0 samples)" in res.stdout
+
+
+def test_honoured_changes_replace_the_restored_optimizer_and_schedule():
+    """What DeepSpeed restores (the checkpoint's lr and weight decay in the param groups and
+    the scheduler's base rate) gives way to this run's config; the schedule position stays."""
+    from types import SimpleNamespace
+
+    from furnace.config import load_config
+    from furnace.training.engine import param_groups
+    from furnace.training.resume import apply_honoured
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = torch.optim.AdamW(param_groups(model, weight_decay=0.0), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(2, 6, 0.1))
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    cfg = load_config("demo", ["train.lr=5e-4", "train.weight_decay=0.1"])
+    apply_honoured(SimpleNamespace(optimizer=opt, lr_scheduler=sched), cfg)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(g["lr"] == pytest.approx(5e-4 * warmup_cosine(2, 6, 0.1)(3)) for g in opt.param_groups)
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4 * warmup_cosine(2, 6, 0.1)(4))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from furnace.training.distributed import free_port
-from train_utils import ROOT, alive, env, losses, metrics, rank_pid, run, start, train_cmd, wait_for
+from train_utils import ROOT, alive, env, losses, metrics, rank_pid, run, running, train_cmd, wait_for
 
 pytestmark = pytest.mark.multirank
 
@@ -31,8 +31,11 @@ def test_zero3_two_rank_smoke(full_run):
     assert list((full_run / "tensorboard").glob("events.out.tfevents.*"))
     ds_cfg = json.loads((full_run / "checkpoints" / "step00000006" / "config.json").read_text())
     assert ds_cfg["train"]["max_steps"] == 6
+    output = (full_run.parent / "output.txt").read_text()
     # DeepSpeed's CPU shm all-reduce op serves only its inference TP: never compiled for training
-    assert "shm_comm_op" not in (full_run.parent / "output.txt").read_text()
+    assert "shm_comm_op" not in output
+    # not a terminal: one plain progress line per logged step, no bar redrawn with carriage returns
+    assert "step 6/6 loss" in output and "\r" not in output
 
 
 def test_skip_inference_shm_op_replaces_deepspeeds_builder():
@@ -112,9 +115,7 @@ def test_export_consolidates_zero3_checkpoint(full_run, tmp_path):
 
 def test_sigkill_of_one_rank_stops_the_others_quickly(data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, data)
-    try:
-        assert wait_for(lambda: len(metrics(run_dir)) >= 2, 240), "training did not start"
+    with running(run_dir, data) as proc:
         victim = rank_pid(run_dir, 1)
         t0 = time.time()
         os.kill(victim, signal.SIGKILL)
@@ -123,16 +124,11 @@ def test_sigkill_of_one_rank_stops_the_others_quickly(data, tmp_path):
         assert time.time() - t0 < 60
         survivor = rank_pid(run_dir, 0)
         assert wait_for(lambda: not alive(survivor), 60 - (time.time() - t0))
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, data)
-    try:
-        assert wait_for(lambda: len(metrics(run_dir)) >= 2, 240), "training did not start"
+    with running(run_dir, data) as proc:
         for r in (0, 1):  # what a scheduler does: SIGTERM to every task
             os.kill(rank_pid(run_dir, r), signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
@@ -141,9 +137,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(data, tmp_path):
         step = int(tag.removeprefix("step"))
         assert step >= 2 and max(losses(run_dir)) == step
         assert "stopped by SIGTERM" in out
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_nonfinite_loss_in_bf16_stops_with_step_and_rank(data, tmp_path):

@@ -1,8 +1,10 @@
 """Helpers for the tests that run train.py in real processes."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -64,6 +66,19 @@ def start(run_dir, data, *extra, **env_extra) -> subprocess.Popen:
     return subprocess.Popen(train_cmd(run_dir, data, "train.max_steps=100000", "train.save_every=0", *extra),
                             cwd=ROOT, env=env(**env_extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+
+
+@contextlib.contextmanager
+def running(run_dir, data, *extra, until=None, **env_extra):
+    """A long run (`start`) once it has logged two steps (or `until()` holds); killed with its
+    whole group on the way out if it is still there."""
+    proc = start(run_dir, data, *extra, **env_extra)
+    try:
+        assert wait_for(until or (lambda: len(metrics(run_dir)) >= 2), 240), "training did not start"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def wait_for(pred, timeout) -> bool:

@@ -45,6 +45,7 @@ def init_distributed(timeout: datetime.timedelta | None = None) -> None:
     kw = {} if timeout is None else {"timeout": timeout}
     if "RANK" not in os.environ and not dist.is_initialized():
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, **kw)
+        os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it
     skip_inference_shm_op()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kw)
 
