@@ -40,6 +40,8 @@ setup(
         "console_scripts": [
             "furnace-shards=furnace.data.shards:main",
             "furnace-train=furnace.training.launch:main",
+            "furnace-export=furnace.export:main",
+            "furnace-generate=furnace.generate:main",
         ]
     },
 )

@@ -34,9 +34,9 @@ FORMS = {
 }
 
 
-def one(form: str, steps: int, work: Path) -> dict:
+def one(form: str, steps: int, work: Path, extra: list[str]) -> dict:
     run_dir = work / f"run-{len(list(work.iterdir()))}"
-    sets = [f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=0", "train.log_every=5",
+    sets = [*extra, f"train.max_steps={steps}", "train.eval_every=0", "train.save_every=0", "train.log_every=5",
             f"train.run_dir={run_dir}"]
     cmd = FORMS[form] + [a for s in sets for a in ("--set", s)]
     t0 = time.perf_counter()
@@ -45,7 +45,7 @@ def one(form: str, steps: int, work: Path) -> dict:
     if res.returncode != 0:
         raise SystemExit(f"{form} failed:\n{res.stderr[-2000:]}")
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steady = [r["samples_per_s"] for r in recs if "samples_per_s" in r and r["step"] > 20]
+    steady = [r["samples_per_s"] for r in recs if "samples_per_s" in r and r["step"] > min(20, steps // 2)]
     threads = [line.rsplit(", ", 1)[1] for line in (run_dir / "logs" / "rank000.log").read_text().splitlines()
                if line.endswith(" threads")][0]
     return {"form": form, "wall_s": round(wall, 1), "samples_per_s": round(statistics.median(steady), 1),
@@ -57,13 +57,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed on to train.py")
     a = p.parse_args(argv)
     runs = []
     with tempfile.TemporaryDirectory() as td:
         order = list(FORMS)
         for rep in range(a.repeats):
             for form in order if rep % 2 == 0 else order[::-1]:
-                runs.append(one(form, a.steps, Path(td)))
+                runs.append(one(form, a.steps, Path(td), a.set))
                 print(runs[-1], flush=True)
     summary = {}
     for form in FORMS:
@@ -74,7 +75,8 @@ def main(argv=None) -> int:
     base = summary["python train.py"]["samples_per_s"]
     for s in summary.values():
         s["speed_vs_bare"] = round(s["samples_per_s"] / base, 3)
-    doc = {"benchmark": "launch_forms", **run_info(), "steps": a.steps, "runs": runs, "summary": summary,
+    doc = {"benchmark": "launch_forms", **run_info(), "steps": a.steps, "overrides": a.set, "runs": runs,
+           "summary": summary,
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(doc, indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from furnace.model import llama
 from furnace.model.flamingo_io import lm_with_new_tokens, load_flamingo_state, save_flamingo
 from furnace.training.build import build_model
 from furnace.training.checkpoint import FULL_MODEL, checkpoint_dir, choose_resume_tag
-from furnace.training.safe_load import safe_torch_load
+from furnace.training.safe_load import safe_load, safe_torch_load
 
 
 def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
@@ -35,11 +36,14 @@ def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
             print(f"furnace export: {n}", file=sys.stderr)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)}")
-    full = checkpoint_dir(run_dir) / tag / FULL_MODEL
-    if full.exists():  # tensor/pipeline-parallel run: the trainer gathered shards and stages at save time
-        return load_file(str(full)), tag
-    with safe_torch_load():  # zero_to_fp32 itself unpickles with weights_only=False
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=tag), tag
+    tagdir = checkpoint_dir(run_dir) / tag
+    if (tagdir / FULL_MODEL).exists():  # tensor/pipeline-parallel run: gathered at save time
+        return load_file(str(tagdir / FULL_MODEL)), tag
+    if not list(tagdir.glob("*optim_states.pt")):  # ZeRO-0: the module state is the model, whole
+        module = safe_load(tagdir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+        return {k: v.float() for k, v in module.items()}, tag
+    with safe_torch_load():  # ZeRO-1/2/3: fp32 masters from the optimizer partitions; zero_to_fp32
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=tag), tag  # unpickles
 
 
 def load_run_model(run_dir, tag: str | None = None):
@@ -48,11 +52,11 @@ def load_run_model(run_dir, tag: str | None = None):
     cfg = Config()
     update(cfg, json.loads((checkpoint_dir(run_dir) / tag / "config.json").read_text()), saved=True)
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
-    lm = None  # architecture only: the weights come from the checkpoint...
-    if cfg.model.lm.path:  # ...but a pretrained LM's shape lives in its own config.json
-        raw = read_config(cfg.model.lm.path)
-        lm = llama.Llama(llama.config_from_hf(raw), hf_config=raw)
-        cfg.model.lm = lm.cfg  # the saved metadata describes the decoder built, not the preset's
+    lm = None  # architecture only: the weights come from the checkpoint
+    if cfg.model.lm.path:  # the decoder's HF config from its folder; the saved shape if it is gone
+        path = cfg.model.lm.path
+        raw = read_config(path) if os.path.isdir(path) else None
+        lm = llama.Llama(llama.config_from_hf(raw, path) if raw else cfg.model.lm, hf_config=raw)
     model = build_model(cfg, tokenizer, lm=lm)
     load_flamingo_state(model, state)
     return model.eval(), tokenizer, cfg, tag
@@ -61,6 +65,7 @@ def load_run_model(run_dir, tag: str | None = None):
 def export(run_dir, out, tag: str | None = None) -> dict:
     model, tokenizer, cfg, tag = load_run_model(run_dir, tag)
     out = Path(out)
+    cfg.model.lm.path = cfg.model.vision.path = None  # the folder holds everything: no pointer back
     save_flamingo(model, out / "flamingo", dataclasses.asdict(cfg.model))
     tokenizer.save_pretrained(out / "flamingo")
     llama.to_hf(lm_with_new_tokens(model), out / "lm")

@@ -52,6 +52,10 @@ def check_parity(ref, got):
 
 
 LAYOUTS = {
+    # plain data parallelism keeps ZeRO stages 0-2 (the demo runs stage 0)
+    "dp2_zero0": (2, ("parallel.zero_stage=0",)),
+    "dp2_zero1": (2, ("parallel.zero_stage=1",)),
+    "dp2_zero2": (2, ("parallel.zero_stage=2",)),
     # layout A: ZeRO-3 x TP x DP
     "tp2": (2, ("parallel.tp=2",)),
     "dp2_zero3": (2, ()),
@@ -97,8 +101,37 @@ def test_resume_under_the_same_layout_is_exact(layout, reference, data, tmp_path
                 assert b[k] == a[k], (a["step"], k)
 
 
+def test_grad_norm_is_the_single_process_clip_grad_norm_in_every_layout(reference, data, tmp_path_factory):
+    """Step 1's logged grad_norm, in every layout and ZeRO stage, equals torch's clip_grad_norm_
+    over the same global batch in this process (the model built as train.py builds it)."""
+    import torch
+
+    from furnace.config import load_config
+    from furnace.data.loader import ShardLoader
+    from furnace.data.synthetic import demo_tokenizer
+    from furnace.training.build import build_model
+    from train_utils import TINY, data_overrides
+
+    cfg = load_config("demo", [*TINY, *data_overrides(data), *COMMON])
+    tok = demo_tokenizer()
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg, tok)
+    mean, std = model.vision.image_stats
+    loader = ShardLoader.from_config(cfg.data, tok, split="train", batch_size=cfg.train.micro_batch_size,
+                                     seed=cfg.train.seed, image_size=model.vision.image_size, mean=mean, std=std)
+    micro = cfg.train.global_batch_size // cfg.train.micro_batch_size
+    it = iter(loader)
+    for _ in range(micro):  # DeepSpeed's mean over the step's micro-batches (and dp ranks)
+        (model(next(it)) / micro).backward()
+    want = float(torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf")))
+    assert reference[0]["grad_norm"] == pytest.approx(want, rel=1e-5)
+    for layout, (nproc, extra) in LAYOUTS.items():
+        got = _train(tmp_path_factory, data, layout, nproc, *extra)[0]["grad_norm"]
+        assert got == pytest.approx(want, rel=1e-4), layout
+
+
 def test_export_gathers_shards_and_stages_into_one_model(reference, data, tmp_path_factory, tmp_path):
-    """The HF/safetensors export of the TP and the TP x PP x DP runs is the 1-rank run's model."""
+    """The HF/safetensors export of every layout and ZeRO stage is the 1-rank run's model."""
     import torch
 
     from furnace.export import export
@@ -106,7 +139,7 @@ def test_export_gathers_shards_and_stages_into_one_model(reference, data, tmp_pa
 
     assert "ref" in RUNS
     ref = load_flamingo(export(RUNS["ref"], tmp_path / "ref")["flamingo"]).state_dict()
-    for layout in ("tp2", "tp2_pp2_dp2_zero1"):
+    for layout in LAYOUTS:
         nproc, extra = LAYOUTS[layout]
         _train(tmp_path_factory, data, layout, nproc, *extra)
         res = export(RUNS[layout], tmp_path / layout)

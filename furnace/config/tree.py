@@ -85,14 +85,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = "data/demo/train-{000000..000015}.tar"   # non-empty; ';' separates sources to mix
-    val_shards: str = "data/demo/val-000000.tar"                 # non-empty; ';' separates sources
-    tokenizer: str | None = None       # local HF tokenizer dir; None = the demo tokenizer
-    max_length: int = 64               # >= 4 tokens
+    # Brace patterns of webdataset shards; ';' separates sources to mix. Training needs at least
+    # one shard of every train source; "" val_shards = no evaluation.
+    train_shards: str = ""
+    val_shards: str = ""
+    # A local HF tokenizer dir; None = the pretrained LM's own (model.lm.path), or the synthetic
+    # set's (data.synthetic_dir); a from-scratch LM on your data needs one.
+    tokenizer: str | None = None
+    max_length: int = 64               # >= 4 tokens a row; 0 = the longest of the first 1000 samples (<= LM positions)
     max_images: int = 1                # >= 1 per sample
     num_workers: int = 1               # >= 0; 0 = decode in the training process
     shuffle_buffer: int = 1000         # >= 0 samples; 0 = no shuffle
-    synthetic_dir: str | None = "data/demo"   # build the synthetic set here if the shards are missing
+    # The synthetic shapes set is drawn here when its shards are missing (the demo preset); None = never.
+    synthetic_dir: str | None = None
     synthetic_n: int = 20000           # >= 1 samples
     # None, or one finite weight > 0 per ';'-separated train_shards source, e.g. "0.7,0.3"
     train_weights: str | None = None
@@ -117,7 +122,7 @@ class ParallelConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000              # >= 1
-    run_dir: str = "runs/demo"         # non-empty
+    run_dir: str = "runs/run"          # non-empty
     save_every: int = 500              # >= 0; 0 = only at the end
     eval_every: int = 250              # >= 0; 0 = never
     log_every: int = 10                # >= 1

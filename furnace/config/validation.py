@@ -5,6 +5,7 @@ that names the key and the fix.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -147,12 +148,12 @@ RULES: dict[str, Rule] = {
     "model.freeze_vision": _BOOL,
     "model.activation_checkpointing": _BOOL,
     "model.attention_backend": _one_of("auto", "triton", "reference"),
-    "data.train_shards": Rule(lambda v: bool(_sources(v)), "one or more ';'-separated shard patterns",
-                              "data/train-000000.tar"),
-    "data.val_shards": Rule(lambda v: bool(_sources(v)), "one or more ';'-separated shard patterns",
+    "data.train_shards": Rule(lambda v: not v.strip() or bool(_sources(v)),
+                              "empty or ';'-separated shard patterns", "data/train-000000.tar"),
+    "data.val_shards": Rule(lambda v: not v.strip() or bool(_sources(v)), "empty or ';'-separated shard patterns",
                             "data/val-000000.tar"),
     "data.tokenizer": _PATH,
-    "data.max_length": _ge(4, 64),
+    "data.max_length": Rule(lambda v: v == 0 or v >= 4, "0 (read off the training data) or >= 4", 64),
     "data.max_images": _ge(1, 1),
     "data.num_workers": _ge(0, 1),
     "data.shuffle_buffer": _ge(0, 1000),
@@ -354,7 +355,58 @@ def validate(cfg: Config, world_size: int, *, check_paths: bool = True) -> int:
             if path is not None and not os.path.isdir(path):
                 raise ConfigError(f"{key}={path!r} is not a directory; it must point at a local HF checkpoint "
                                   f"(nothing is downloaded), e.g. --set {key}=/path/to/local/hf_dir")
+        _check_pretrained(cfg)
     return dp
+
+
+LM_TYPES = ("llama", "mistral", "qwen2")
+VISION_TYPES = ("clip", "siglip")
+
+
+def _hf_config(key: str, path: str) -> dict:
+    f = os.path.join(path, "config.json")
+    try:
+        with open(f) as fh:
+            out = json.load(fh)
+    except OSError:
+        raise ConfigError(f"{key}={path!r} holds no config.json: point it at a local HF checkpoint folder") from None
+    except ValueError:
+        raise ConfigError(f"{key}={path!r}: its config.json is not valid JSON; re-export the checkpoint") from None
+    if not isinstance(out, dict):
+        raise ConfigError(f"{key}={path!r}: its config.json is not an object; re-export the checkpoint")
+    return out
+
+
+def _check_pretrained(cfg: Config) -> None:
+    """What a pretrained checkpoint's own config.json decides, checked against this run before
+    anything is loaded: its architecture, and tp / pp / xattn placement against its heads and layers."""
+    m, p = cfg.model, cfg.parallel
+    if m.lm.path is not None:
+        hf = _hf_config("model.lm.path", m.lm.path)
+        kind = hf.get("model_type")
+        if kind not in LM_TYPES:
+            raise ConfigError(f"model.lm.path={m.lm.path!r} is a {kind!r} checkpoint; furnace's decoder is "
+                              f"{', '.join(LM_TYPES)}: point model.lm.path at one of those")
+        heads, layers = hf.get("num_attention_heads", 0), hf.get("num_hidden_layers", 0)
+        kv = hf.get("num_key_value_heads") or heads
+        if heads % p.tp or kv % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} must divide the checkpoint's num_attention_heads={heads} and "
+                              f"num_key_value_heads={kv} (model.lm.path={m.lm.path!r}); pick a tp that divides both")
+        if hf.get("intermediate_size", 0) % p.tp:
+            raise ConfigError(f"parallel.tp={p.tp} must divide the checkpoint's intermediate_size="
+                              f"{hf.get('intermediate_size')} (model.lm.path); pick a tp that divides it")
+        if p.pp > layers:
+            raise ConfigError(f"parallel.pp={p.pp} exceeds the checkpoint's {layers} layers (model.lm.path); "
+                              f"e.g. --set parallel.pp={layers}")
+        if m.xattn.every > layers:
+            raise ConfigError(f"model.xattn.every={m.xattn.every} places no xattn block in the checkpoint's {layers} "
+                              f"layers (model.lm.path); e.g. --set model.xattn.every={layers}")
+    if m.vision.path is not None:
+        hf = _hf_config("model.vision.path", m.vision.path)
+        kind = str(hf.get("model_type") or (hf.get("vision_config") or {}).get("model_type") or "")
+        if not kind.startswith(VISION_TYPES):
+            raise ConfigError(f"model.vision.path={m.vision.path!r} is a {kind!r} checkpoint; furnace's towers are "
+                              "CLIP and SigLIP vision models: point model.vision.path at one of those")
 
 
 def gradient_accumulation_steps(cfg: Config, dp: int) -> int:

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 
-from furnace.data.sources import expand_shards
+from furnace.data.sources import drawn_on_demand, expand_shards, split_sources
 from furnace.data.synthetic import COMPLETE_MARKER, GENERATOR_VERSION, build
 
 
@@ -38,26 +38,22 @@ def _stale(out: str) -> bool:
         return False
 
 
-def ensure_demo_data(data_cfg, *, progress: bool = False) -> dict:
-    """Build the synthetic set into `data_cfg.synthetic_dir` unless the configured shards exist
-    (a set drawn by another generator version is rebuilt).
+def ensure_demo_data(data_cfg, *, progress: bool = False) -> None:
+    """Draw the synthetic set into `data_cfg.synthetic_dir` when a configured source that lies in
+    it has shards missing (or the set there was drawn by another generator version). Nothing to
+    do without `synthetic_dir`, or for sources elsewhere (`check_sources` vets those).
 
     Safe when several ranks (processes on one machine) call it at once: an exclusive file
     lock (`<synthetic_dir>.lock`) serialises them; the set is built in a temporary folder, moved
-    into place, and `.complete` is written last. Returns {"train_shards", "val_shards",
-    "tokenizer"} (tokenizer: the configured dir, or the demo tokenizer dir, or None).
+    into place, and `.complete` is written last. The set's tokenizer lands in `<synthetic_dir>/tokenizer`.
     """
     out = data_cfg.synthetic_dir
-    tok_dir = data_cfg.tokenizer
-    stale = bool(out) and _stale(out)
-    if not stale and _all_exist(data_cfg.train_shards) and _all_exist(data_cfg.val_shards):
-        if tok_dir is None and out and os.path.isdir(os.path.join(out, "tokenizer")):
-            tok_dir = os.path.join(out, "tokenizer")
-        return {"train_shards": data_cfg.train_shards, "val_shards": data_cfg.val_shards, "tokenizer": tok_dir}
     if not out:
-        raise FileNotFoundError(f"data.train_shards={data_cfg.train_shards!r} / data.val_shards="
-                                f"{data_cfg.val_shards!r} not found and data.synthetic_dir is unset; "
-                                "write shards with furnace-shards or set data.synthetic_dir")
+        return
+    ours = [(key, p) for key in ("train_shards", "val_shards") for p in split_sources(getattr(data_cfg, key))
+            if drawn_on_demand(p, data_cfg)]
+    if not _stale(out) and all(_all_exist(p) for _, p in ours):
+        return
     out = os.path.abspath(out).rstrip("/")
     n, seed, size = data_cfg.synthetic_n, data_cfg.synthetic_seed, data_cfg.synthetic_image_size
     with _file_lock(out + ".lock"):
@@ -72,13 +68,11 @@ def ensure_demo_data(data_cfg, *, progress: bool = False) -> dict:
                     shutil.rmtree(dst)
                 os.replace(os.path.join(tmp, name), dst)
             shutil.rmtree(tmp, ignore_errors=True)
-    for key in ("train_shards", "val_shards"):
-        if not _all_exist(getattr(data_cfg, key)):
+    for key, pattern in ours:
+        if not _all_exist(pattern):
             with open(os.path.join(out, COMPLETE_MARKER)) as f:
                 meta = json.load(f)
             raise FileNotFoundError(
-                f"data.{key}={getattr(data_cfg, key)!r} does not match the synthetic set in {out} "
-                f"(it holds {meta['train_pattern' if key == 'train_shards' else 'val_pattern']}); "
-                f"fix data.{key} or remove {out} to rebuild")
-    return {"train_shards": data_cfg.train_shards, "val_shards": data_cfg.val_shards,
-            "tokenizer": tok_dir if tok_dir is not None else os.path.join(out, "tokenizer")}
+                f"data.{key} names {pattern!r}, which the synthetic set in {out} does not hold (it holds "
+                f"{meta['train_pattern' if key == 'train_shards' else 'val_pattern']}); fix data.{key} or "
+                f"remove {out} to rebuild")

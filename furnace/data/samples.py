@@ -7,6 +7,8 @@ no check below anticipates is counted as `bad_sample`, never raised.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 
 import numpy as np
@@ -33,6 +35,15 @@ class SampleDecoder:
             raise SkipSample("bad_sample") from None
 
     def _row(self, raw: dict) -> tuple:
+        ids, images, interleaved = self.parse(raw)
+        return ids, [self.image(data) for data in images], interleaved, False
+
+    def parse(self, raw: dict) -> tuple[list[int], list[bytes], bool]:
+        """(token ids, encoded images in order, interleaved) of a sample, images not decoded.
+        Three layouts: a caption pair (image + .txt, or a .json with "caption"/"captions": also
+        img2dataset's shards, whose .json is metadata); furnace's interleaved document (.json
+        "segments" naming image members); an MMC4 document as open_flamingo's shards hold it
+        (.json "text_list" + "image_info" with base64 images, each before its matched sentence)."""
         doc = None
         if "json" in raw:
             try:
@@ -46,13 +57,14 @@ class SampleDecoder:
             if not isinstance(segs, list) or not all(_valid_segment(s) for s in segs):
                 raise SkipSample("bad_json")
             ids, members = self.encoder.document(segs)
-            arrays = []
-            for m in members:
-                data = raw.get(m.lower())
-                if data is None:
-                    raise SkipSample("missing_image")
-                arrays.append(self.image(data))
-            return ids, arrays, True, False
+            images = [raw.get(m.lower()) for m in members]
+            if any(data is None for data in images):
+                raise SkipSample("missing_image")
+            return ids, images, True
+        if doc is not None and "text_list" in doc:
+            segs, encoded = _mmc4_segments(doc)
+            ids, picked = self.encoder.document(segs)
+            return ids, [_b64(encoded[j]) for j in picked], True
         text = None
         if "txt" in raw:
             try:
@@ -69,8 +81,7 @@ class SampleDecoder:
         img = next((raw[k] for k in IMAGE_EXTS if k in raw), None)
         if img is None:
             raise SkipSample("missing_image")
-        ids = self.encoder.caption(text.strip())
-        return ids, [self.image(img)], False, False
+        return self.encoder.caption(text.strip()), [img], False
 
     def filler(self) -> tuple:
         """A row with no image and no labelled token: what a batch holds when all its samples were skipped."""
@@ -83,6 +94,36 @@ class SampleDecoder:
             raise SkipSample("image_too_large") from None
         except Exception:  # any PIL failure on bad bytes
             raise SkipSample("bad_image") from None
+
+
+def _mmc4_segments(doc: dict) -> tuple[list[dict], list[str]]:
+    """MMC4 -> furnace segments ({"image": j} before sentence matched_text_index) and the base64
+    images by j; SkipSample("bad_json") for fields of the wrong types."""
+    texts, infos = doc["text_list"], doc.get("image_info") or []
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts) or not isinstance(infos, list):
+        raise SkipSample("bad_json")
+    before: dict[int, list[int]] = {}
+    encoded = []
+    for j, info in enumerate(infos):
+        at = info.get("matched_text_index") if isinstance(info, dict) else None
+        if not isinstance(at, int) or isinstance(at, bool) or not 0 <= at <= len(texts) \
+                or not isinstance(info.get("image_base64"), str):
+            raise SkipSample("bad_json")
+        before.setdefault(at, []).append(j)
+        encoded.append(info["image_base64"])
+    segs: list[dict] = []
+    for i in range(len(texts) + 1):
+        segs.extend({"image": j} for j in before.get(i, []))
+        if i < len(texts):
+            segs.append({"text": texts[i]})
+    return segs, encoded
+
+
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise SkipSample("bad_image") from None
 
 
 def _valid_segment(seg) -> bool:

@@ -89,6 +89,15 @@ class TextEncoder:
         """Prompt for captioning one image: [bos] <image>."""
         return self._prefix + [self.image_id]
 
+    def prompt(self, text: str) -> list[int]:
+        """[bos] + `text` with each literal <image> as the image token (the text between as text)."""
+        ids = list(self._prefix)
+        for i, chunk in enumerate(text.split(IMAGE_TOKEN)):
+            if i:
+                ids.append(self.image_id)
+            ids += self.encode(chunk)
+        return ids
+
     def reference_caption(self, ids) -> str | None:
         """The caption text of an encoded caption pair (tokens after the first <image> up to
         <|endofchunk|>); None for rows without an <image> (filler rows)."""

@@ -13,7 +13,10 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from furnace.config import ConfigError
 from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 DEMO_PAD, DEMO_UNK, DEMO_BOS, DEMO_EOS = "<pad>", "<unk>", "<s>", "</s>"
 
@@ -83,6 +86,24 @@ def load_tokenizer(path: str | os.PathLike):
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
     tok.padding_side = "right"
     return _ensure_specials(tok)
+
+
+def tokenizer_dir(cfg) -> str:
+    """Where a run's tokenizer comes from: data.tokenizer; else the pretrained LM's folder
+    (model.lm.path) when it holds one; else the synthetic set's (data.synthetic_dir/tokenizer,
+    drawn with the set). One ConfigError line naming the key to set otherwise."""
+    if cfg.data.tokenizer:
+        return cfg.data.tokenizer
+    lm = cfg.model.lm.path
+    if lm:
+        if any(os.path.isfile(os.path.join(lm, f)) for f in TOKENIZER_FILES):
+            return lm
+        raise ConfigError(f"model.lm.path={lm!r} holds no tokenizer ({' / '.join(TOKENIZER_FILES)}): set "
+                          "data.tokenizer to the LM's tokenizer folder")
+    if cfg.data.synthetic_dir:
+        return os.path.join(cfg.data.synthetic_dir, "tokenizer")
+    raise ConfigError("data.tokenizer is not set: a language model trained from scratch on your data needs a "
+                      "tokenizer; set data.tokenizer to a local HF tokenizer folder")
 
 
 def special_ids(tok) -> dict[str, int | None]:

@@ -57,6 +57,14 @@ class VisionTower(nn.Module):
         return self.model(pixel_values=images).last_hidden_state
 
 
+def config_of(tower: VisionTower, path: str | None = None) -> VisionConfig:
+    """The VisionConfig describing a built tower (for a loaded one: its checkpoint's shape)."""
+    hf = tower.model.config
+    return VisionConfig(path=path, kind=tower.kind, image_size=hf.image_size, patch_size=hf.patch_size,
+                        hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+                        num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads)
+
+
 def vision_from_hf(path: str, frozen: bool = True, dtype: torch.dtype = torch.float32) -> VisionTower:
     kind = _kind_of(read_config(path))
     cls = KINDS[kind][1]

@@ -10,6 +10,7 @@ Each step is also usable alone: `build_tokenizer`, `build_model`, `build_loader`
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +19,13 @@ import torch
 import furnace_kernels
 from furnace.config import Config, gradient_accumulation_steps
 from furnace.data.demo import ensure_demo_data
+from furnace.data.lengths import longest_sample
 from furnace.data.loader import DPSlice, ShardLoader
+from furnace.data.sources import split_sources
 from furnace.data.synthetic import demo_tokenizer
-from furnace.data.tokenizer import load_tokenizer
+from furnace.data.tokenizer import load_tokenizer, tokenizer_dir
 from furnace.model.flamingo import FlamingoModel, build_flamingo
+from furnace.model.vision import config_of
 from furnace.parallel.apply import parallelize
 from furnace.parallel.pipeline import flamingo_pipeline
 from furnace.parallel.topology import Topology
@@ -47,23 +51,35 @@ class Components:
     def device(self) -> torch.device:
         return self.engine.device
 
-    def val_loader(self, batch_size: int) -> ShardLoader:
-        """This dp rank's share of the validation set, one pass, decoded in this process."""
+    def val_loader(self, batch_size: int) -> ShardLoader | None:
+        """This dp rank's share of the validation set, one pass, decoded in this process; None
+        without data.val_shards."""
+        if not split_sources(self.cfg.data.val_shards):
+            return None
         return build_loader(self.cfg, self.tokenizer, self.model, self.topology, split="val",
                             batch_size=batch_size, num_workers=0)
 
 
-def build_tokenizer(tokenizer_dir: str | None):
-    """The tokenizer in `tokenizer_dir`, or the demo's word-level one."""
-    return load_tokenizer(tokenizer_dir) if tokenizer_dir else demo_tokenizer()
+def build_tokenizer(cfg: Config, *, loaders: bool = True):
+    """The run's tokenizer (`tokenizer_dir`). Without data (benchmarks on random tensors) and
+    no tokenizer of its own, the demo's word-level one (the synthetic set's, not drawn)."""
+    if not loaders and not (cfg.data.tokenizer or cfg.model.lm.path):
+        return demo_tokenizer()
+    return load_tokenizer(tokenizer_dir(cfg))
 
 
 def build_model(cfg: Config, tokenizer, *, lm=None) -> FlamingoModel:
     """The whole (unsharded) model, its fresh weights drawn from torch's global RNG. `lm`: a
-    decoder to use instead of the configured one."""
-    return build_flamingo(cfg.model, vocab_size=len(tokenizer),
-                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                          eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN), lm=lm)
+    decoder to use instead of the configured one. A loaded LM or tower writes its checkpoint's
+    shape back into `cfg.model`, so logs, checkpoints and exports describe the model built."""
+    model = build_flamingo(cfg.model, vocab_size=len(tokenizer),
+                           image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                           eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN), lm=lm)
+    if cfg.model.lm.path:
+        cfg.model.lm = dataclasses.replace(model.lm.cfg, path=cfg.model.lm.path)
+    if cfg.model.vision.path:
+        cfg.model.vision = config_of(model.vision, cfg.model.vision.path)
+    return model
 
 
 def build_loader(cfg: Config, tokenizer, model: FlamingoModel, topology: Topology, *, split: str,
@@ -88,12 +104,14 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
     furnace_kernels.set_backend("attention", cfg.model.attention_backend)
     dp = topology.dp
     grad_accum = gradient_accumulation_steps(cfg, dp)
+    if loaders:
+        ensure_demo_data(cfg.data, progress=progress)  # the synthetic set, when its shards are missing
     if tokenizer is None:
-        # with data: the synthetic demo set is drawn first when its shards are missing
-        tok_dir = ensure_demo_data(cfg.data, progress=progress)["tokenizer"] if loaders else cfg.data.tokenizer
-        tokenizer = build_tokenizer(tok_dir)
+        tokenizer = build_tokenizer(cfg, loaders=loaders)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg, tokenizer)
+    if cfg.data.max_length == 0:  # from the data, within the LM's positions
+        cfg.data.max_length = longest_sample(cfg.data, tokenizer, cap=model.lm.cfg.max_position_embeddings)
     d = cfg.data
     flops = flamingo_flops_per_sample(model, StepShape(seq_len=d.max_length, images=d.max_images))
     if topology.tp > 1:

@@ -102,6 +102,14 @@ def initialize(cfg, model, topology, dp: int, grad_accum: int):
     return engine, ds
 
 
+def total_grad_norm(model: torch.nn.Module) -> float:
+    """The 2-norm of every gradient `model` holds whole (plain data parallel), in fp32."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
 def current_loss_scale(engine) -> float:
     """The optimizer's loss scale (1.0 without loss scaling), whatever DeepSpeed optimizer runs."""
     opt = engine.optimizer

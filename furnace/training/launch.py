@@ -20,6 +20,8 @@ import time
 import torch
 
 from furnace.config import ConfigError, load_config, validate
+from furnace.data.sources import check_sources
+from furnace.data.tokenizer import tokenizer_dir
 from furnace.system import usable_cores
 from furnace.training.distributed import free_port
 
@@ -126,6 +128,8 @@ def main(argv=None) -> int:
             raise ConfigError(f"--nproc must be >= 1 (or 0: one rank per GPU, else 2); got {args.nproc}")
         world = int(os.environ["WORLD_SIZE"]) if launched() else local_world_size(args)
         validate(cfg, world)
+        check_sources(cfg.data)
+        tokenizer_dir(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"furnace: config error: {e}", file=sys.stderr)
         return 2

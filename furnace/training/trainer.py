@@ -21,13 +21,14 @@ from deepspeed.utils import logger as ds_logger
 from tqdm import tqdm
 
 from furnace.config import ConfigError
+from furnace.data.sources import split_sources
 from furnace.parallel.apply import full_state_dict
 from furnace.parallel.pipeline import batch_to_pipe
 from furnace.parallel.topology import Topology
 from furnace.training import checkpoint as ckpt
 from furnace.training.build import build, build_model
 from furnace.training.distributed import all_reduce_host, init_distributed
-from furnace.training.engine import current_loss_scale
+from furnace.training.engine import current_loss_scale, total_grad_norm
 from furnace.training.evaluate import caption_accuracy, evaluate_local, refresh_replica, summarize
 from furnace.training.faults import Faults
 from furnace.training.gate_grads import GateGrads
@@ -97,7 +98,6 @@ class Trainer:
         self._setup_logging(self.rank)
         log.info("pid %d, world %d, host %s, %d threads", os.getpid(), self.world, os.uname().nodename,
                  torch.get_num_threads())
-        log.info("config: %s", cfg.to_dict())
         self.faults = Faults(cfg.debug.faults, self.rank)
 
         self.topo = Topology(cfg.parallel.tp, cfg.parallel.pp)
@@ -105,6 +105,11 @@ class Trainer:
         self.tokenizer, self.model, self.pipe, self.engine = c.tokenizer, c.model, c.pipe, c.engine
         self.grad_accum, self.flops, self.loader, self.device = c.grad_accum, c.flops, c.train_loader, c.device
         self.dp = c.dp
+        log.info("config (as built): %s", cfg.to_dict())
+        # DeepSpeed reports the gradient norm from its ZeRO, bf16 and fp16 optimizers only; with a
+        # plain one (ZeRO-0 in fp32) the trainer measures it, on the full gradients of plain DP.
+        self.own_grad_norm = not hasattr(self.engine.optimizer, "_global_grad_norm")
+        self.grad_norm = float("nan")
         self.meta = {"tokenizer": ckpt.tokenizer_fingerprint(self.tokenizer), "world_size": self.world,
                      "tp": self.topo.tp, "pp": self.topo.pp, "dp": self.dp}
         tag = agree_on_resume(cfg.train.run_dir, cfg, self.meta)
@@ -125,6 +130,9 @@ class Trainer:
             ckpt.set_rng_state(state["rng"])
             log.warning(f"resumed from {tag} at step {self.step}")
         self.writer = MetricsWriter(cfg.train.run_dir, enabled=self.rank == 0, resume_step=self.step)
+        self.evaluates = bool(cfg.train.eval_every and split_sources(cfg.data.val_shards))
+        if cfg.train.eval_every and not self.evaluates:
+            log.warning("data.val_shards is empty: no evaluation (set it to held-out shards to evaluate)")
 
     def _lock_run_dir(self) -> None:
         """Rank 0 takes the run_dir's lock; every rank learns whether it could (collective)."""
@@ -151,6 +159,8 @@ class Trainer:
         self.engine.backward(loss)
         if self.gate_grads is not None:
             self.gate_grads.before_step()
+        if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+            self.grad_norm = total_grad_norm(self.model)  # reduced over dp by backward, before the clip
         self.engine.step()
         return loss.detach().float(), tokens, samples
 
@@ -261,7 +271,8 @@ class Trainer:
                 rec = {
                     "step": self.step, "loss": loss_val, "lr": self.engine.get_lr()[0],
                     "loss_scale": current_loss_scale(self.engine),
-                    "grad_norm": float(self.engine.get_global_grad_norm() or 0.0), **rates,
+                    "grad_norm": self.grad_norm if self.own_grad_norm else float(self.engine.get_global_grad_norm()),
+                    **rates,
                     "skipped_samples": int(stats[5]) // n_model,
                     "skipped_steps": int(getattr(self.engine, "skipped_steps", 0)),
                     "mem_gb": peak_memory_gb(),
@@ -280,7 +291,7 @@ class Trainer:
                           f"samples/s {rates['samples_per_s']:.1f}", file=sys.stderr, flush=True)
             bar.update(1)
             stop = stats[4] > 0
-            if t.eval_every and self.step % t.eval_every == 0 and self.step < t.max_steps and not stop:
+            if self.evaluates and self.step % t.eval_every == 0 and self.step < t.max_steps and not stop:
                 last_eval = self._eval_and_log()
                 meter.reset()
             if (t.save_every and self.step % t.save_every == 0) or stop or self.step == t.max_steps:
@@ -292,7 +303,7 @@ class Trainer:
                 log.warning(f"stopped by {why} at step {self.step}; re-run the same command to resume")
                 return 0
         bar.close()
-        if t.eval_every:
+        if self.evaluates:
             last_eval = self._eval_and_log()
         if self.rank == 0 and last_eval is not None:
             print(f"held-out caption accuracy: {last_eval['caption_accuracy']:.3f} "

@@ -1,0 +1,238 @@
+"""Every shell command of the README runs, on tiny data and a few steps: a README that can no
+longer run fails here. Each command runs as written, in a scratch folder that holds what the
+README assumes (train.py, launch/, benchmarks/, captions.json, images/, photo.jpg, ...), with
+/path/to/llama and /path/to/clip standing for tiny checkpoints made here; train.py commands get
+`--set` items appended that shrink the model and the run (later `--set` items win)."""
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_utils import ROOT, TINY, env
+
+pytestmark = pytest.mark.multirank
+
+# A finetune preset run shrunk for the CPU: the shapes of the LM and the tower come from their checkpoints.
+SMALL_FINETUNE = ["model.perceiver.depth=1", "model.perceiver.num_latents=4", "model.perceiver.heads=2",
+                  "model.perceiver.dim_head=16", "model.xattn.heads=2", "model.xattn.dim_head=16",
+                  "train.micro_batch_size=2", "train.global_batch_size=4", "train.precision=fp32",
+                  "data.num_workers=0", "train.log_every=1", "train.warmup_steps=1"]
+STEPS = ["train.max_steps=2"]
+DEMO_SIZED = [s for s in TINY if not s.startswith("parallel.")]  # the README's own layout wins
+
+# README command -> how this test runs it: "train" (train.py, demo-sized), "finetune", "run" (as
+# written), or a reason it does not run here.
+COMMANDS = {
+    'pip install -c constraints.txt -e ".[test]" && python train.py': "train",
+    "pytest": "the command that runs this test",
+    "torchrun --standalone --nproc_per_node 2 train.py": "train",
+    "deepspeed --no_ssh --node_rank 0 --master_addr 127.0.0.1 --hostfile launch/hosts train.py": "train",
+    "python train.py --set train.max_steps=200 --set train.run_dir=runs/try1 --set train.precision=fp32": "train",
+    "deepspeed --hostfile launch/hosts train.py --config run.yaml":
+        "needs passwordless ssh; the --no_ssh form runs in test_train.py::test_two_nodes_over_loopback_with_the_deepspeed_launcher",
+    "deepspeed --no_ssh --hostfile launch/hosts --node_rank $NODE_RANK --master_addr $MASTER_HOST --master_port 29500 "
+    "train.py --config run.yaml": "two nodes: test_train.py::test_two_nodes_over_loopback_with_the_deepspeed_launcher",
+    "python train.py --nproc 4 --set parallel.tp=2 --set parallel.zero_stage=3": "train",
+    "python train.py --nproc 4 --set parallel.tp=2 --set parallel.pp=2 --set parallel.zero_stage=1": "train",
+    "furnace-shards coco --input captions.json --images images/ --out data/coco": "run",
+    "python train.py --config finetune --set model.lm.path=/path/to/llama --set model.vision.path=/path/to/clip "
+    '--set "data.train_shards=data/coco/train-{000000..000000}.tar"': "finetune",
+    "furnace-shards jsonl --input pairs.jsonl --out data/mine --prefix train": "run",
+    "furnace-shards interleaved --input docs.jsonl --out data/docs --prefix docs": "run",
+    "python train.py --config finetune --set model.lm.path=/path/to/llama --set model.vision.path=/path/to/clip "
+    '--set "data.train_shards=data/mine/train-{000000..000000}.tar;data/docs/docs-{000000..000000}.tar" '
+    "--set data.train_weights=0.7,0.3 --set train.run_dir=runs/mix": "finetune",
+    "furnace-export runs/finetune --out exported": "run",
+    "furnace-generate --model exported/flamingo --image photo.jpg": "run",
+    'furnace-generate --model exported/flamingo --image a.jpg --image b.jpg --prompt '
+    '"<image>a red circle<|endofchunk|><image>"': "run",
+    "python benchmarks/throughput.py --preset flamingo-1b --synthetic-data --steps 20 --out "
+    "benchmarks/results/throughput-h100.json": "gpu",
+    "python benchmarks/throughput.py --preset flamingo-1b --synthetic-data --ablate all --out "
+    "benchmarks/results/throughput-h100-ablations.json": "gpu",
+    "python benchmarks/kernels.py --out benchmarks/results/kernels-h100.json": "gpu",
+    "python benchmarks/throughput.py --preset demo --steps 5 --out /tmp/throughput-demo.json": "benchmark",
+    "python benchmarks/kernels.py --quick --only loss_scale --out /tmp/kernels.json": "run",
+    "python benchmarks/dataloader.py --out /tmp/dataloader.json": "run",
+    "python benchmarks/memory.py --out benchmarks/results/memory-cpu.json": "run",
+    "python benchmarks/launch_forms.py --out benchmarks/results/launch-forms-cpu.json": "benchmark",
+}
+# What a benchmark command gets appended on the CPU to stay short.
+SHORTER = {"benchmarks/dataloader.py": ["--n", "64", "--batches", "2", "--workers", "0"],
+           "benchmarks/memory.py": ["--layouts", "dp1"], "benchmarks/launch_forms.py": ["--steps", "6", "--repeats", "1"],
+           "benchmarks/throughput.py": ["--warmup", "1", "--steps", "2"]}
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line:
+                out.append(re.sub(r"\s+", " ", line))
+    return out
+
+
+def test_every_readme_command_is_run_here_or_says_why_not():
+    assert set(readme_commands()) == set(COMMANDS)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, data):
+    """A folder laid out as the README assumes, with tiny checkpoints and inputs."""
+    from PIL import Image
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from furnace.data.synthetic import draw_sample, sample_rng, vocabulary
+
+    w = tmp_path_factory.mktemp("readme")
+    for name in ("train.py", "launch", "benchmarks"):
+        (w / name).symlink_to(ROOT / name)
+    # an LM whose tokenizer lacks <image>/<|endofchunk|> (new rows) and a CLIP tower
+    words = ["<pad>", "<unk>", "<s>", "</s>", *vocabulary()]
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 tie_word_embeddings=False)).save_pretrained(w / "llama")
+    tok.save_pretrained(w / "llama")
+    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(w / "clip")
+    # captions.json (COCO) + images/, pairs.jsonl, docs.jsonl, photos
+    (w / "images").mkdir()
+    images, anns, pairs, docs = [], [], [], []
+    for i in range(12):
+        img, cap = draw_sample(sample_rng(0, "readme", i), 32)
+        img.save(w / "images" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png"})
+        anns.append({"image_id": i, "id": i, "caption": cap})
+        pairs.append({"image": f"images/{i}.png", "caption": cap})
+        docs.append({"segments": [{"image": f"images/{i}.png"}, {"text": cap}]})
+    import json
+
+    (w / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    (w / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (w / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    for name in ("photo.jpg", "a.jpg", "b.jpg"):
+        Image.open(w / "images" / "0.png").convert("RGB").save(w / name)
+    return w
+
+
+def argv_of(command: str, work: Path) -> list[str]:
+    argv = shlex.split(command.replace("/path/to/llama", str(work / "llama")).replace("/path/to/clip", str(work / "clip")))
+    if argv[0] == "python":
+        argv[0] = sys.executable
+    elif argv[0] in ("torchrun",):
+        argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+    elif argv[0] in ("deepspeed", "furnace-shards", "furnace-export", "furnace-generate"):
+        argv[0] = str(Path(sys.executable).parent / argv[0])
+    return argv
+
+
+def sets(*items: str) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+FINETUNE_COCO = next(c for c, how in COMMANDS.items() if how == "finetune")
+# What a command needs to have run before it, in the README's own order.
+NEEDS = {"furnace-export": FINETUNE_COCO, "furnace-generate": "furnace-export runs/finetune --out exported",
+         "python train.py --config finetune": "furnace-shards"}
+DONE: set[str] = set()
+
+
+@pytest.mark.parametrize("command", [c for c, how in COMMANDS.items() if how in ("train", "finetune", "run", "benchmark")])
+def test_readme_command_runs(command, work, data):
+    _run(command, work, data)
+
+
+def _run(command: str, work: Path, data: dict) -> None:
+    if command in DONE:
+        return
+    for prefix, needed in NEEDS.items():
+        if command.startswith(prefix):
+            for c in [c for c in COMMANDS if c.startswith(needed)]:
+                _run(c, work, data)
+    how = COMMANDS[command]
+    tiny_data = [f"data.synthetic_dir={data['dir']}", f"data.train_shards={data['train']}",
+                 f"data.val_shards={data['val']}"]
+    for part in (c.strip() for c in command.split("&&")):
+        if part.startswith("pip install"):
+            continue  # .ci/run installs exactly so, in a fresh environment
+        argv = argv_of(part, work)
+        if how == "train":
+            run_dir = work / "runs" / f"r{len(DONE)}"
+            argv += sets(*DEMO_SIZED, *tiny_data, *STEPS, "train.save_every=0", f"train.run_dir={run_dir}")
+        elif how == "finetune":
+            argv += sets(*SMALL_FINETUNE, *STEPS)
+        elif how == "benchmark":
+            argv += sets(*DEMO_SIZED, *tiny_data)
+        argv += next((extra for key, extra in SHORTER.items() if key in part), [])
+        if "--out" in argv and "benchmarks/results" in argv[argv.index("--out") + 1]:
+            argv[argv.index("--out") + 1] = str(work / "out.json")  # never over the committed results
+        res = subprocess.run(argv, cwd=work, env=env(), capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, f"{part}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        if part.startswith("furnace-generate"):  # one line of text (a 2-step model may say little)
+            assert res.stdout.endswith("\n") and len(res.stdout.splitlines()) == 1, res.stdout
+    DONE.add(command)
+
+
+def test_a_finetune_run_describes_the_model_it_built(work, data):
+    """The logged and checkpointed config holds the checkpoints' shapes (not the preset's), the
+    row length read off the data, the LM's own tokenizer; the export loads in transformers."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    _run(FINETUNE_COCO, work, data)
+    saved = json.loads((work / "runs" / "finetune" / "checkpoints" / "step00000002" / "config.json").read_text())
+    lm, vision = saved["model"]["lm"], saved["model"]["vision"]
+    base = json.loads((work / "llama" / "config.json").read_text())["vocab_size"]
+    assert (lm["hidden_size"], lm["num_layers"], lm["num_kv_heads"], lm["vocab_size"]) == (64, 4, 2, base)
+    assert (vision["hidden_size"], vision["patch_size"], vision["image_size"]) == (32, 8, 32)
+    assert 8 <= saved["data"]["max_length"] <= 64 and saved["data"]["max_length"] % 8 == 0
+    log = (work / "runs" / "finetune" / "logs" / "rank000.log").read_text()
+    assert "data.val_shards is empty: no evaluation" in log
+    _run("furnace-export runs/finetune --out exported", work, data)
+    meta = json.loads((work / "exported" / "flamingo" / "flamingo.json").read_text())
+    assert meta["model"]["lm"]["hidden_size"] == 64 and meta["model"]["lm"]["path"] is None
+    hf = AutoModelForCausalLM.from_pretrained(work / "exported" / "lm").eval()
+    assert hf.config.vocab_size == base + 2  # the LM's rows + <image> + <|endofchunk|>
+    from furnace.model.flamingo_io import load_flamingo
+
+    ours = load_flamingo(work / "exported" / "flamingo").eval()
+    ids = torch.tensor([[2, 5, 6, 7]])
+    with torch.no_grad():
+        assert (hf(ids).logits[..., :base] - ours.lm(ids)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("sets_,needle", [
+    ([], "data.train_shards is empty"),
+    (["data.train_shards=data/nowhere/train-{000000..000003}.tar"], "no shard matches 'data/nowhere"),
+    (["model.lm.path={work}/images", "data.train_shards=data/coco/train-000000.tar"], "holds no config.json"),
+    (["model.lm.path={work}/llama", "data.train_shards=data/coco/train-000000.tar", "parallel.tp=4"],
+     "must divide the checkpoint's num_attention_heads=4 and num_key_value_heads=2"),
+    (["model.lm.path={work}/clip", "data.train_shards=data/coco/train-000000.tar"], "furnace's decoder is llama"),
+    (["model.lm.path={work}/llama-bare", "data.train_shards=data/coco/train-000000.tar"], "holds no tokenizer"),
+])
+def test_mistakes_stop_before_launch_in_one_line(sets_, needle, work, data):
+    import shutil
+
+    _run("furnace-shards coco --input captions.json --images images/ --out data/coco", work, data)
+    if not (work / "llama-bare").exists():  # the LM without its tokenizer
+        (work / "llama-bare").mkdir()
+        for f in ("config.json", "model.safetensors"):
+            shutil.copy(work / "llama" / f, work / "llama-bare" / f)
+    argv = [sys.executable, "train.py", "--config", "finetune", "--nproc", "4",
+            *[a for s in sets_ for a in ("--set", s.replace("{work}", str(work)))]]
+    res = subprocess.run(argv, cwd=work, env=env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and needle in res.stderr, res.stderr
