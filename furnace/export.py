@@ -19,11 +19,11 @@ from safetensors.torch import load_file
 
 from furnace.config import Config, update
 from furnace.data.tokenizer import load_tokenizer
-from furnace.model.hf_io import read_config
 from furnace.model import llama
-from furnace.model.flamingo_io import lm_with_new_tokens, load_flamingo_state, save_flamingo
+from furnace.model.flamingo_io import lm_with_new_tokens, load_flamingo_state, parts_from, save_flamingo
 from furnace.training.build import build_model
-from furnace.training.checkpoint import FULL_MODEL, checkpoint_dir, choose_resume_tag
+from furnace.training.checkpoint import (ARCHITECTURE, FULL_MODEL, CheckpointError, checkpoint_dir, choose_resume_tag,
+                                         verify)
 from furnace.training.safe_load import safe_load, safe_torch_load
 
 
@@ -37,6 +37,10 @@ def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint under {checkpoint_dir(run_dir)}")
     tagdir = checkpoint_dir(run_dir) / tag
+    problem = verify(tagdir) if tagdir.is_dir() else "not found"
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {tag} under {checkpoint_dir(run_dir)} cannot be exported: {problem}; "
+                              "leave out --tag for the newest complete one")
     if (tagdir / FULL_MODEL).exists():  # tensor/pipeline-parallel run: gathered at save time
         return load_file(str(tagdir / FULL_MODEL)), tag
     if not list(tagdir.glob("*optim_states.pt")):  # ZeRO-0: the module state is the model, whole
@@ -52,12 +56,16 @@ def load_run_model(run_dir, tag: str | None = None):
     cfg = Config()
     update(cfg, json.loads((checkpoint_dir(run_dir) / tag / "config.json").read_text()), saved=True)
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
-    lm = None  # architecture only: the weights come from the checkpoint
-    if cfg.model.lm.path:  # the decoder's HF config from its folder; the saved shape if it is gone
-        path = cfg.model.lm.path
-        raw = read_config(path) if os.path.isdir(path) else None
-        lm = llama.Llama(llama.config_from_hf(raw, path) if raw else cfg.model.lm, hf_config=raw)
-    model = build_model(cfg, tokenizer, lm=lm)
+    arch = Path(run_dir) / ARCHITECTURE
+    if arch.is_file():  # the shapes only: the weights come from the checkpoint
+        lm, vision = parts_from(json.loads(arch.read_text()), cfg.model.freeze_vision)
+    else:  # a run from before architecture.json: the pretrained folders it started from
+        lm = vision = None
+        for key, path in (("model.lm.path", cfg.model.lm.path), ("model.vision.path", cfg.model.vision.path)):
+            if path and not os.path.isdir(path):
+                raise FileNotFoundError(f"{key}={path!r} (the run's starting checkpoint) is gone and {run_dir} has "
+                                        f"no {ARCHITECTURE}: restore the folder to export this run")
+    model = build_model(cfg, tokenizer, lm=lm, vision=vision)
     load_flamingo_state(model, state)
     return model.eval(), tokenizer, cfg, tag
 
@@ -81,7 +89,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         res = export(a.run_dir, a.out, a.tag)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointError, ValueError) as e:  # ValueError: ConfigError, a damaged config.json
         print(f"furnace export: {e}", file=sys.stderr)
         return 2
     print(f"exported {res['tag']}: whole model -> {res['flamingo']}, LM alone -> {res['lm']}")

@@ -46,6 +46,8 @@ def set_backend(op: str, name: str) -> None:
 
 
 def get_backend(op: str) -> str:
+    if op not in _chosen:
+        raise ValueError(f"unknown kernel op {op!r}; ops: {', '.join(TRITON_MODULES)}")
     return _chosen[op]
 
 
@@ -53,6 +55,8 @@ def use_triton(op: str, tensor: torch.Tensor | None, override: str | None = None
     """Whether `op` on `tensor` runs the Triton kernel (`override`: a per-call backend name)."""
     if override is not None:
         _check(op, override)
+    elif op not in _chosen:
+        raise ValueError(f"unknown kernel op {op!r}; ops: {', '.join(TRITON_MODULES)}")
     name = override or _chosen[op]
     if name != "auto":
         return name == "triton"

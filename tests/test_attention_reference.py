@@ -62,6 +62,12 @@ def test_bad_shapes_and_backend_names_are_refused():
         attention(q, q, q, q_segment=torch.zeros(1, 4))
     with pytest.raises(ValueError, match="backend"):
         set_backend("attention", "cuda-magic")
+    from furnace_kernels.backend import get_backend, use_triton
+
+    for call in (lambda: set_backend("atention", "auto"), lambda: get_backend("atention"),
+                 lambda: use_triton("atention", q)):
+        with pytest.raises(ValueError, match="unknown kernel op 'atention'; ops: attention, loss_scale"):
+            call()
 
 
 def test_triton_backend_refused_with_the_import_error_when_triton_is_unusable(monkeypatch):

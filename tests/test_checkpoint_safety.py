@@ -80,3 +80,18 @@ def test_deepspeed_loaders_that_unpickle_are_refused_in_one_line():
         with pytest.raises(UnsafeCheckpointLoading, match=needle) as e:
             use_safe_checkpoint_loading(engine)
         assert "\n" not in str(e.value)
+
+
+def test_prune_keeps_the_newest_complete_tags_and_unmarked_tags_older_than_them(tmp_path):
+    """Partial saves newer than the newest complete tag go; an unmarked tag older than it may be
+    a checkpoint written before completion markers existed, and is never deleted."""
+    from furnace.training.checkpoint import MARKER, _prune
+
+    for step, marked in ((1, False), (2, True), (3, True), (4, False), (5, True), (6, False)):
+        d = tmp_path / f"step{step:08d}"
+        d.mkdir()
+        if marked:
+            (d / MARKER).write_text("{}")
+    _prune(tmp_path, keep=2, current="step00000005")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000001", "step00000003", "step00000004",
+                                                         "step00000005"]

@@ -295,3 +295,17 @@ def test_a_saved_config_round_trips():
     update(back, json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
     validate(back, 1, check_paths=False)
+
+
+def test_train_py_refuses_to_freeze_a_part_built_with_random_weights(capsys, tmp_path):
+    """flamingo-1b's shapes with no checkpoints: fine to benchmark, pointless to train."""
+    from furnace.training.launch import main
+
+    (tmp_path / "mine-000000.tar").write_bytes(b"")
+    shards = ["--set", f"data.train_shards={tmp_path}/mine-000000.tar"]
+    assert main(["--config", "flamingo-1b", *shards]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.freeze_lm=true with no model.lm.path" in err[0]
+    assert "--set model.freeze_lm=false" in err[0]
+    assert main(["--config", "flamingo-1b", *shards, "--set", "model.freeze_lm=false"]) == 2
+    assert "model.freeze_vision=true with no model.vision.path" in capsys.readouterr().err

@@ -82,6 +82,10 @@ def test_the_tokenizer_comes_from_the_config_the_lm_or_the_synthetic_set(tmp_pat
     assert tokenizer_dir(cfg) == str(tmp_path / "tok")
     demo = load_config("demo")
     assert tokenizer_dir(demo) == "data/demo/tokenizer"
+    # the demo preset on your own shards: the synthetic set's words would not cover them
+    mine = load_config("demo", [f"data.train_shards={tmp_path}/mine-000000.tar"])
+    with pytest.raises(ConfigError, match="data.tokenizer is not set"):
+        tokenizer_dir(mine)
 
 
 def test_max_length_zero_reads_the_longest_sample_off_the_data(caps):
@@ -96,6 +100,21 @@ def test_max_length_zero_reads_the_longest_sample_off_the_data(caps):
     longest = max(len(enc.caption(t)) for t in texts)
     assert longest_sample(cfg, tok, cap=64) == -(-longest // 8) * 8
     assert longest_sample(cfg, tok, cap=8) == 8  # the LM's positions bound it
+
+
+def test_max_length_zero_looks_at_every_source_and_skips_bad_samples(caps, tmp_path):
+    d, _ = caps
+    tok = demo_tokenizer()
+    long_caption = " ".join(["a red circle left of a blue square"] * 3)
+    write_raw_tar(str(tmp_path / "other-000000.tar"), [
+        ("000000.txt", b"\xff\xfe not utf-8"), ("000000.png", png(0)),  # a bad sample: skipped, not fatal
+        ("000001.txt", long_caption.encode()), ("000001.png", png(1)),
+    ])
+    first = f"{d}/train-{{000000..000001}}.tar"
+    cfg = load_config("demo", [f"data.train_shards={first};{tmp_path}/other-000000.tar", "data.max_length=0"]).data
+    longest = len(TextEncoder(tok, 1000, 1).caption(long_caption))
+    # the first source alone would fill n: the second source's longer sample is still read
+    assert longest_sample(cfg, tok, cap=512, n=5) == -(-longest // 8) * 8
 
 
 def test_img2dataset_shards_read_as_they_are(tmp_path):

@@ -170,6 +170,9 @@ def test_tokenizer_specials_and_generation_helpers(tmp_path):
     assert enc.reference_caption(ids) == "a red circle left of a blue square"
     assert enc.decode([*ids[2:5], enc.eoc_id, *ids[5:]]) == "a red circle"
     assert enc.caption_prompt() == ids[:2]
+    # a few-shot prompt written as text gets the control tokens a training row has
+    shot = enc.prompt("<image>a red circle left of a blue square<|endofchunk|><image>")
+    assert shot == ids[:-1] + [enc.image_id]
     # a local tokenizer without Flamingo tokens or pad gets them added
     plain = build_word_tokenizer(["hello", "world"])
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -1,5 +1,6 @@
 """Config validation of the parallel layouts: A = ZeRO-3 x TP x DP, B = ZeRO-1 x TP x PP x DP."""
 import pytest
+import torch
 
 from furnace.config import ConfigError, load_config, validate
 
@@ -46,3 +47,16 @@ def test_zero3_blocks_are_the_repeated_layers():
     assert {id(b) for b in blocks} == {id(b) for b in expect} and len(blocks) == len(expect) == 3 + 2 + 4 + 3
     assert gather_by_block(model) == len(expect)
     assert {id(m) for m in deepspeed.utils.get_z3_leaf_modules(model)} == {id(b) for b in expect}
+
+
+def test_batch_to_pipe_carries_positions_when_only_segments_are_given():
+    from furnace.parallel.pipeline import batch_to_pipe
+
+    ids = torch.tensor([[5, 6, 7, 8]])
+    batch = {"input_ids": ids, "images": torch.zeros(1, 1, 1, 3, 8, 8), "media_valid": torch.ones(1, 1, dtype=torch.bool),
+             "labels": ids, "segment_ids": torch.tensor([[1, 1, 2, 2]])}
+    inputs, labels = batch_to_pipe(batch)
+    assert len(inputs) == 5 and inputs[3].tolist() == [[0, 1, 2, 3]] and inputs[4].tolist() == [[1, 1, 2, 2]]
+    assert labels is ids
+    with pytest.raises(ValueError, match="labels"):
+        batch_to_pipe({k: v for k, v in batch.items() if k != "labels"})

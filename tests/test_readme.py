@@ -221,7 +221,10 @@ def test_a_finetune_run_describes_the_model_it_built(work, data):
     (["model.lm.path={work}/llama", "data.train_shards=data/coco/train-000000.tar", "parallel.tp=4"],
      "must divide the checkpoint's num_attention_heads=4 and num_key_value_heads=2"),
     (["model.lm.path={work}/clip", "data.train_shards=data/coco/train-000000.tar"], "furnace's decoder is llama"),
-    (["model.lm.path={work}/llama-bare", "data.train_shards=data/coco/train-000000.tar"], "holds no tokenizer"),
+    (["model.lm.path={work}/llama-bare", "model.vision.path={work}/clip", "data.train_shards=data/coco/train-000000.tar"],
+     "holds no tokenizer"),
+    (["model.lm.path={work}/llama", "data.train_shards=data/coco/train-000000.tar"],
+     "model.freeze_vision=true with no model.vision.path"),
 ])
 def test_mistakes_stop_before_launch_in_one_line(sets_, needle, work, data):
     import shutil
@@ -236,3 +239,30 @@ def test_mistakes_stop_before_launch_in_one_line(sets_, needle, work, data):
     res = subprocess.run(argv, cwd=work, env=env(), capture_output=True, text=True, timeout=60)
     assert res.returncode == 2
     assert len(res.stderr.strip().splitlines()) == 1 and needle in res.stderr, res.stderr
+
+
+def test_a_run_exports_after_its_starting_checkpoints_are_gone(work, data):
+    """The run_dir holds the decoder's and tower's HF configs: the pretrained folders a run
+    started from can be deleted and the run still exports, to the same files."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from furnace.export import export
+
+    _run("furnace-export runs/finetune --out exported", work, data)
+    away = work / "moved-away"
+    away.mkdir(exist_ok=True)
+    for name in ("llama", "clip"):
+        (work / name).rename(away / name)
+    try:
+        export(work / "runs" / "finetune", work / "exported-again")
+    finally:
+        for name in ("llama", "clip"):
+            (away / name).rename(work / name)
+    for part in ("flamingo", "lm"):
+        a, b = load_file(str(next((work / "exported" / part).glob("*.safetensors")))), \
+            load_file(str(next((work / "exported-again" / part).glob("*.safetensors"))))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    first, again = (json.loads((work / d / "flamingo" / "flamingo.json").read_text()) for d in ("exported", "exported-again"))
+    assert first == again

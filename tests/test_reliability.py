@@ -79,6 +79,19 @@ def test_a_second_run_on_one_run_dir_is_refused_naming_the_holder(data, tmp_path
         assert first.returncode == 0
 
 
+def test_a_save_that_fails_on_the_ranks_stops_every_rank_in_one_line(data, tmp_path):
+    """A write error during a save (here: a file where the tag's folder goes; a full disk
+    alike) stops all ranks together with one line, instead of leaving the others in a barrier."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step00000002").write_text("in the way")
+    res = run(train_cmd(run_dir, data, "train.max_steps=3", "train.save_every=2"), timeout=240)
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = furnace_lines(res.stderr)
+    assert len(lines) == 1 and "saving checkpoint step00000002 failed (write) on rank(s) [0, 1]" in lines[0], lines
+    assert "Traceback" not in res.stderr
+
+
 # ------------------------------------------------------------------ resume safety
 
 def test_a_change_the_checkpoint_cannot_honour_is_refused_in_one_line(full_run, data, tmp_path):
@@ -119,6 +132,26 @@ def test_a_different_tokenizer_is_refused_on_resume(full_run, data, tmp_path):
     assert res.returncode == 2
     lines = furnace_lines(res.stderr)
     assert len(lines) == 1 and "the tokenizer (fingerprint" in lines[0] and "data.tokenizer" in lines[0], lines
+
+
+def test_rerunning_a_finished_run_changes_nothing(full_run, data, tmp_path):
+    run_dir = copy_run(full_run, tmp_path)
+    before = (run_dir / "metrics.jsonl").read_text()
+    res = run(train_cmd(run_dir, data, *ARGS))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "already complete at step 6 (train.max_steps=6)" in res.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == before  # no second evaluation, no new records
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
+        sorted(p.name for p in (full_run / "checkpoints").iterdir())
+
+
+def test_a_different_layout_is_refused_on_resume(full_run, data, tmp_path):
+    run_dir = copy_run(full_run, tmp_path)
+    res = run(train_cmd(run_dir, data, *ARGS, "train.max_steps=8", nproc=1))
+    assert res.returncode == 2
+    lines = furnace_lines(res.stderr)
+    assert len(lines) == 1 and "written by 2 ranks (tp=1, pp=1, dp=2)" in lines[0], lines
+    assert "this run is 1 ranks (tp=1, pp=1, dp=1)" in lines[0] and "furnace-export" in lines[0]
 
 
 # ------------------------------------------------------------------ safe loading
@@ -171,14 +204,26 @@ def test_sigterm_to_the_bare_launcher_saves_and_exits_zero(data, tmp_path):
 
 
 def test_ctrl_c_saves_and_exits_zero_without_tracebacks(data, tmp_path):
-    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it; also SIGTERM to the
-    group (SLURM, the deepspeed launcher)."""
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, data workers included;
+    also SIGTERM to the group (SLURM, the deepspeed launcher)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         run_dir = tmp_path / sig.name
-        with running(run_dir, data) as proc:
+        with running(run_dir, data, "data.num_workers=2") as proc:
             out = _stop_and_check(proc, run_dir, lambda p: os.killpg(p.pid, sig))
             assert f"stopped by {sig.name}" in out
             assert len([line for line in out.splitlines() if sig.name in line]) <= 3  # a line or two, not a dump
+
+
+def test_a_second_ctrl_c_interrupts_at_once_and_a_launcher_passing_one_on_does_not():
+    from furnace.training.stop import StopRequest
+
+    stop = StopRequest()
+    assert not stop
+    stop._on_signal(signal.SIGINT, None)
+    stop._on_signal(signal.SIGTERM, None)  # the launcher passing the same Ctrl-C on
+    assert stop and stop.name == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+        stop._on_signal(signal.SIGINT, None)
 
 
 def test_a_killed_launcher_leaves_no_rank_behind(data, tmp_path):
@@ -245,10 +290,31 @@ def test_honoured_changes_replace_the_restored_optimizer_and_schedule():
     for _ in range(3):
         opt.step()
         sched.step()
-    cfg = load_config("demo", ["train.lr=5e-4", "train.weight_decay=0.1"])
-    apply_honoured(SimpleNamespace(optimizer=opt, lr_scheduler=sched), cfg)
+    opt.clip_grad = 1.0  # as DeepSpeed's ZeRO-1/2 optimizer restores it from the checkpoint
+    engine = SimpleNamespace(optimizer=opt, lr_scheduler=sched, _config=SimpleNamespace(gradient_clipping=1.0))
+    cfg = load_config("demo", ["train.lr=5e-4", "train.weight_decay=0.1", "train.grad_clip=0.5"])
+    apply_honoured(engine, cfg)
+    assert opt.clip_grad == 0.5 and engine._config.gradient_clipping == 0.5
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(g["lr"] == pytest.approx(5e-4 * warmup_cosine(2, 6, 0.1)(3)) for g in opt.param_groups)
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4 * warmup_cosine(2, 6, 0.1)(4))
+
+
+def test_train_dist_timeout_reaches_groups_made_after_the_world_group():
+    """furnace's tp/dp/pp groups and DeepSpeed's own take c10d's module default, not the world
+    group's timeout; a hung rank must fail every collective after train.dist_timeout_minutes."""
+    import subprocess
+    import sys
+
+    code = ("import datetime, torch.distributed as dist\n"
+            "from torch.distributed import distributed_c10d as c10d\n"
+            "from furnace.training.distributed import init_distributed\n"
+            "init_distributed(datetime.timedelta(minutes=2))\n"
+            "dist.new_group([0])\n"
+            "print('timeout', c10d._get_default_timeout('gloo').total_seconds())\n")
+    from train_utils import env
+    res = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "timeout 120.0" in res.stdout

@@ -2,6 +2,7 @@
 export, and the failure cases."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -111,6 +112,18 @@ def test_export_consolidates_zero3_checkpoint(full_run, tmp_path):
         lm = AutoModelForCausalLM.from_pretrained(tmp_path / "x" / "lm").eval()
         text = torch.tensor([[5, 6, 7, 8, 9]])
         assert (lm(text).logits - model.lm(text)).abs().max() <= 1e-5
+    # a tag that is not there, or damaged: one line naming it, exit status 2
+    for tag in ("step00000099", "step00000003"):
+        if tag == "step00000003":
+            damaged = tmp_path / "damaged"
+            shutil.copytree(full_run, damaged)
+            victim = next((damaged / "checkpoints" / tag).glob("*optim_states.pt"))
+            victim.write_bytes(victim.read_bytes()[:100])
+        res = subprocess.run([os.sys.executable, "-m", "furnace.export", str(damaged if tag == "step00000003" else full_run),
+                              "--out", str(tmp_path / "y"), "--tag", tag],
+                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr[-2000:]
+        assert f"checkpoint {tag} under" in res.stderr and "cannot be exported" in res.stderr
 
 
 def test_sigkill_of_one_rank_stops_the_others_quickly(data, tmp_path):
@@ -189,9 +202,12 @@ def test_invalid_configs_fail_early_with_one_line(sets, nproc, needle, capsys):
 
 
 def test_two_nodes_over_loopback_with_the_deepspeed_launcher(data, tmp_path):
-    """Two 'nodes' on this machine: one `deepspeed --no_ssh` launcher per node rank, as on a cluster."""
+    """Two 'nodes' on this machine: one `deepspeed --no_ssh` launcher per node rank, as on a cluster.
+    Without OMP_NUM_THREADS each rank, alone on its node (DeepSpeed's LOCAL_SIZE), takes every core."""
     import shutil
     import sys
+
+    from furnace.system import usable_cores
 
     hostfile = tmp_path / "hosts"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
@@ -202,11 +218,13 @@ def test_two_nodes_over_loopback_with_the_deepspeed_launcher(data, tmp_path):
     ds = shutil.which("deepspeed", path=os.path.dirname(sys.executable)) or "deepspeed"
     procs = [subprocess.Popen([ds, "--no_ssh", "--hostfile", str(hostfile), "--node_rank", str(r),
                                "--master_addr", "127.0.0.1", "--master_port", str(port), str(ROOT / "train.py"), *base],
-                              cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              cwd=ROOT, env=env(OMP_NUM_THREADS=None), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
     outs = [p.communicate(timeout=400)[0] for p in procs]
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
     assert [m["step"] for m in metrics(run_dir) if "loss" in m] == [1, 2, 3]
     for r in (0, 1):
-        assert "world 2" in (run_dir / "logs" / f"rank{r:03d}.log").read_text()
+        log = (run_dir / "logs" / f"rank{r:03d}.log").read_text()
+        assert "world 2" in log and f", {usable_cores()} threads" in log

@@ -52,8 +52,9 @@ def _optional(rule: Rule) -> Rule:
     return Rule(lambda v: v is None or rule.ok(v), f"none or {rule.need}", rule.example)
 
 
-def _sources(spec: str) -> list[str]:
-    """The ';'-separated shard sources of data.train_shards / data.val_shards."""
+def split_sources(spec: str) -> list[str]:
+    """The ';'-separated shard sources of data.train_shards / data.val_shards:
+    'a-{0..9}.tar;b.tar' -> ['a-{0..9}.tar', 'b.tar']."""
     return [s.strip() for s in spec.split(";") if s.strip()]
 
 
@@ -77,7 +78,8 @@ def _fault_items(spec: str) -> list[re.Match | None]:
 def parse_faults(spec: str) -> list[tuple[str, int, int | None]]:
     """debug.faults -> [(kind, step, rank or None)]; ConfigError on a malformed item."""
     out = []
-    for item, m in zip((x.strip() for x in spec.split(",") if x.strip()), _fault_items(spec)):
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        m = _FAULT.fullmatch(item)
         if m is None:
             raise ConfigError(f"debug.faults: {item!r} is not kind@step[:rank] with kind {' | '.join(FAULT_KINDS)}")
         out.append((m[1], int(m[2]), None if m[3] is None else int(m[3])))
@@ -148,9 +150,9 @@ RULES: dict[str, Rule] = {
     "model.freeze_vision": _BOOL,
     "model.activation_checkpointing": _BOOL,
     "model.attention_backend": _one_of("auto", "triton", "reference"),
-    "data.train_shards": Rule(lambda v: not v.strip() or bool(_sources(v)),
+    "data.train_shards": Rule(lambda v: not v.strip() or bool(split_sources(v)),
                               "empty or ';'-separated shard patterns", "data/train-000000.tar"),
-    "data.val_shards": Rule(lambda v: not v.strip() or bool(_sources(v)), "empty or ';'-separated shard patterns",
+    "data.val_shards": Rule(lambda v: not v.strip() or bool(split_sources(v)), "empty or ';'-separated shard patterns",
                             "data/val-000000.tar"),
     "data.tokenizer": _PATH,
     "data.max_length": Rule(lambda v: v == 0 or v >= 4, "0 (read off the training data) or >= 4", 64),
@@ -285,7 +287,7 @@ def _check_model(cfg: Config) -> None:
 def _check_data(cfg: Config) -> None:
     d = cfg.data
     if d.train_weights is not None:
-        n, sources = len(_weights(d.train_weights)), len(_sources(d.train_shards))
+        n, sources = len(_weights(d.train_weights)), len(split_sources(d.train_shards))
         if n != sources:
             raise ConfigError(f"data.train_weights={d.train_weights!r} has {n} weights for {sources} ';'-separated "
                               f"data.train_shards sources; give one per source, e.g. --set data.train_weights="
@@ -407,6 +409,17 @@ def _check_pretrained(cfg: Config) -> None:
         if not kind.startswith(VISION_TYPES):
             raise ConfigError(f"model.vision.path={m.vision.path!r} is a {kind!r} checkpoint; furnace's towers are "
                               "CLIP and SigLIP vision models: point model.vision.path at one of those")
+
+
+def check_trainable(cfg: Config) -> None:
+    """A training run (not a benchmark, which measures a preset's shapes as they are) must
+    not freeze a part it builds with random weights: that part would never learn."""
+    m = cfg.model
+    for part, frozen, path in (("lm", m.freeze_lm, m.lm.path), ("vision", m.freeze_vision, m.vision.path)):
+        if frozen and path is None:
+            raise ConfigError(f"model.freeze_{part}=true with no model.{part}.path would train around a frozen random "
+                              f"{'LM' if part == 'lm' else 'vision tower'}: set model.{part}.path to a local HF "
+                              f"checkpoint, or --set model.freeze_{part}=false to train it from scratch")
 
 
 def gradient_accumulation_steps(cfg: Config, dp: int) -> int:

@@ -7,8 +7,10 @@ import fcntl
 import json
 import os
 import shutil
+import sys
 
-from furnace.data.sources import drawn_on_demand, expand_shards, split_sources
+from furnace.config import split_sources
+from furnace.data.sources import drawn_on_demand, expand_shards
 from furnace.data.synthetic import COMPLETE_MARKER, GENERATOR_VERSION, build
 
 
@@ -60,7 +62,10 @@ def ensure_demo_data(data_cfg, *, progress: bool = False) -> None:
         if not os.path.exists(os.path.join(out, COMPLETE_MARKER)) or _stale(out):
             tmp = f"{out}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            build(tmp, n, seed, size, progress=progress, home=out)
+            bar = progress and sys.stderr.isatty()  # in a log file: one line, not a bar's redraws
+            if progress and not bar:
+                print(f"drawing the synthetic set ({n} samples) into {out}", file=sys.stderr, flush=True)
+            build(tmp, n, seed, size, progress=bar, home=out)
             os.makedirs(out, exist_ok=True)
             for name in sorted(os.listdir(tmp), key=lambda x: x == COMPLETE_MARKER):  # marker last
                 dst = os.path.join(out, name)

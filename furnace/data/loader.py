@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import time
 from collections import Counter
 from typing import Sequence
@@ -58,7 +59,7 @@ from furnace.data.images import CLIP_MEAN, CLIP_STD
 from furnace.data.replay import MAX_EMPTY_EPOCHS, Replay
 from furnace.data.samples import SampleDecoder
 from furnace.data.sources import Source, expand_shards, sources_from_config
-from furnace.data.tar import ReadLimits, iter_shard_samples
+from furnace.data.tar import MEMBER_REASONS, SHARD_REASONS, ReadLimits, iter_shard_samples
 from furnace.data.text import SkipSample, TextEncoder
 
 STATE_VERSION = 1
@@ -83,6 +84,14 @@ class _Dataset(torch.utils.data.IterableDataset):
 
 def _identity(x):
     return x
+
+
+def _leave_stop_signals_to_the_rank(_worker_id):
+    """SIGINT and SIGTERM (a terminal's Ctrl-C, a scheduler's kill of the process group) reach
+    the workers too: the rank stops at the end of its step and saves, so a worker must not end
+    itself on them (torch's worker handlers would) and break that step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ShardLoader:
@@ -298,7 +307,8 @@ class ShardLoader:
             dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                              collate_fn=_identity, prefetch_factor=self.prefetch_factor,
                                              persistent_workers=False, pin_memory=self.pin_memory,
-                                             multiprocessing_context=self.mp_context)
+                                             multiprocessing_context=self.mp_context,
+                                             worker_init_fn=_leave_stop_signals_to_the_rank)
         else:
             dl = ds
         # Counters restart in fresh workers: fold what they reported into the base first.
@@ -324,6 +334,11 @@ class ShardLoader:
         for c in self._worker_skips:
             total.update(c)
         return dict(sorted(total.items()))
+
+    @property
+    def skipped_samples(self) -> int:
+        """Samples skipped so far (shard- and member-level counts left out)."""
+        return sum(n for reason, n in self.skipped.items() if reason not in SHARD_REASONS + MEMBER_REASONS)
 
     @property
     def batches_yielded(self) -> int:

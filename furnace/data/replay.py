@@ -35,6 +35,8 @@ class Replay:
 
     def epoch_raw(self, epoch: int, counter) -> Iterator[dict]:
         urls, stride, offset = self.plan(epoch)
+        # When slots share shards, each shard's own problems are counted by one slot only.
+        counter = counter if offset == 0 else Counter()
         i = 0
         for url in urls:
             for s in iter_shard_samples(url, counter, self.limits):

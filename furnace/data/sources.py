@@ -11,7 +11,7 @@ from typing import Sequence
 
 from webdataset.shardlists import expand_urls
 
-from furnace.config import ConfigError
+from furnace.config import ConfigError, split_sources
 
 
 def expand_shards(spec: str | Sequence[str]) -> list[str]:
@@ -30,11 +30,6 @@ class Source:
     shards: str | Sequence[str]
     weight: float = 1.0
     name: str | None = None
-
-
-def split_sources(spec: str) -> list[str]:
-    """'a-{0..9}.tar;b.tar' -> ['a-{0..9}.tar', 'b.tar']."""
-    return [p.strip() for p in spec.split(";") if p.strip()]
 
 
 def drawn_on_demand(pattern: str, data_cfg) -> bool:

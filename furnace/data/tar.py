@@ -25,6 +25,9 @@ from webdataset.tariterators import base_plus_ext
 from furnace.data.images import is_image_member
 
 TEXT_EXTS = ("txt", "json")
+# Counted per shard or per member, not per sample (a sample's own skip reasons are the others).
+SHARD_REASONS = ("unreadable_shard", "bad_shard", "shard_too_large", "unsupported_compression")
+MEMBER_REASONS = ("ignored_member", "duplicate_member")
 META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's own metadata members
 # Magic bytes (a tar starts with a member name, which none of these can be mistaken for).
 COMPRESSED = {b"\x1f\x8b\x08": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), re.compile(rb"BZh[1-9]1AY&SY"): bz2.BZ2File,

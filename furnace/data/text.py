@@ -3,7 +3,8 @@
 Caption pair:   [bos] <image> caption <|endofchunk|> eos      (bos only if the tokenizer has one)
 Interleaved:    [bos] text <image> chunk <|endofchunk|> <image> chunk <|endofchunk|> ... eos
                 each image's following text chunk ends with <|endofchunk|>.
-Literal "<image>" / "<|endofchunk|>" strings in user text are removed before tokenising; any
+Literal "<image>" / "<|endofchunk|>" strings in sample text are removed before tokenising (in a
+generation prompt they are the control tokens); any
 other special token written in the text ("</s>", "<pad>") is encoded as text, never as a
 control id.
 """
@@ -46,14 +47,15 @@ class TextEncoder:
             raise SkipSample("too_long")
         return ids
 
-    def document(self, segments: list[dict]) -> tuple[list[int], list[str]]:
-        """segments: [{"text": str} | {"image": member}] -> (ids, image members kept, in order).
+    def document(self, segments: list[dict]) -> tuple[list[int], list]:
+        """segments: [{"text": str} | {"image": ref}] -> (ids, the image refs kept, in order); a
+        ref is whatever names the image to the caller (a tar member name, an MMC4 index).
 
         At most `max_images` images (the document is cut before the next one); truncated to
         `max_length`, dropping images whose <image> token was cut (and a trailing <image>).
         """
         ids = list(self._prefix)
-        images: list[str] = []
+        images: list = []
         open_chunk = False
         for seg in segments:
             if "image" in seg:
@@ -90,12 +92,17 @@ class TextEncoder:
         return self._prefix + [self.image_id]
 
     def prompt(self, text: str) -> list[int]:
-        """[bos] + `text` with each literal <image> as the image token (the text between as text)."""
+        """[bos] + `text` with each literal <image> and <|endofchunk|> as its control token (the
+        text between as text): a few-shot prompt is written as it is trained, e.g.
+        "<image>a red circle<|endofchunk|><image>"."""
         ids = list(self._prefix)
-        for i, chunk in enumerate(text.split(IMAGE_TOKEN)):
+        for i, part in enumerate(text.split(IMAGE_TOKEN)):
             if i:
                 ids.append(self.image_id)
-            ids += self.encode(chunk)
+            for j, chunk in enumerate(part.split(EOC_TOKEN)):
+                if j:
+                    ids.append(self.eoc_id)
+                ids += self.encode(chunk)
         return ids
 
     def reference_caption(self, ids) -> str | None:

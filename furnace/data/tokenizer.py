@@ -13,7 +13,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from furnace.config import ConfigError
+from furnace.config import ConfigError, split_sources
+from furnace.data.sources import drawn_on_demand
 from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -100,10 +101,12 @@ def tokenizer_dir(cfg) -> str:
             return lm
         raise ConfigError(f"model.lm.path={lm!r} holds no tokenizer ({' / '.join(TOKENIZER_FILES)}): set "
                           "data.tokenizer to the LM's tokenizer folder")
-    if cfg.data.synthetic_dir:
-        return os.path.join(cfg.data.synthetic_dir, "tokenizer")
+    sources = split_sources(cfg.data.train_shards)
+    if cfg.data.synthetic_dir and sources and all(drawn_on_demand(p, cfg.data) for p in sources):
+        return os.path.join(cfg.data.synthetic_dir, "tokenizer")  # the synthetic set's, for its own shards
     raise ConfigError("data.tokenizer is not set: a language model trained from scratch on your data needs a "
-                      "tokenizer; set data.tokenizer to a local HF tokenizer folder")
+                      "tokenizer; set data.tokenizer to a local HF tokenizer folder (or start from a pretrained "
+                      "LM: --config finetune)")
 
 
 def special_ids(tok) -> dict[str, int | None]:

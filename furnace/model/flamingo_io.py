@@ -2,6 +2,8 @@
 
     save_flamingo(model, DIR, model_config)   DIR/flamingo.json + safetensors
     load_flamingo(DIR) -> FlamingoModel       needs nothing but DIR
+    architecture(model) / parts_from(arch)    the decoder's and tower's HF configs, and the
+                                              (weightless) parts they rebuild
     lm_with_new_tokens(model) -> Llama        the decoder with the new token rows merged (for llama.to_hf)
 """
 from __future__ import annotations
@@ -43,15 +45,28 @@ def flamingo_state_dict(model: FlamingoModel) -> dict[str, torch.Tensor]:
     return state
 
 
+def architecture(model: FlamingoModel) -> dict:
+    """The decoder's and the vision tower's full HF configs: with furnace's model config, all
+    that rebuilds the model's shape and activations without the checkpoints it started from."""
+    return {"lm_config": llama.hf_config(model.lm), "vision_kind": model.vision.kind,
+            "vision_config": model.vision.model.config.to_dict()}
+
+
+def parts_from(arch: dict, freeze_vision: bool) -> tuple[Llama, VisionTower]:
+    """A decoder and a tower of `architecture`'s shapes (fresh weights: load a state into them)."""
+    lm = Llama(llama.config_from_hf(arch["lm_config"]), hf_config=arch["lm_config"])
+    cfg_cls, cls = KINDS[arch["vision_kind"]]
+    return lm, VisionTower(cls(cfg_cls(**arch["vision_config"])), arch["vision_kind"], freeze_vision)
+
+
 def save_flamingo(model: FlamingoModel, path, model_config: dict) -> None:
     """The whole model as one safetensors folder plus what rebuilds it without the original
-    checkpoints: furnace's model config, the decoder's HF config and the vision tower's config."""
+    checkpoints: furnace's model config and the `architecture`."""
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     (p / "flamingo.json").write_text(json.dumps({
         "model": model_config, "vocab_size": model.vocab_size, "image_token_id": model.image_token_id,
-        "eoc_token_id": model.eoc_token_id, "lm_config": llama.hf_config(model.lm),
-        "vision_kind": model.vision.kind, "vision_config": model.vision.model.config.to_dict()}, indent=2))
+        "eoc_token_id": model.eoc_token_id, **architecture(model)}, indent=2))
     save_weights(flamingo_state_dict(model), p)
 
 
@@ -59,9 +74,7 @@ def load_flamingo(path) -> FlamingoModel:
     meta = json.loads((Path(path) / "flamingo.json").read_text())
     mcfg = ModelConfig()
     update(mcfg, meta["model"], "model.", saved=True)
-    lm = Llama(llama.config_from_hf(meta["lm_config"]), hf_config=meta["lm_config"])
-    cfg_cls, cls = KINDS[meta["vision_kind"]]
-    vision = VisionTower(cls(cfg_cls(**meta["vision_config"])), meta["vision_kind"], mcfg.freeze_vision)
+    lm, vision = parts_from(meta, mcfg.freeze_vision)
     model = build_flamingo(mcfg, vocab_size=meta["vocab_size"], image_token_id=meta["image_token_id"],
                            eoc_token_id=meta["eoc_token_id"], lm=lm, vision=vision)
     load_flamingo_state(model, load_weights(path))

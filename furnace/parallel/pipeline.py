@@ -159,9 +159,9 @@ def batch_to_pipe(batch: dict):
     if labels is None:
         raise ValueError("pipeline batches need labels")
     inputs = (batch["input_ids"], batch["images"], batch["media_valid"])
-    positions, segments = batch.get("position_ids"), batch.get("segment_ids")
-    if positions is not None or segments is not None:
-        if positions is None:
-            positions = positions(batch["input_ids"]).contiguous()
-        inputs += (positions,) if segments is None else (positions, segments)
+    pos, segments = batch.get("position_ids"), batch.get("segment_ids")
+    if pos is not None or segments is not None:
+        if pos is None:
+            pos = positions(batch["input_ids"]).contiguous()
+        inputs += (pos,) if segments is None else (pos, segments)
     return inputs, labels

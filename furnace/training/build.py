@@ -17,11 +17,10 @@ from typing import Any
 import torch
 
 import furnace_kernels
-from furnace.config import Config, gradient_accumulation_steps
+from furnace.config import Config, gradient_accumulation_steps, split_sources
 from furnace.data.demo import ensure_demo_data
 from furnace.data.lengths import longest_sample
 from furnace.data.loader import DPSlice, ShardLoader
-from furnace.data.sources import split_sources
 from furnace.data.synthetic import demo_tokenizer
 from furnace.data.tokenizer import load_tokenizer, tokenizer_dir
 from furnace.model.flamingo import FlamingoModel, build_flamingo
@@ -68,13 +67,13 @@ def build_tokenizer(cfg: Config, *, loaders: bool = True):
     return load_tokenizer(tokenizer_dir(cfg))
 
 
-def build_model(cfg: Config, tokenizer, *, lm=None) -> FlamingoModel:
-    """The whole (unsharded) model, its fresh weights drawn from torch's global RNG. `lm`: a
-    decoder to use instead of the configured one. A loaded LM or tower writes its checkpoint's
+def build_model(cfg: Config, tokenizer, *, lm=None, vision=None) -> FlamingoModel:
+    """The whole (unsharded) model, its fresh weights drawn from torch's global RNG. `lm`,
+    `vision`: a decoder, a tower to use instead of the configured ones. A loaded LM or tower writes its checkpoint's
     shape back into `cfg.model`, so logs, checkpoints and exports describe the model built."""
     model = build_flamingo(cfg.model, vocab_size=len(tokenizer),
                            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                           eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN), lm=lm)
+                           eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN), lm=lm, vision=vision)
     if cfg.model.lm.path:
         cfg.model.lm = dataclasses.replace(model.lm.cfg, path=cfg.model.lm.path)
     if cfg.model.vision.path:

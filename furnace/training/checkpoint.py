@@ -11,6 +11,7 @@ and set aside, and the one before it is used. Pruning deletes only complete tags
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -32,6 +33,7 @@ from furnace.training.safe_load import allowed_global_names
 LATEST = "latest"
 MARKER = "complete.json"
 FULL_MODEL = "full_model.safetensors"
+ARCHITECTURE = "architecture.json"  # in the run_dir: the decoder's and tower's HF configs (export needs no folder)
 TAG = re.compile(r"^step\d{8}$")
 log = logging.getLogger("furnace")
 
@@ -122,8 +124,9 @@ def _tags(ckdir: Path) -> list[Path]:
 
 
 def verify(tagdir: Path) -> str | None:
-    """None when `tagdir` is a complete checkpoint with every file at its recorded size; else
-    what is wrong ("incomplete" when there is no marker)."""
+    """None when `tagdir` is a complete checkpoint whose files are all there at their recorded
+    sizes, its config readable and every torch file a readable pickle (a file zeroed at its
+    size, as after a power loss, is not); else what is wrong ("incomplete": no marker)."""
     marker = tagdir / MARKER
     if not marker.is_file():
         return "incomplete"
@@ -137,6 +140,16 @@ def verify(tagdir: Path) -> str | None:
             return f"{name} is missing"
         if p.stat().st_size != size:
             return f"{name} has {p.stat().st_size} bytes where {size} were written"
+    try:
+        if not isinstance(json.loads((tagdir / "config.json").read_text()), dict):
+            raise ValueError
+    except (OSError, ValueError):
+        return "its config.json is unreadable"
+    for p in sorted(tagdir.rglob("*.pt")):
+        try:  # reads the pickle's opcodes only, not the tensors
+            torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
+        except Exception:
+            return f"{p.name} is not a readable torch file"
     return None
 
 
@@ -145,6 +158,26 @@ def read_marker(tagdir: Path) -> dict:
 
 
 # ------------------------------------------------------------------ save
+
+@contextlib.contextmanager
+def _agreed(tag: str, what: str):
+    """Every rank learns whether any rank's error (a full disk, a lost mount; torch reports
+    those as RuntimeError) broke this part of the save, and all raise the same CheckpointError
+    instead of waiting for the failed rank in the next collective."""
+    problem = None
+    try:
+        yield
+    except Exception as e:
+        log.exception(f"saving {tag} ({what}) failed")
+        problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, problem)
+    failed = [(r, p) for r, p in enumerate(everyone) if p is not None]
+    if failed:
+        r, p = failed[0]
+        raise CheckpointError(f"saving checkpoint {tag} failed ({what}) on rank(s) {[r for r, _ in failed][:8]}: {p}; "
+                              "the previous complete checkpoint is kept: free space or fix train.run_dir, then re-run")
+
 
 def save_checkpoint(engine, run_dir, step: int, rank_state: dict, config: dict, meta: dict, *, keep: int = 2,
                     full_state: dict | None = None, faults: Faults | None = None) -> str:
@@ -160,17 +193,19 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, config: dict, 
         (tagdir / MARKER).unlink()
         _fsync_dir(tagdir)
     dist.barrier()
-    engine.save_checkpoint(str(ckdir), tag=tag, client_state={"step": step}, save_latest=False)
-    torch.save(rank_state, tagdir / rank_state_file(rank))
-    if rank == 0:
-        (tagdir / "config.json").write_text(json.dumps(config, indent=2))
-        if full_state is not None:
-            save_file({k: v.contiguous() for k, v in full_state.items()}, str(tagdir / FULL_MODEL))
+    with _agreed(tag, "write"):
+        engine.save_checkpoint(str(ckdir), tag=tag, client_state={"step": step}, save_latest=False)
+        torch.save(rank_state, tagdir / rank_state_file(rank))
+        if rank == 0:
+            (tagdir / "config.json").write_text(json.dumps(config, indent=2))
+            if full_state is not None:
+                save_file({k: v.contiguous() for k, v in full_state.items()}, str(tagdir / FULL_MODEL))
     if faults is not None:
         faults.maybe_die(step, "write")
     dist.barrier()
-    _fsync_tree(tagdir)
-    dist.barrier()
+    with _agreed(tag, "flush"):
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # one process a host: the page cache is the host's
+            _fsync_tree(tagdir)
     if faults is not None:
         faults.maybe_die(step, "marker")
     if rank == 0:
@@ -187,14 +222,17 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, config: dict, 
 
 
 def _prune(ckdir: Path, keep: int, current: str) -> None:
-    """Drop complete tags beyond the newest `keep` and partial saves; never the current one."""
+    """Drop complete tags beyond the newest `keep` and partial saves newer than the newest
+    complete tag; never the current one. An unmarked tag older than that may be a checkpoint
+    an older furnace wrote (before markers): it stays."""
     complete = 0
     for p in _tags(ckdir):
         if p.name == current:
             complete += 1
             continue
-        if not (p / MARKER).exists():  # a save that never finished: no checkpoint to lose
-            shutil.rmtree(p, ignore_errors=True)
+        if not (p / MARKER).exists():
+            if complete == 0:  # a save that never finished, newer than any finished one
+                shutil.rmtree(p, ignore_errors=True)
         elif complete >= keep:
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -244,17 +282,10 @@ def choose_resume_tag(run_dir, *, set_aside: bool = True) -> tuple[str | None, l
 
 def unsafe_globals(tagdir: Path) -> list[str]:
     """'file: global' for every pickled global in the tag's .pt files outside the allowlist:
-    what loading would have to import and call."""
+    what loading would have to import and call (`verify` has vetted the files as pickles)."""
     allowed = allowed_global_names()
-    out = []
-    for p in sorted(tagdir.rglob("*.pt")):
-        try:
-            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(p))
-        except Exception as e:  # not a torch file at all
-            out.append(f"{p.name}: unreadable ({type(e).__name__})")
-            continue
-        out.extend(f"{p.name}: {g}" for g in names if g not in allowed)
-    return out
+    return [f"{p.name}: {g}" for p in sorted(tagdir.rglob("*.pt"))
+            for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(p)) if g not in allowed]
 
 
 def load_checkpoint(engine, run_dir, tag: str) -> dict:

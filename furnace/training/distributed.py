@@ -43,6 +43,13 @@ def init_distributed(timeout: datetime.timedelta | None = None) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     kw = {} if timeout is None else {"timeout": timeout}
+    if timeout is not None:
+        # Groups made later (furnace's tp/dp/pp, DeepSpeed's ZeRO and pipeline groups) take
+        # c10d's module defaults, not the world group's timeout: make those the run's too.
+        c10d = importlib.import_module("torch.distributed.distributed_c10d")
+        c10d.default_pg_timeout = timeout
+        if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+            c10d.default_pg_nccl_timeout = timeout
     if "RANK" not in os.environ and not dist.is_initialized():
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1, **kw)
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine insists on it

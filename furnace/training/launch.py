@@ -19,11 +19,12 @@ import time
 
 import torch
 
-from furnace.config import ConfigError, load_config, validate
+from furnace.config import ConfigError, check_trainable, load_config, validate
 from furnace.data.sources import check_sources
 from furnace.data.tokenizer import tokenizer_dir
 from furnace.system import usable_cores
 from furnace.training.distributed import free_port
+from furnace.training.stop import StopRequest
 
 GRACE_S = 10  # after one rank failed: how long the others get to notice before SIGTERM, then SIGKILL
 
@@ -90,7 +91,7 @@ class LocalRanks:
 
     def wait(self) -> int:
         """0 when every rank exited 0; else the first failing rank's status."""
-        failed_at, status = None, 0
+        failed_at, status, sent = None, 0, set()
         while any(p.poll() is None for p in self.procs):
             codes = [p.poll() for p in self.procs]
             if failed_at is None and any(c not in (None, 0) for c in codes):
@@ -98,10 +99,10 @@ class LocalRanks:
                 status = next(c for c in codes if c not in (None, 0))
             if failed_at is not None:  # the others may be waiting for the failed one in a collective
                 waited = time.monotonic() - failed_at
-                if waited > 2 * GRACE_S:
-                    self._send(signal.SIGKILL)
-                elif waited > GRACE_S:
-                    self._send(signal.SIGTERM)
+                for sig, after in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, 2 * GRACE_S)):
+                    if waited > after and sig not in sent:  # once each: a repeated SIGTERM is not a new request
+                        sent.add(sig)
+                        self._send(sig)
             time.sleep(0.2)
         for r, p in enumerate(self.procs):
             if p.returncode < 0:
@@ -129,17 +130,21 @@ def main(argv=None) -> int:
         world = int(os.environ["WORLD_SIZE"]) if launched() else local_world_size(args)
         validate(cfg, world)
         check_sources(cfg.data)
+        check_trainable(cfg)
         tokenizer_dir(cfg)
     except (ConfigError, FileNotFoundError) as e:
         print(f"furnace: config error: {e}", file=sys.stderr)
         return 2
     if not launched():
         return relaunch(argv, world)
+    stop = StopRequest().install()  # a signal during the imports below is kept, not a traceback
     # Only the ranks load the trainer (transformers, DeepSpeed: seconds of imports); the bare
     # launcher and a config error stay fast.
-    from furnace.training.trainer import Trainer
-
-    return Trainer(cfg).run()
+    try:
+        from furnace.training.trainer import Trainer
+    except KeyboardInterrupt:
+        return 130
+    return Trainer(cfg, stop).run()
 
 
 if __name__ == "__main__":

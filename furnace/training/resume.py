@@ -27,7 +27,10 @@ HONOURED = {
     "train.max_steps", "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.lr_decay_steps",
     "train.weight_decay", "train.grad_clip", "train.eval_every", "train.save_every", "train.log_every",
     "train.keep_checkpoints", "train.allow_config_change", "train.dist_timeout_minutes", "train.run_dir",
-    "data.val_shards",
+    "data.val_shards", "data.max_member_bytes", "data.max_members_per_sample", "data.max_image_pixels",
+    "data.max_shard_bytes",
+    # how the same math is computed, not what it computes
+    "model.activation_checkpointing", "model.attention_backend", "train.fused_loss_scaling",
     "debug.log_gate_grads", "debug.faults",
 }
 
@@ -54,6 +57,13 @@ def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
     return honoured, refused
 
 
+LAYOUT = ("world_size", "tp", "pp", "dp")
+
+
+def _layout(d: dict) -> str:
+    return f"{d.get('world_size')} ranks (tp={d.get('tp')}, pp={d.get('pp')}, dp={d.get('dp')})"
+
+
 def _verdict(run_dir, cfg, meta: dict) -> tuple[str | None, Exception | None]:
     """Rank 0: (tag to resume from or None, the one-line error refusing it or None)."""
     tag, notes = choose_resume_tag(run_dir)
@@ -67,8 +77,14 @@ def _verdict(run_dir, cfg, meta: dict) -> tuple[str | None, Exception | None]:
         return tag, CheckpointError(f"checkpoint {tag} holds pickled objects outside the weights-only allowlist "
                                     f"({'; '.join(bad[:3])}): refusing to load it; remove the tag or use a new "
                                     "train.run_dir")
+    marker = read_marker(tagdir) if (tagdir / MARKER).exists() else {}
+    layout = {k: marker[k] for k in LAYOUT if k in marker}
+    if any(layout[k] != meta[k] for k in layout):
+        return tag, CheckpointError(f"checkpoint {tag} was written by {_layout(layout)}; this run is "
+                                    f"{_layout(meta)}: resume with the same ranks and parallel.tp/pp, or export "
+                                    "it (furnace-export) and start a new train.run_dir from the weights")
     honoured, refused = config_changes(json.loads((tagdir / "config.json").read_text()), cfg.to_dict())
-    fp = read_marker(tagdir).get("tokenizer") if (tagdir / MARKER).exists() else None
+    fp = marker.get("tokenizer")
     if fp is not None and fp != meta["tokenizer"]:
         refused.append(f"the tokenizer (fingerprint {fp} -> {meta['tokenizer']})")
     if refused and not cfg.train.allow_config_change:
@@ -85,7 +101,12 @@ def agree_on_resume(run_dir, cfg, meta: dict) -> str | None:
     """Collective: the tag every rank resumes from (None: a fresh start). Raises the same
     one-line ConfigError/CheckpointError on every rank when the resume must not happen."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    box = [_verdict(run_dir, cfg, meta) if rank == 0 else None]
+    box = [None]
+    if rank == 0:
+        try:
+            box = [_verdict(run_dir, cfg, meta)]
+        except (OSError, ValueError) as e:  # an unreadable run_dir or config.json: every rank hears it
+            box = [(None, CheckpointError(f"cannot read the checkpoints in {run_dir}: {e}"))]
     dist.broadcast_object_list(box, src=0)
     tag, problem = box[0]
     if problem is not None:
@@ -103,10 +124,14 @@ def agree_on_resume(run_dir, cfg, meta: dict) -> str | None:
 
 
 def apply_honoured(engine, cfg) -> None:
-    """After DeepSpeed restored the optimizer and scheduler: this run's lr, schedule and weight
-    decay, not the checkpoint's (the step count is kept). With an unchanged config this sets
-    the values they already hold."""
+    """After DeepSpeed restored the optimizer and scheduler: this run's lr, schedule, weight decay
+    and gradient clip, not the checkpoint's (the step count is kept). With an unchanged config
+    this sets the values they already hold."""
     t = cfg.train
+    if hasattr(engine.optimizer, "clip_grad"):  # ZeRO and bf16 optimizers clip themselves (ZeRO-1/2 restore it)
+        engine.optimizer.clip_grad = t.grad_clip
+    if getattr(engine, "_config", None) is not None:  # plain optimizers: the engine clips
+        engine._config.gradient_clipping = t.grad_clip
     groups = engine.optimizer.param_groups
     for group in groups:
         if group.get("name") == "decay":  # furnace.training.engine.param_groups names its groups

@@ -8,9 +8,9 @@ and exit status 2; anything else is one line per failing rank naming its log, an
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
-import signal
 import sys
 import warnings
 from pathlib import Path
@@ -20,8 +20,8 @@ import torch.distributed as dist
 from deepspeed.utils import logger as ds_logger
 from tqdm import tqdm
 
-from furnace.config import ConfigError
-from furnace.data.sources import split_sources
+from furnace.config import ConfigError, split_sources
+from furnace.model.flamingo_io import architecture
 from furnace.parallel.apply import full_state_dict
 from furnace.parallel.pipeline import batch_to_pipe
 from furnace.parallel.topology import Topology
@@ -37,6 +37,7 @@ from furnace.training.metrics import MetricsWriter, ThroughputMeter, device_peak
 from furnace.training.resume import agree_on_resume, apply_honoured
 from furnace.training.run_lock import RunDirBusy, RunDirLock
 from furnace.training.safe_load import UnsafeCheckpointLoading
+from furnace.training.stop import StopRequest
 
 log = logging.getLogger("furnace")
 log.addHandler(logging.NullHandler())  # nothing reaches the terminal before the rank's log is set up
@@ -46,9 +47,10 @@ USER_ERRORS = (ConfigError, ckpt.CheckpointError, RunDirBusy, UnsafeCheckpointLo
 
 
 class Trainer:
-    def __init__(self, cfg):
+    def __init__(self, cfg, stop: StopRequest | None = None):
         self.cfg = cfg
-        self.stop_requested: str | bool = False  # the signal's name once one arrived
+        self.stop = stop if stop is not None else StopRequest()
+        self.lock: RunDirLock | None = None
         self.replica = None  # plain copy of the model for evaluation (built on first use)
 
     # -------------------------------------------------------------- setup
@@ -69,11 +71,6 @@ class Trainer:
         log.setLevel(logging.INFO)
         log.propagate = False
 
-    def _on_stop_signal(self, signum, frame):
-        if not self.stop_requested:  # later signals (a launcher passing one on) change nothing
-            self.stop_requested = signal.Signals(signum).name
-            log.warning(f"{self.stop_requested} received: saving a checkpoint at the end of this step, then exiting")
-
     def _threads(self) -> None:
         """cores / local ranks intra-op threads unless the user set OMP_NUM_THREADS (every rank
         using every core makes ranks on one host fight for them)."""
@@ -89,8 +86,7 @@ class Trainer:
         ds_logger.setLevel(logging.WARNING)
 
         cfg = self.cfg
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_stop_signal)
+        self.stop.install()  # (again: launch.main installed it before the slow imports)
         self._threads()
         init_distributed(timeout=datetime.timedelta(minutes=cfg.train.dist_timeout_minutes))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -113,8 +109,9 @@ class Trainer:
         self.meta = {"tokenizer": ckpt.tokenizer_fingerprint(self.tokenizer), "world_size": self.world,
                      "tp": self.topo.tp, "pp": self.topo.pp, "dp": self.dp}
         tag = agree_on_resume(cfg.train.run_dir, cfg, self.meta)
-        if self.rank == 0:  # the run carries its tokenizer: exports and evals need no other path
+        if self.rank == 0:  # the run carries its tokenizer and architecture: exports need no other path
             self.tokenizer.save_pretrained(Path(cfg.train.run_dir) / "tokenizer")
+            (Path(cfg.train.run_dir) / ckpt.ARCHITECTURE).write_text(json.dumps(architecture(self.model), indent=1))
         self.gate_grads = GateGrads(self.model, self.engine, self.pipe, self.topo) if cfg.debug.log_gate_grads else None
         self.step = 0
         if tag is not None:
@@ -143,11 +140,16 @@ class Trainer:
                 self.lock.acquire()
             except RunDirBusy as e:
                 box = [str(e)]
+            except OSError as e:  # e.g. a read-only or full filesystem: every rank stops alike
+                box = [f"cannot lock train.run_dir {self.cfg.train.run_dir}: {e}; choose a writable train.run_dir"]
         dist.broadcast_object_list(box, src=0)
         if box[0] is not None:
             raise RunDirBusy(box[0])
 
     # -------------------------------------------------------------- steps
+
+    def _logs(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
 
     def _micro_step(self, it) -> tuple[torch.Tensor, int, int]:
         batch = next(it)
@@ -159,7 +161,7 @@ class Trainer:
         self.engine.backward(loss)
         if self.gate_grads is not None:
             self.gate_grads.before_step()
-        if self.own_grad_norm and self.engine.is_gradient_accumulation_boundary():
+        if self.own_grad_norm and self._logs(self.step + 1) and self.engine.is_gradient_accumulation_boundary():
             self.grad_norm = total_grad_norm(self.model)  # reduced over dp by backward, before the clip
         self.engine.step()
         return loss.detach().float(), tokens, samples
@@ -189,8 +191,6 @@ class Trainer:
             self.gate_grads.after_pipeline_step()
         return loss.detach().float().cpu(), tokens, samples
 
-    def _skipped_samples(self) -> int:
-        return int(sum(self.loader.skipped.values()))
 
     def save(self) -> None:
         state = {"step": self.step, "loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
@@ -224,6 +224,12 @@ class Trainer:
         try:
             self.setup()
             return self._loop()
+        except KeyboardInterrupt:
+            log.error("interrupted by a second SIGINT: no checkpoint saved at this step")
+            if rank == 0:
+                print("furnace: interrupted (a second Ctrl-C): the last saved checkpoint is kept; re-run the "
+                      "same command to resume from it", file=sys.stderr, flush=True)
+            return 130
         except USER_ERRORS as e:  # every rank reached the same verdict: rank 0 says it once
             log.error(str(e))
             if rank == 0:
@@ -236,9 +242,17 @@ class Trainer:
             print(f"furnace: rank {rank} failed: {type(e).__name__}: {first} (traceback in {where})",
                   file=sys.stderr, flush=True)
             return 1
+        finally:
+            if self.lock is not None:  # a notebook or test harness lives on: free the run_dir
+                self.lock.release()
 
     def _loop(self) -> int:
         t = self.cfg.train
+        if self.step >= t.max_steps:  # re-running a finished command must not evaluate or log again
+            log.warning(f"the run is already complete at step {self.step} (train.max_steps={t.max_steps}); "
+                        "nothing to do: raise train.max_steps to train on")
+            self.writer.close()
+            return 0
         it = iter(self.loader)
         meter = ThroughputMeter()
         peak = device_peak_tflops()
@@ -253,7 +267,7 @@ class Trainer:
             finite = bool(torch.isfinite(local))
             # one small all-reduce: loss, tokens, samples, non-finite count, stop request, skipped
             stats = torch.tensor([float(local) if finite else 0.0, tokens, samples, 0 if finite else 1,
-                                  1 if self.stop_requested else 0, self._skipped_samples()], dtype=torch.float64)
+                                  1 if self.stop else 0, self.loader.skipped_samples], dtype=torch.float64)
             all_reduce_host(stats)
             n_model = self.world // self.dp  # tp*pp peers repeat the same samples
             loss_val = stats[0].item() / self.world
@@ -266,7 +280,7 @@ class Trainer:
                 raise FloatingPointError(msg)
             meter.add(int(stats[1]) // n_model, int(stats[2]) // n_model,
                       self.flops["train"] * int(stats[2]) / n_model)
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            if self._logs(self.step):
                 rates = meter.read()
                 rec = {
                     "step": self.step, "loss": loss_val, "lr": self.engine.get_lr()[0],
@@ -299,7 +313,7 @@ class Trainer:
                 meter.reset()
             if stop:
                 bar.close()
-                why = self.stop_requested or "a signal to another rank"
+                why = self.stop.name or "a signal to another rank"
                 log.warning(f"stopped by {why} at step {self.step}; re-run the same command to resume")
                 return 0
         bar.close()
