@@ -1,6 +1,6 @@
 """Data loader throughput: samples/s per worker for 224 px JPEG caption pairs.
 
-    python benchmarks/dataloader.py [--n 2000] [--workers 0,1,2] [--batches 40] [--out FILE.json]
+    python benchmarks/dataloader.py [--n 4096] [--shards 64] [--streams 64] [--workers 0,1,2] [--out FILE.json]
 
 Writes JPEG caption shards into a temporary folder (synthetic shapes drawn at 56 px, upscaled to
 224 px and overlaid with Gaussian noise so the JPEGs are photo-sized, ~25 KB, not flat-colour
@@ -51,16 +51,17 @@ def make_shards(out: str, n: int, shards: int, size: int, seed: int = 0) -> tupl
 
 
 def run(shards, tok, workers: int, batches: int, batch_size: int, size: int, warmup: int,
-        prefetch: int = 4) -> dict:
+        streams: int, prefetch: int = 4) -> dict:
     """Wall-clock rate over `batches` timed batches, and the CPU-time rate per worker: samples a
     worker produced per CPU second it spent (each batch carries its producer's process_time),
     which does not depend on what else the machine is running."""
     ld = ShardLoader(shards, tok, batch_size=batch_size, image_size=size, max_length=32, num_workers=workers,
-                     shuffle_buffer=1000, seed=0, prefetch_factor=prefetch)
+                     canonical_streams=streams, seed=0, prefetch_factor=prefetch)
     it = iter(ld)
-    W = max(1, workers)
+    W = ld.num_workers_eff
     first: dict = {}
-    for _ in range(warmup + W):  # worker start-up and the shuffle buffer fill are not timed
+    # worker start-up and every stream's first shuffle-buffer fill are not timed
+    for _ in range(warmup + W + len(ld.my_streams)):
         next(it)
         first[ld.last_meta["worker"]] = ld.last_meta["cpu"]
     t0 = time.perf_counter()
@@ -84,12 +85,13 @@ def run(shards, tok, workers: int, batches: int, batch_size: int, size: int, war
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=2000, help="samples written")
-    p.add_argument("--shards", type=int, default=8)
+    p.add_argument("--n", type=int, default=4096, help="samples written")
+    p.add_argument("--shards", type=int, default=64, help="shards written (>= --streams: each read once)")
+    p.add_argument("--streams", type=int, default=64, help="data.canonical_streams")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--batches", type=int, default=40, help="timed batches per setting")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batches", type=int, default=128, help="timed batches per setting")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--out", default=None, help="JSON output (default: print only)")
     p.add_argument("--tmp", default=None, help="folder for the shards (default: a temp dir, removed)")
@@ -100,7 +102,7 @@ def main(argv=None) -> int:
         shards, avg_bytes = make_shards(tmp, a.n, a.shards, a.image_size)
         write_s = time.perf_counter() - t0
         tok = demo_tokenizer()
-        results = [run(shards, tok, int(w), a.batches, a.batch_size, a.image_size, a.warmup)
+        results = [run(shards, tok, int(w), a.batches, a.batch_size, a.image_size, a.warmup, a.streams)
                    for w in a.workers.split(",")]
     finally:
         if a.tmp is None:
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "dataloader",
         **run_info(),
-        "config": {"n": a.n, "shards": a.shards, "image_size": a.image_size, "batch_size": a.batch_size,
+        "config": {"n": a.n, "shards": a.shards, "canonical_streams": a.streams, "image_size": a.image_size, "batch_size": a.batch_size,
                    "batches": a.batches, "warmup": a.warmup, "avg_jpeg_bytes": round(avg_bytes),
                    "write_seconds": round(write_s, 2)},
         "results": results,

@@ -77,6 +77,7 @@ BAD = [
     ("data.max_images", 0, 1),
     ("data.num_workers", -1, 1),
     ("data.shuffle_buffer", -1, 1),
+    ("data.canonical_streams", 0, 1),
     ("data.synthetic_dir", "", 1),
     ("data.synthetic_n", 0, 1),
     ("data.train_weights", "0.5,0.5", 1),           # two weights, one source
@@ -124,7 +125,6 @@ BAD = [
     ("train.allow_config_change", 1, 1),
     ("train.dist_timeout_minutes", 0.0, 1),
     ("train.dist_timeout_minutes", NAN, 1),
-    ("debug.replicated_data", "false", 1),
     ("debug.log_gate_grads", None, 1),
     ("debug.faults", "boom@3", 1),
     ("debug.faults", "nan@x", 1),

@@ -130,7 +130,8 @@ def test_skip_counts_survive_resume(tmp_path, tok, workers, cuts):
     p = str(tmp_path / "mixed.tar")
     _mixed_tar(p)
     good = write_caption_shards(str(tmp_path), 30, shards=3)
-    kw = dict(batch_size=3, image_size=32, max_length=32, num_workers=workers, shuffle_buffer=8, seed=3)
+    kw = dict(batch_size=3, image_size=32, max_length=32, num_workers=workers, shuffle_buffer=8, seed=3,
+              canonical_streams=4)
     full = ShardLoader(good + [p], tok, **kw)
     it = iter(full)
     ref = [next(it) for _ in range(25)]

@@ -2,8 +2,8 @@
 model, 5 steps, the same global batch): the loss curve within 1e-5 relative and the xattn gate
 gradients (before the optimizer step) close.
 
-debug.replicated_data makes every layout see the same micro-batches per step (see
-docs/parallel.md); debug.log_gate_grads records gate_grad/* in metrics.jsonl.
+The production loader gives every layout the same micro-batches per step (canonical streams,
+docs/data.md); debug.log_gate_grads records gate_grad/* in metrics.jsonl.
 """
 import json
 import shutil
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.multirank
 
 STEPS = 5
 COMMON = (f"train.max_steps={STEPS}", "train.save_every=3", f"train.lr_decay_steps={STEPS}",
-          "model.xattn.gate_init=0.1", "debug.replicated_data=true", "debug.log_gate_grads=true")
+          "model.xattn.gate_init=0.1", "debug.log_gate_grads=true")
 
 
 RUNS: dict = {}  # layout -> run_dir, shared by the parity, resume and export tests
@@ -76,11 +76,8 @@ def test_layout_matches_single_process(layout, reference, data, tmp_path_factory
     check_parity(reference, _train(tmp_path_factory, data, layout, nproc, *extra))
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2_zero1"])
-def test_resume_under_the_same_layout_is_exact(layout, reference, data, tmp_path_factory, tmp_path):
-    """Checkpoint at step 3 of the layout's run, resume it, and get steps 4-5 bit for bit."""
-    nproc, extra = LAYOUTS[layout]
-    full = _train(tmp_path_factory, data, layout, nproc, *extra)
+def _back_at_step_3(layout, tmp_path):
+    """A copy of the layout's run as it was after step 3's checkpoint."""
     run_dir = tmp_path / "run"
     shutil.copytree(RUNS[layout], run_dir)
     ck = run_dir / "checkpoints"
@@ -89,6 +86,15 @@ def test_resume_under_the_same_layout_is_exact(layout, reference, data, tmp_path
     (ck / "latest").write_text("step00000003")
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     (run_dir / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l)["step"] <= 3))
+    return run_dir
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2_zero1"])
+def test_resume_under_the_same_layout_is_exact(layout, reference, data, tmp_path_factory, tmp_path):
+    """Checkpoint at step 3 of the layout's run, resume it, and get steps 4-5 bit for bit."""
+    nproc, extra = LAYOUTS[layout]
+    full = _train(tmp_path_factory, data, layout, nproc, *extra)
+    run_dir = _back_at_step_3(layout, tmp_path)
     res = run(train_cmd(run_dir, data, *COMMON, *extra, nproc=nproc))
     assert res.returncode == 0, res.stderr[-4000:]
     assert "resumed from step00000003" in res.stderr
@@ -99,6 +105,38 @@ def test_resume_under_the_same_layout_is_exact(layout, reference, data, tmp_path
         for k in a:
             if k.startswith("gate_grad/"):
                 assert b[k] == a[k], (a["step"], k)
+
+
+@pytest.mark.parametrize("layout,nproc,stage", [
+    ("dp2_zero1", 4, 1),   # dp 2 -> 4 (DeepSpeed's universal checkpoint)
+    ("dp2_zero1", 1, 2),   # dp 2 -> 1 and ZeRO-1 -> ZeRO-2
+    ("dp2_zero0", 1, 0),   # ZeRO-0: every rank's file holds the whole state
+    ("dp2_zero3", 1, 3),   # dp 2 -> 1 under ZeRO-3
+])
+def test_resume_on_another_dp_size_continues_the_curve(layout, nproc, stage, reference, data, tmp_path_factory,
+                                                       tmp_path):
+    """Steps 4-5 after resuming step 3 on another layout equal the 1-rank run's within 1e-5: the
+    model, Adam moments and schedule are resharded, and the data stream continues (canonical
+    streams) where the old layout left it."""
+    _train(tmp_path_factory, data, layout, LAYOUTS[layout][0], *LAYOUTS[layout][1])
+    run_dir = _back_at_step_3(layout, tmp_path)
+    res = run(train_cmd(run_dir, data, *COMMON, f"parallel.zero_stage={stage}", nproc=nproc))
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "on a new layout" in res.stderr and "resumed from step00000003" in res.stderr
+    assert not (run_dir / "checkpoints" / "universal").exists()
+    got = [m for m in metrics(run_dir) if "loss" in m]
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for a, b in zip(reference[3:], got[3:]):
+        assert abs(a["loss"] - b["loss"]) / abs(a["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
+
+
+def test_resume_refuses_a_tp_change_in_one_line(reference, data, tmp_path_factory, tmp_path):
+    _train(tmp_path_factory, data, "tp2", LAYOUTS["tp2"][0], *LAYOUTS["tp2"][1])
+    run_dir = _back_at_step_3("tp2", tmp_path)
+    res = run(train_cmd(run_dir, data, *COMMON, nproc=1))
+    assert res.returncode == 2
+    lines = [l for l in res.stderr.splitlines() if l.startswith("furnace:") and "starting" not in l]
+    assert len(lines) == 1 and "tp=2" in lines[0] and "furnace-export" in lines[0], lines
 
 
 def test_grad_norm_is_the_single_process_clip_grad_norm_in_every_layout(reference, data, tmp_path_factory):

@@ -95,7 +95,10 @@ class DataConfig:
     max_length: int = 64               # >= 4 tokens a row; 0 = the longest of the first 1000 samples (<= LM positions)
     max_images: int = 1                # >= 1 per sample
     num_workers: int = 1               # >= 0; 0 = decode in the training process
-    shuffle_buffer: int = 1000         # >= 0 samples; 0 = no shuffle
+    # The training order is a function of (seed, sources, weights) through this many canonical
+    # streams, whatever the cluster shape; the data-parallel size must divide it (docs/data.md).
+    canonical_streams: int = 64        # >= 1
+    shuffle_buffer: int = 128          # >= 0 raw samples held per canonical stream; 0 = no shuffle
     # The synthetic shapes set is drawn here when its shards are missing (the demo preset); None = never.
     synthetic_dir: str | None = None
     synthetic_n: int = 20000           # >= 1 samples
@@ -147,9 +150,6 @@ class TrainConfig:
 @dataclass
 class DebugConfig:
     """Diagnostics; none of them is needed to train."""
-    # Every rank reads the 1-rank stream of micro-batches and keeps those whose index % dp is
-    # its dp rank: every layout then sees the 1-rank run's micro-batches (the parity tests).
-    replicated_data: bool = False
     log_gate_grads: bool = False       # record the xattn tanh gates' gradients as gate_grad/* metrics
     # Fault drills, a comma list of kind@step[:rank] (furnace/training/faults.py), kind in
     # inf | nan | die-write | die-marker | die-latest and rank < world size: inf@3, nan@2:1,

@@ -158,7 +158,8 @@ RULES: dict[str, Rule] = {
     "data.max_length": Rule(lambda v: v == 0 or v >= 4, "0 (read off the training data) or >= 4", 64),
     "data.max_images": _ge(1, 1),
     "data.num_workers": _ge(0, 1),
-    "data.shuffle_buffer": _ge(0, 1000),
+    "data.canonical_streams": _ge(1, 64),
+    "data.shuffle_buffer": _ge(0, 128),
     "data.synthetic_dir": _optional(_nonempty("data/demo")),
     "data.synthetic_n": _ge(1, 20000),
     "data.train_weights": _optional(Rule(lambda v: _weights(v) is not None,
@@ -192,7 +193,6 @@ RULES: dict[str, Rule] = {
     "train.fused_loss_scaling": _BOOL,
     "train.allow_config_change": _BOOL,
     "train.dist_timeout_minutes": _finite(30.0, gt=0),
-    "debug.replicated_data": _BOOL,
     "debug.log_gate_grads": _BOOL,
     "debug.faults": Rule(lambda v: all(_fault_items(v)),
                          f"a comma list of kind@step[:rank] with kind {' | '.join(FAULT_KINDS)}", "nan@2:1"),
@@ -330,6 +330,11 @@ def _check_layout(cfg: Config, world_size: int) -> int:
             f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size "
             f"({t.micro_batch_size}) x data-parallel size ({dp}); e.g. --set train.global_batch_size="
             f"{max(1, round(t.global_batch_size / (t.micro_batch_size * dp))) * t.micro_batch_size * dp}")
+    if cfg.data.canonical_streams % dp:
+        raise ConfigError(
+            f"data.canonical_streams={cfg.data.canonical_streams} is not a multiple of the data-parallel size {dp}: "
+            f"set --set data.canonical_streams={cfg.data.canonical_streams * dp // math.gcd(cfg.data.canonical_streams, dp)} "
+            "(the sample order changes with it) or use a data-parallel size that divides it")
     for match in _fault_items(cfg.debug.faults):
         if match and match[3] is not None and int(match[3]) >= world_size:
             raise ConfigError(f"debug.faults={cfg.debug.faults!r}: rank {match[3]} of {match[0]!r} does not exist "

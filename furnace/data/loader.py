@@ -10,25 +10,29 @@
 
 Batches follow the contract in `furnace/data/collate.py`.
 
-Training mode (`training=True`, the default) is an infinite stream: slots = dp_size x
-num_workers; slot (dp_rank, worker) = dp_rank * num_workers + worker. Each slot replays each
-source's seeded epoch plan and shuffle buffer (`furnace/data/replay.py`), decodes and tokenises
-the samples (`furnace/data/samples.py`), and packs batches of `batch_size`;
-after epoch e it goes straight on to epoch e+1, so no rank ever runs dry: every rank yields one
-batch per `next()` forever, whatever the shard sizes, and ranks stay in lockstep. With uneven
-shards a slot with fewer samples starts its next epoch earlier (its samples are seen slightly more
-often over a fixed number of steps); count training in steps, not epochs. Several sources mix per
-sample with a counter-based seeded choice (seed, slot, sample index) weighted by `weight`.
-Worker w's batches come out at positions w, w+W, w+2W, ... (torch DataLoader's in-order round
-robin), so the batch sequence is a fixed function of (seed, shards, dp_rank, dp_size, workers).
+Training mode (`training=True`, the default) is an infinite stream whose order depends on the
+seed, the sources and their weights, never on the cluster shape. It is cut into C canonical
+streams (`canonical_streams`). Each stream replays each source's seeded epoch plan and shuffle
+buffer (`furnace/data/replay.py`), mixes sources per sample with a counter-based seeded choice
+(seed, stream, sample index) weighted by `weight`, decodes and tokenises the samples
+(`furnace/data/samples.py`) and packs micro-batches of `batch_size`. Global micro-batch j is the
+next micro-batch of stream j % C; data-parallel rank r of D (D divides C) takes the micro-batches
+j = r, r + D, r + 2D ... and so reads only streams r, r + D, ... (their shards, never another
+rank's samples). With a global batch of G micro-batches a step, step s is micro-batches
+[sG, (s+1)G) for every D: the same samples in the same micro-batches on 1 rank or 64.
+Worker w of a rank owns the streams w, w + W, ... of its list (W divides C / D) and makes the
+rank's micro-batches t = w, w + W, ... (torch DataLoader's in-order round robin). Epochs follow
+each other, so no rank ever runs dry and ranks stay in lockstep; a stream with fewer samples
+starts its next epoch earlier: count training in steps, not epochs.
 
-Exact resume: each batch carries its worker's position (per source: epoch and number of raw
-samples taken from that epoch's shuffled stream; the mixing counter). `state_dict()` stores the
-positions after the last batch handed out, the batch count and the skip counters. A resumed
-worker rebuilds the epoch plan and shuffle buffer and fast-forwards over the raw samples it
-already used without decoding them (cost: re-reading at most one epoch of that worker's tar
-bytes per source; no image decode, no tokenisation). Resuming needs the same sources, seed,
-batch_size, dp_size, num_workers, max_length/max_images (checked: a mismatch raises).
+Exact resume: each batch carries its stream's position (per source: epoch and number of raw
+samples taken from that epoch's shuffled stream; the mixing counter). `state_dict()` holds this
+rank's streams and the global micro-batch count; `merge_states` joins all ranks' into one state
+that any data-parallel size dividing C resumes from. A resumed stream rebuilds the epoch plan and
+shuffle buffer and fast-forwards over the raw samples it already used without decoding them
+(cost: re-reading at most one epoch of that stream's tar bytes per source; no image decode, no
+tokenisation). Resuming needs the same sources, seed, batch_size, canonical_streams,
+shuffle_buffer and max_length/max_images (checked: a mismatch raises).
 
 Evaluation mode (`training=False`): one pass, no shuffling; every worker reads every shard in
 name order; raw sample i goes to dp rank i % dp_size, that rank's j-th sample to batch
@@ -44,6 +48,7 @@ or images, bad JSON, over-long captions are skipped and counted by reason in `lo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
@@ -62,24 +67,24 @@ from furnace.data.sources import Source, expand_shards, sources_from_config
 from furnace.data.tar import MEMBER_REASONS, SHARD_REASONS, ReadLimits, iter_shard_samples
 from furnace.data.text import SkipSample, TextEncoder
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+log = logging.getLogger(__name__)
 
 
 class _Dataset(torch.utils.data.IterableDataset):
-    """What each DataLoader worker runs; holds no torch state of its own."""
+    """What each DataLoader worker runs; holds no torch state of its own. DataLoader worker j
+    makes the rank's micro-batches t0 + j, t0 + j + W, ..."""
 
-    def __init__(self, loader: "ShardLoader", starts: list[dict], shift: int):
-        self.loader, self.starts, self.shift = loader, starts, shift
+    def __init__(self, loader: "ShardLoader", t0: int):
+        self.loader, self.t0 = loader, t0
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         j = 0 if info is None else info.id
-        W = self.loader.num_workers_eff
-        w = (j + self.shift) % W
         if self.loader.training:
-            yield from self.loader._train_worker(w, self.starts[w])
+            yield from self.loader._train_worker(self.t0 + j)
         else:
-            yield from self.loader._eval_worker(w)
+            yield from self.loader._eval_worker(j)
 
 
 def _identity(x):
@@ -99,19 +104,24 @@ class ShardLoader:
 
     sources: brace pattern / list of paths / Source / list of Source (weighted mixing).
     mean/std: the vision tower's normalisation (CLIP's by default; SigLIP: 0.5/0.5).
+    canonical_streams: the training order's streams (a multiple of dp_size); num_workers is
+    lowered to the largest divisor of canonical_streams / dp_size it does not exceed.
     """
 
     def __init__(self, sources, tokenizer, *, batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                  seed: int = 0, max_length: int = 64, max_images: int = 1, image_size: int = 224,
                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                 num_workers: int = 0, shuffle_buffer: int = 1000, training: bool = True,
-                 epochs: int | None = None, pad_to_max_length: bool = True, prefetch_factor: int = 2,
-                 pin_memory: bool = False, multiprocessing_context: str | None = None,
+                 num_workers: int = 0, canonical_streams: int = 64, shuffle_buffer: int = 128,
+                 training: bool = True, epochs: int | None = None, pad_to_max_length: bool = True,
+                 prefetch_factor: int = 2, pin_memory: bool = False, multiprocessing_context: str | None = None,
                  check_files: bool = True, limits: ReadLimits = ReadLimits(), max_image_pixels: int = 40_000_000):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if batch_size < 1 or max_length < 4 or max_images < 1 or image_size < 1:
             raise ValueError("batch_size >= 1, max_length >= 4, max_images >= 1 and image_size >= 1 are required")
+        if training and (canonical_streams < 1 or canonical_streams % dp_size):
+            raise ValueError(f"data.canonical_streams={canonical_streams} is not a multiple of the data-parallel "
+                             f"size {dp_size}; set it to a multiple of {dp_size}")
         self.sources = self._normalise_sources(sources)
         for src in self.sources:
             if check_files and not any(os.path.isfile(p) for p in src["urls"]):
@@ -125,8 +135,17 @@ class ShardLoader:
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.max_length, self.max_images, self.image_size = max_length, max_images, image_size
         self.mean, self.std = tuple(float(x) for x in mean), tuple(float(x) for x in std)
-        self.num_workers = num_workers
-        self.num_workers_eff = max(1, num_workers)
+        self.streams = canonical_streams
+        # this rank's streams, in the order its micro-batches cycle through them
+        self.my_streams = list(range(dp_rank, canonical_streams, dp_size)) if training else []
+        wanted = max(1, num_workers)
+        if training:  # a worker owns whole streams: the worker count must divide the rank's streams
+            wanted = max(w for w in range(1, wanted + 1) if len(self.my_streams) % w == 0)
+            if num_workers > 0 and wanted != num_workers:
+                log.warning("data.num_workers=%d lowered to %d: a worker count must divide this rank's %d "
+                            "canonical streams", num_workers, wanted, len(self.my_streams))
+        self.num_workers_eff = wanted
+        self.num_workers = wanted if num_workers > 0 else 0
         self.shuffle_buffer = shuffle_buffer if training else 0
         self.training, self.epochs = training, epochs
         self.pad_to_max = pad_to_max_length
@@ -147,8 +166,9 @@ class ShardLoader:
         return cls(sources, tokenizer, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
                    max_length=data_cfg.max_length, max_images=data_cfg.max_images, image_size=image_size,
                    mean=mean, std=std, num_workers=data_cfg.num_workers if num_workers is None else num_workers,
-                   shuffle_buffer=data_cfg.shuffle_buffer, training=training,
-                   limits=ReadLimits.from_config(data_cfg), max_image_pixels=data_cfg.max_image_pixels)
+                   canonical_streams=data_cfg.canonical_streams, shuffle_buffer=data_cfg.shuffle_buffer,
+                   training=training, limits=ReadLimits.from_config(data_cfg),
+                   max_image_pixels=data_cfg.max_image_pixels)
 
     # ------------------------------------------------------------------ config helpers
     @staticmethod
@@ -171,27 +191,27 @@ class ShardLoader:
         return out
 
     def _fingerprint(self) -> dict:
+        """What the sample order depends on (the cluster shape is not part of it)."""
         return {"sources": [[s["urls"], s["weight"]] for s in self.sources], "seed": self.seed,
-                "batch_size": self.batch_size, "dp_size": self.dp_size, "dp_rank": self.dp_rank,
-                "num_workers": self.num_workers_eff, "shuffle_buffer": self.shuffle_buffer,
-                "max_length": self.max_length, "max_images": self.max_images, "training": self.training}
+                "batch_size": self.batch_size, "canonical_streams": self.streams,
+                "shuffle_buffer": self.shuffle_buffer, "max_length": self.max_length,
+                "max_images": self.max_images, "training": self.training}
 
     def _reset_state(self):
-        W = self.num_workers_eff
-        self._starts = [{"mix": 0, "sources": [[0, 0] for _ in self.sources]} for _ in range(W)]
-        self._positions = [dict(p, sources=[list(x) for x in p["sources"]]) for p in self._starts]
+        fresh = {"mix": 0, "sources": [[0, 0] for _ in self.sources]}
+        self._positions = {c: _copy_pos(fresh) for c in self.my_streams}
         self._batches = 0
         self._skip_base: Counter = Counter()
-        self._worker_skips: list[Counter] = [Counter() for _ in range(W)]
+        self._worker_skips: list[Counter] = [Counter() for _ in range(self.num_workers_eff)]
         self.last_keys: list[str] = []      # sample keys of the last batch (tests, debugging)
         self.last_sources: list[int] = []   # source index of each of those samples
-        self.last_meta: dict = {}           # worker id, position, CPU seconds of the producing process
+        self.last_meta: dict = {}           # worker id, stream, position, CPU seconds of the producing process
 
     # ------------------------------------------------------------------ per-sample work
-    def _choose(self, slot: int, i: int) -> int:
+    def _choose(self, stream: int, i: int) -> int:
         if len(self.sources) == 1:
             return 0
-        u = random.Random(f"mix:{self.seed}:{slot}:{i}").random()
+        u = random.Random(f"mix:{self.seed}:{stream}:{i}").random()
         for s, c in enumerate(self._cum):
             if u < c:
                 return s
@@ -202,24 +222,18 @@ class ShardLoader:
                        image_size=self.image_size, mean=self.mean, std=self.std, pad_to_max=self.pad_to_max)
 
     # ------------------------------------------------------------------ worker bodies
-    def _train_worker(self, w: int, start: dict):
-        W = self.num_workers_eff
-        slots, slot = self.dp_size * W, self.dp_rank * W + w
-        counter: Counter = Counter()
-        streams = []
-        for si, src in enumerate(self.sources):
-            e0, k0 = start["sources"][si]
-            streams.append(iter(Replay(src["urls"], si, slot, slots, self.seed, self.shuffle_buffer,
-                                        counter, start=(e0, k0), epochs=self.epochs, limits=self.limits)))
+    def _stream_batches(self, c: int, start: dict, counter: Counter):
+        """Canonical stream c's micro-batches from position `start`: (rows, keys, sources, position)."""
+        streams = [iter(Replay(src["urls"], si, c, self.streams, self.seed, self.shuffle_buffer, counter,
+                               start=tuple(start["sources"][si]), epochs=self.epochs, limits=self.limits))
+                   for si, src in enumerate(self.sources)]
         pos = [list(x) for x in start["sources"]]
         last_good = [p[0] for p in pos]  # epoch of the last good sample per source
         i = start["mix"]
         exhausted = [False] * len(streams)
         rows, keys, srcs = [], [], []
-        while True:
-            if all(exhausted):
-                break
-            s = self._choose(slot, i)
+        while not all(exhausted):
+            s = self._choose(c, i)
             if exhausted[s]:
                 s = next(k for k in range(len(streams)) if not exhausted[k])
             got = False
@@ -240,16 +254,36 @@ class ShardLoader:
                     counter[x.reason] += 1
                     if e - last_good[s] >= MAX_EMPTY_EPOCHS:  # fail loudly rather than spin forever
                         raise RuntimeError(
-                            f"data slot {slot} (dp_rank {self.dp_rank}, worker {w}) found no usable sample in "
+                            f"canonical stream {c} (dp_rank {self.dp_rank}) found no usable sample in "
                             f"{MAX_EMPTY_EPOCHS} epochs of {self.sources[s]['name']!r}; skipped so far: "
                             f"{dict(counter)}") from None
             if got:
                 i += 1
-            if rows and (len(rows) == self.batch_size or (all(exhausted))):
-                meta = {"worker": w, "pos": {"mix": i, "sources": [list(p) for p in pos]},
-                        "skipped": dict(counter), "keys": keys, "sources": srcs, "cpu": time.process_time()}
-                yield self._batch(rows), meta
+            if rows and (len(rows) == self.batch_size or all(exhausted)):
+                yield rows, keys, srcs, {"mix": i, "sources": [list(p) for p in pos]}
                 rows, keys, srcs = [], [], []
+
+    def _train_worker(self, t: int):
+        """Micro-batches t, t + W, t + 2W ... of this rank; micro-batch t comes from its stream
+        t % len(my_streams), so this worker reads only the streams w, w + W, ... of that list."""
+        W, L = self.num_workers_eff, len(self.my_streams)
+        w = t % W
+        counter: Counter = Counter()
+        gens = {l: self._stream_batches(self.my_streams[l], self._positions[self.my_streams[l]], counter)
+                for l in range(w, L, W)}
+        while gens:
+            l = t % L
+            t += W
+            if l not in gens:  # finite epochs: this stream has run out
+                continue
+            try:
+                rows, keys, srcs, pos = next(gens[l])
+            except StopIteration:
+                del gens[l]
+                continue
+            meta = {"worker": w, "stream": self.my_streams[l], "pos": pos, "skipped": dict(counter),
+                    "keys": keys, "sources": srcs, "cpu": time.process_time()}
+            yield self._batch(rows), meta
 
     def _eval_worker(self, w: int):
         W, dp, B = self.num_workers_eff, self.dp_size, self.batch_size
@@ -298,11 +332,7 @@ class ShardLoader:
     # ------------------------------------------------------------------ iteration / state
     def __iter__(self):
         W = self.num_workers_eff
-        shift = self._batches % W if self.training else 0
-        starts = [None] * W
-        for w in range(W):
-            starts[w] = self._positions[w]
-        ds = _Dataset(self, starts, shift)
+        ds = _Dataset(self, self._batches if self.training else 0)
         if self.num_workers > 0:
             dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
                                              collate_fn=_identity, prefetch_factor=self.prefetch_factor,
@@ -318,7 +348,7 @@ class ShardLoader:
         for batch, meta in dl:
             w = meta["worker"]
             if meta["pos"] is not None:
-                self._positions[w] = meta["pos"]
+                self._positions[meta["stream"]] = meta["pos"]
             self._worker_skips[w] = Counter(meta["skipped"])
             if batch is None:
                 continue
@@ -345,38 +375,53 @@ class ShardLoader:
         return self._batches
 
     def state_dict(self) -> dict:
+        """This rank's part of the data state: its streams' positions. `merge_states` joins the
+        parts of all ranks into the state of the whole stream, which any layout can load."""
         if not self.training:
             raise RuntimeError("evaluation loaders are single-pass and not resumable")
-        return {"version": STATE_VERSION, "fingerprint": self._fingerprint(), "batches": self._batches,
-                "workers": [{"mix": p["mix"], "sources": [list(x) for x in p["sources"]]} for p in self._positions],
-                "skipped": self.skipped}
+        return {"version": STATE_VERSION, "fingerprint": self._fingerprint(),
+                "micro_batches": self._batches * self.dp_size,
+                "streams": {str(c): _copy_pos(p) for c, p in self._positions.items()},
+                "skipped": {str(self.dp_rank): self.skipped}, "dp_size": self.dp_size}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a state of this rank or a merged one, saved under any data-parallel size
+        dividing the canonical stream count, at a step boundary."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
+            raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}; the data stream "
+                             "cannot continue (train.allow_config_change=true starts it over)")
         mine, theirs = self._fingerprint(), state["fingerprint"]
         diff = [k for k in mine if json.dumps(mine[k]) != json.dumps(theirs.get(k))]
         if diff:
             raise ValueError(f"loader state was saved with different {', '.join(diff)}; resume needs the same "
-                             "sources, seed, batch size, dp size/rank, workers, shuffle buffer and lengths")
+                             "sources, seed, micro-batch size, canonical streams, shuffle buffer and lengths")
+        missing = [c for c in self.my_streams if str(c) not in state["streams"]]
+        if missing or state["micro_batches"] % self.dp_size:
+            raise ValueError(f"loader state lacks streams {missing[:4]} of dp rank {self.dp_rank} or was saved "
+                             f"mid-step ({state['micro_batches']} micro-batches, dp size {self.dp_size}); "
+                             "load the merged state of all ranks (merge_states)")
         self._reset_state()
-        self._positions = [{"mix": p["mix"], "sources": [list(x) for x in p["sources"]]} for p in state["workers"]]
-        self._batches = int(state["batches"])
-        self._skip_base = Counter(state.get("skipped", {}))
+        self._positions = {c: _copy_pos(state["streams"][str(c)]) for c in self.my_streams}
+        self._batches = state["micro_batches"] // self.dp_size
+        skipped = state.get("skipped", {})
+        if state.get("dp_size") == self.dp_size:
+            self._skip_base = Counter(skipped.get(str(self.dp_rank), {}))
+        elif self.dp_rank == 0:  # another layout: the totals carry on, on dp rank 0
+            self._skip_base = sum((Counter(v) for v in skipped.values()), Counter())
 
 
+def _copy_pos(p: dict) -> dict:
+    return {"mix": int(p["mix"]), "sources": [[int(e), int(k)] for e, k in p["sources"]]}
 
-class DPSlice:
-    """Micro-batches j of `loader` with j % dp_size == dp_rank: every rank reads the same stream
-    and keeps its own micro-batches (`debug.replicated_data`)."""
 
-    def __init__(self, loader, dp_rank: int, dp_size: int):
-        self.loader, self.dp_rank, self.dp_size = loader, dp_rank, dp_size
-
-    def __iter__(self):
-        for j, batch in enumerate(self.loader):
-            if j % self.dp_size == self.dp_rank:
-                yield batch
-
-    def __getattr__(self, name):  # state_dict, load_state_dict, skipped ...
-        return getattr(self.loader, name)
+def merge_states(states: list[dict]) -> dict:
+    """One loader state from the states of all ranks (tp/pp peers repeat their dp rank's)."""
+    out = {k: states[0][k] for k in ("version", "fingerprint", "micro_batches", "dp_size")}
+    out["streams"], out["skipped"] = {}, {}
+    for st in states:
+        if st["micro_batches"] != out["micro_batches"] or st["fingerprint"] != out["fingerprint"]:
+            raise ValueError("loader states of the ranks disagree (micro-batch count or fingerprint): "
+                             "the ranks are out of lockstep")
+        out["streams"].update(st["streams"])
+        out["skipped"].update(st["skipped"])
+    return out

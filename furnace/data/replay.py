@@ -1,9 +1,11 @@
-"""A deterministic, resumable stream of one source's raw samples for one loader slot.
+"""A deterministic, resumable stream of one source's raw samples for one canonical stream.
 
 Epoch e of a source has a seeded plan: the shard list is permuted with (seed, source, e) and
-shard j goes to slot j % slots; with fewer shards than slots every slot reads every shard and
-keeps raw sample i when i % slots == slot. Samples then pass a shuffle buffer seeded with
-(seed, source, e, slot). Epochs follow each other forever (or for `epochs`).
+shard j goes to stream j % streams. With n shards < streams, stream c reads shard c % n and
+keeps every m-th of its raw samples (offset c // n), m being the number of streams sharing that
+shard: each shard is read by about streams / n streams, never by all. Samples then pass a
+shuffle buffer seeded with (seed, source, e, stream). Epochs follow each other forever (or for
+`epochs`).
 """
 from __future__ import annotations
 
@@ -17,25 +19,29 @@ MAX_EMPTY_EPOCHS = 3
 
 
 class Replay:
-    """Yields (epoch, raw_index, raw_sample); raw_index counts samples leaving the shuffle
-    buffer within the epoch. Starting at (epoch, skip) fast-forwards without decoding."""
+    """Yields (epoch, raw_index, raw_sample) of stream `stream` of `streams`; raw_index counts
+    samples leaving the shuffle buffer within the epoch. Starting at (epoch, skip) fast-forwards
+    without decoding."""
 
-    def __init__(self, shards, src_idx, slot, slots, seed, shuffle_buffer, counter, start=(0, 0),
+    def __init__(self, shards, src_idx, stream, streams, seed, shuffle_buffer, counter, start=(0, 0),
                  epochs=None, limits: ReadLimits = ReadLimits()):
-        self.shards, self.src_idx, self.slot, self.slots = shards, src_idx, slot, slots
+        self.shards, self.src_idx, self.stream, self.streams = shards, src_idx, stream, streams
         self.seed, self.buf, self.counter = seed, shuffle_buffer, counter
         self.start, self.epochs, self.limits = start, epochs, limits
 
     def plan(self, epoch: int) -> tuple[list[str], int, int]:
-        order = list(range(len(self.shards)))
+        """(shards to read, stride, offset): raw sample i of them is this stream's when i % stride == offset."""
+        n = len(self.shards)
+        order = list(range(n))
         random.Random(f"shards:{self.seed}:{self.src_idx}:{epoch}").shuffle(order)
-        if len(self.shards) >= self.slots:
-            return [self.shards[order[j]] for j in range(self.slot, len(order), self.slots)], 1, 0
-        return [self.shards[o] for o in order], self.slots, self.slot
+        if n >= self.streams:
+            return [self.shards[order[j]] for j in range(self.stream, n, self.streams)], 1, 0
+        sharing = len(range(self.stream % n, self.streams, n))
+        return [self.shards[order[self.stream % n]]], sharing, self.stream // n
 
     def epoch_raw(self, epoch: int, counter) -> Iterator[dict]:
         urls, stride, offset = self.plan(epoch)
-        # When slots share shards, each shard's own problems are counted by one slot only.
+        # When streams share a shard, its own problems are counted by one of them only.
         counter = counter if offset == 0 else Counter()
         i = 0
         for url in urls:
@@ -49,7 +55,7 @@ class Replay:
         if self.buf <= 1:
             yield from raw
             return
-        rng = random.Random(f"buffer:{self.seed}:{self.src_idx}:{epoch}:{self.slot}")
+        rng = random.Random(f"buffer:{self.seed}:{self.src_idx}:{epoch}:{self.stream}")
         buf: list = []
         for s in raw:
             buf.append(s)
@@ -79,8 +85,9 @@ class Replay:
             empty = empty + 1 if (n == 0 and skip == 0) else 0
             if self.epochs is None and empty >= MAX_EMPTY_EPOCHS:
                 raise RuntimeError(
-                    f"data slot {self.slot} of {self.slots} gets no samples from {len(self.shards)} "
-                    f"shard(s) of source {self.src_idx}; use fewer dp ranks x workers or more shards")
+                    f"canonical stream {self.stream} of {self.streams} gets no samples from {len(self.shards)} "
+                    f"shard(s) of source {self.src_idx}; write more shards or samples, or lower "
+                    "data.canonical_streams")
             epoch, skip = epoch + 1, 0
 
 

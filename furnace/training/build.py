@@ -20,7 +20,7 @@ import furnace_kernels
 from furnace.config import Config, gradient_accumulation_steps, split_sources
 from furnace.data.demo import ensure_demo_data
 from furnace.data.lengths import longest_sample
-from furnace.data.loader import DPSlice, ShardLoader
+from furnace.data.loader import ShardLoader
 from furnace.data.synthetic import demo_tokenizer
 from furnace.data.tokenizer import load_tokenizer, tokenizer_dir
 from furnace.model.flamingo import FlamingoModel, build_flamingo
@@ -82,18 +82,13 @@ def build_model(cfg: Config, tokenizer, *, lm=None, vision=None) -> FlamingoMode
 
 
 def build_loader(cfg: Config, tokenizer, model: FlamingoModel, topology: Topology, *, split: str,
-                 batch_size: int, num_workers: int | None = None):
-    """This rank's loader of `split`, normalising images as the model's tower expects. With
-    debug.replicated_data (training only) every rank reads the 1-rank stream and keeps its
-    micro-batches (`DPSlice`)."""
-    dp_rank, dp = topology.coord.dp, topology.dp
-    replicated = cfg.debug.replicated_data and split == "train"
+                 batch_size: int, num_workers: int | None = None) -> ShardLoader:
+    """This rank's loader of `split`, normalising images as the model's tower expects; tp and pp
+    peers share their dp rank's stream."""
     mean, std = model.vision.image_stats
-    loader = ShardLoader.from_config(cfg.data, tokenizer, split=split, batch_size=batch_size,
-                                     dp_rank=0 if replicated else dp_rank, dp_size=1 if replicated else dp,
-                                     seed=cfg.train.seed, image_size=model.vision.image_size, mean=mean, std=std,
-                                     num_workers=num_workers)
-    return DPSlice(loader, dp_rank, dp) if replicated else loader
+    return ShardLoader.from_config(cfg.data, tokenizer, split=split, batch_size=batch_size,
+                                   dp_rank=topology.coord.dp, dp_size=topology.dp, seed=cfg.train.seed,
+                                   image_size=model.vision.image_size, mean=mean, std=std, num_workers=num_workers)
 
 
 def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bool = False,

@@ -20,6 +20,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +30,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from furnace.training.faults import Faults
-from furnace.training.safe_load import allowed_global_names
+from furnace.training.safe_load import allowed_global_names, safe_load, safe_torch_load
 
 LATEST = "latest"
+UNIVERSAL = "universal"  # a tag converted for another layout, while it loads
 MARKER = "complete.json"
 FULL_MODEL = "full_model.safetensors"
 ARCHITECTURE = "architecture.json"  # in the run_dir: the decoder's and tower's HF configs (export needs no folder)
@@ -288,12 +291,89 @@ def unsafe_globals(tagdir: Path) -> list[str]:
             for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(p)) if g not in allowed]
 
 
-def load_checkpoint(engine, run_dir, tag: str) -> dict:
+# ds_to_universal, with every torch.load it makes limited to weights and the allowlist
+_CONVERT = ("import runpy, sys\n"
+            "from furnace.training.safe_load import safe_torch_load\n"
+            "sys.argv[0] = 'ds_to_universal'\n"
+            "with safe_torch_load():\n"
+            "    runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__')\n")
+_Z3_MODEL_STATES, _MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"
+
+
+def _to_universal(tagdir: Path, out: Path) -> None:
+    """DeepSpeed's universal checkpoint of a ZeRO-1/2/3 tag: every parameter's fp32 weights and
+    Adam moments whole, which any data-parallel size and ZeRO stage 1-3 can load."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-c", _CONVERT, "--input_folder", str(tagdir), "--output_folder", str(out),
+           "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CheckpointError(f"converting {tagdir.name} to DeepSpeed's universal checkpoint for the new layout "
+                              f"failed ({last}); resume with the layout it was saved with")
+    # DeepSpeed reads the module file of its own stage: write the other stage's name too. A
+    # ZeRO-3 file holds placeholders, so the ZeRO-1/2 one gets the whole fp32 weights.
+    if not (out / _Z3_MODEL_STATES).exists():
+        shutil.copyfile(out / _MODEL_STATES, out / _Z3_MODEL_STATES)
+    if not (out / _MODEL_STATES).exists():
+        states = safe_load(out / _Z3_MODEL_STATES, map_location="cpu")
+        states["module"] = {name: safe_load(out / "zero" / name / "fp32.pt", map_location="cpu").detach()
+                            for name in states["module"] if (out / "zero" / name / "fp32.pt").exists()}
+        torch.save(states, out / _MODEL_STATES)
+
+
+def _after_universal_load(engine, group_names: list) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal load gives every optimizer group group 0's settings
+    (names included) and one shared Adam `step` tensor, which each group then advances: restore
+    the names and give each partition its own step."""
+    opt = getattr(engine.optimizer, "optimizer", None)
+    if opt is None:
+        return
+    for g, name in zip(opt.param_groups, group_names):
+        if name is not None:
+            g["name"] = name
+    for st in opt.state.values():
+        if torch.is_tensor(st.get("step")):
+            st["step"] = st["step"].clone()
+
+
+def load_checkpoint(engine, run_dir, tag: str, *, reshard: bool = False) -> dict:
     """Collective. Loads `tag` (chosen by `choose_resume_tag` on rank 0 and agreed on); returns
-    this rank's furnace state."""
+    this rank's furnace state. `reshard`: the tag was saved with another data-parallel size or
+    ZeRO stage (1-3): rank 0 converts it to a universal checkpoint next to the tags (removed after
+    loading) and every rank loads its new partition from that; ranks the old run did not have
+    take rank 0's furnace state (the data state in it is the whole run's)."""
     ckdir = checkpoint_dir(run_dir)
-    engine.load_checkpoint(str(ckdir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    return torch.load(ckdir / tag / rank_state_file(dist.get_rank()), map_location="cpu", weights_only=True)
+    rank = dist.get_rank()
+    if reshard:
+        out = ckdir / UNIVERSAL / tag
+        box = [None]
+        if rank == 0:
+            try:
+                _to_universal(ckdir / tag, out)
+            except (CheckpointError, OSError) as e:
+                box = [str(e)]
+        dist.broadcast_object_list(box, src=0)  # every rank raises rank 0's one line
+        if box[0] is not None:
+            raise CheckpointError(box[0])
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        names = [g.get("name") for g in inner.param_groups]
+        engine._config.load_universal_checkpoint = True  # read by engine.load_checkpoint only
+        try:
+            with safe_torch_load():  # DeepSpeed's universal loaders call torch.load(weights_only=False)
+                engine.load_checkpoint(str(out.parent), tag=tag, load_optimizer_states=True,
+                                       load_lr_scheduler_states=True)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        _after_universal_load(engine, names)
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(ckdir / UNIVERSAL, ignore_errors=True)
+    else:
+        engine.load_checkpoint(str(ckdir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    own = ckdir / tag / rank_state_file(rank)
+    return torch.load(own if own.exists() else ckdir / tag / rank_state_file(0), map_location="cpu",
+                      weights_only=True)
 
 
 def config_snapshot(cfg) -> dict:

@@ -58,61 +58,91 @@ def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
 
 
 LAYOUT = ("world_size", "tp", "pp", "dp")
+# Stages between which DeepSpeed's universal checkpoint moves a checkpoint exactly
+# (tests/test_parallel_parity.py); its ZeRO-3 and ZeRO-1/2 loaders read different global files.
+RESHARDABLE = ({1, 2}, {3})
 
 
-def _layout(d: dict) -> str:
-    return f"{d.get('world_size')} ranks (tp={d.get('tp')}, pp={d.get('pp')}, dp={d.get('dp')})"
+def _layout(d: dict, stage) -> str:
+    return f"{d.get('world_size')} ranks (tp={d.get('tp')}, pp={d.get('pp')}, dp={d.get('dp')}, ZeRO-{stage})"
 
 
-def _verdict(run_dir, cfg, meta: dict) -> tuple[str | None, Exception | None]:
-    """Rank 0: (tag to resume from or None, the one-line error refusing it or None)."""
+def _new_layout(tag: str, marker: dict, meta: dict, old_stage: int, new_stage: int):
+    """(how to load, or the one-line refusal) when the data-parallel size or ZeRO stage changed."""
+    layout = {k: marker[k] for k in LAYOUT if k in marker}
+    same_dp = all(layout[k] == meta[k] for k in layout)
+    if same_dp and old_stage == new_stage:
+        return "same", None
+    if layout.get("tp", 1) == meta["tp"] == 1 and layout.get("pp", 1) == meta["pp"] == 1:
+        if old_stage == new_stage == 0:  # every rank's file holds the whole model and optimizer
+            return "replicated", None
+        if any({old_stage, new_stage} <= family for family in RESHARDABLE):
+            return "universal", None
+    return None, CheckpointError(
+        f"checkpoint {tag} was written by {_layout(layout, old_stage)}; this run is {_layout(meta, new_stage)}: "
+        "furnace moves a checkpoint to another dp size with tp=pp=1 only, within ZeRO-0, ZeRO-1/2 or ZeRO-3; "
+        "resume with the saved layout, or export it (furnace-export) and start a new train.run_dir from the weights")
+
+
+def _verdict(run_dir, cfg, meta: dict) -> tuple[str | None, Exception | None, str | None]:
+    """Rank 0: (tag to resume from or None, the one-line error refusing it or None, how to load it)."""
     tag, notes = choose_resume_tag(run_dir)
     for n in notes:
         log.warning(n)
     if tag is None:
-        return None, None
+        return None, None, None
     tagdir = checkpoint_dir(run_dir) / tag
     bad = unsafe_globals(tagdir)
     if bad:
         return tag, CheckpointError(f"checkpoint {tag} holds pickled objects outside the weights-only allowlist "
                                     f"({'; '.join(bad[:3])}): refusing to load it; remove the tag or use a new "
-                                    "train.run_dir")
+                                    "train.run_dir"), None
     marker = read_marker(tagdir) if (tagdir / MARKER).exists() else {}
-    layout = {k: marker[k] for k in LAYOUT if k in marker}
-    if any(layout[k] != meta[k] for k in layout):
-        return tag, CheckpointError(f"checkpoint {tag} was written by {_layout(layout)}; this run is "
-                                    f"{_layout(meta)}: resume with the same ranks and parallel.tp/pp, or export "
-                                    "it (furnace-export) and start a new train.run_dir from the weights")
-    honoured, refused = config_changes(json.loads((tagdir / "config.json").read_text()), cfg.to_dict())
+    saved = json.loads((tagdir / "config.json").read_text())
+    old_stage = saved.get("parallel", {}).get("zero_stage", cfg.parallel.zero_stage)
+    mode, problem = _new_layout(tag, marker, meta, old_stage, cfg.parallel.zero_stage)
+    if problem is not None:
+        return tag, problem, None
+    honoured, refused = config_changes(saved, cfg.to_dict())
+    if mode == "universal":  # the stage is how the same state is partitioned, not what it is
+        honoured += [r for r in refused if r.startswith("parallel.zero_stage:")]
+        refused = [r for r in refused if not r.startswith("parallel.zero_stage:")]
+    if mode != "same":
+        log.warning(f"resuming {tag} on a new layout: {_layout(marker, old_stage)} -> "
+                    f"{_layout(meta, cfg.parallel.zero_stage)}")
     fp = marker.get("tokenizer")
     if fp is not None and fp != meta["tokenizer"]:
         refused.append(f"the tokenizer (fingerprint {fp} -> {meta['tokenizer']})")
     if refused and not cfg.train.allow_config_change:
         return tag, ConfigError(f"resuming {tag} would change {'; '.join(refused)}, which the checkpoint cannot "
-                                "honour: restore them, use a new train.run_dir, or --set train.allow_config_change=true")
+                                "honour: restore them, use a new train.run_dir, or --set train.allow_config_change=true"), None
     if refused:
         log.warning(f"resuming {tag} with changes it cannot honour (train.allow_config_change): {'; '.join(refused)}")
     if honoured:
         log.warning(f"resuming {tag} with new settings: {'; '.join(honoured)}")
-    return tag, None
+    return tag, None, mode
 
 
-def agree_on_resume(run_dir, cfg, meta: dict) -> str | None:
-    """Collective: the tag every rank resumes from (None: a fresh start). Raises the same
-    one-line ConfigError/CheckpointError on every rank when the resume must not happen."""
+def agree_on_resume(run_dir, cfg, meta: dict) -> tuple[str | None, str | None]:
+    """Collective: (the tag every rank resumes from, how to load it: "same" layout, "replicated"
+    (ZeRO-0 on another dp size) or "universal" (resharded)); (None, None) is a fresh start.
+    Raises the same one-line ConfigError/CheckpointError on every rank when the resume must not
+    happen."""
     rank, world = dist.get_rank(), dist.get_world_size()
     box = [None]
     if rank == 0:
         try:
             box = [_verdict(run_dir, cfg, meta)]
         except (OSError, ValueError) as e:  # an unreadable run_dir or config.json: every rank hears it
-            box = [(None, CheckpointError(f"cannot read the checkpoints in {run_dir}: {e}"))]
+            box = [(None, CheckpointError(f"cannot read the checkpoints in {run_dir}: {e}"), None)]
     dist.broadcast_object_list(box, src=0)
-    tag, problem = box[0]
+    tag, problem, mode = box[0]
     if problem is not None:
         raise problem
     if tag is None:
-        return None
+        return None, None
+    if mode != "same":
+        return tag, mode
     mine = (checkpoint_dir(run_dir) / tag / rank_state_file(rank)).is_file()
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
@@ -120,7 +150,7 @@ def agree_on_resume(run_dir, cfg, meta: dict) -> str | None:
     if missing:
         raise CheckpointError(f"checkpoint {tag} has no state for rank(s) {missing[:8]} of this {world}-rank run: "
                               "it was written with another number of ranks; resume with the same layout")
-    return tag
+    return tag, mode
 
 
 def apply_honoured(engine, cfg) -> None:

@@ -1,7 +1,9 @@
 """Loading checkpoints without unpickling code: torch.load with weights_only=True and an
 allowlist of the few classes DeepSpeed's checkpoints hold, wired into DeepSpeed's loaders.
-DeepSpeed paths that unpickle on their own terms (other checkpoint engines, universal
-checkpoints) are refused when the engine is built."""
+DeepSpeed paths that unpickle on their own terms (other checkpoint engines, its own universal
+checkpoint loading) are refused when the engine is built; furnace's resharding
+(`checkpoint.load_checkpoint(reshard=True)`) converts and loads universal checkpoints inside
+`safe_torch_load`."""
 from __future__ import annotations
 
 import contextlib

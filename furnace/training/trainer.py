@@ -21,6 +21,7 @@ from deepspeed.utils import logger as ds_logger
 from tqdm import tqdm
 
 from furnace.config import ConfigError, split_sources
+from furnace.data.loader import merge_states
 from furnace.model.flamingo_io import architecture
 from furnace.parallel.apply import full_state_dict
 from furnace.parallel.pipeline import batch_to_pipe
@@ -108,14 +109,14 @@ class Trainer:
         self.grad_norm = float("nan")
         self.meta = {"tokenizer": ckpt.tokenizer_fingerprint(self.tokenizer), "world_size": self.world,
                      "tp": self.topo.tp, "pp": self.topo.pp, "dp": self.dp}
-        tag = agree_on_resume(cfg.train.run_dir, cfg, self.meta)
+        tag, mode = agree_on_resume(cfg.train.run_dir, cfg, self.meta)
         if self.rank == 0:  # the run carries its tokenizer and architecture: exports need no other path
             self.tokenizer.save_pretrained(Path(cfg.train.run_dir) / "tokenizer")
             (Path(cfg.train.run_dir) / ckpt.ARCHITECTURE).write_text(json.dumps(architecture(self.model), indent=1))
         self.gate_grads = GateGrads(self.model, self.engine, self.pipe, self.topo) if cfg.debug.log_gate_grads else None
         self.step = 0
         if tag is not None:
-            state = ckpt.load_checkpoint(self.engine, cfg.train.run_dir, tag)
+            state = ckpt.load_checkpoint(self.engine, cfg.train.run_dir, tag, reshard=mode == "universal")
             apply_honoured(self.engine, cfg)
             self.step = int(state["step"])
             try:
@@ -193,7 +194,10 @@ class Trainer:
 
 
     def save(self) -> None:
-        state = {"step": self.step, "loader": self.loader.state_dict(), "rng": ckpt.rng_state()}
+        # every rank keeps the whole data state, so a resume on another layout finds all streams
+        parts = [None] * self.world
+        dist.all_gather_object(parts, self.loader.state_dict())
+        state = {"step": self.step, "loader": merge_states(parts), "rng": ckpt.rng_state()}
         full = None
         if self.topo.tp > 1 or self.topo.pp > 1:  # export cannot reassemble these offline: gather now
             full = full_state_dict(self.model, pipe=self.pipe, topology=self.topo)
