@@ -28,6 +28,7 @@ setup(
         "pillow>=9",
         "tqdm>=4.60",
         "deepspeed>=0.16",
+        "ninja>=1.11",  # builds DeepSpeed's CPU Adam once, for ZeRO-Offload
         "webdataset>=0.2.86",
         "tokenizers>=0.19",
         "tensorboard>=2.12",

@@ -78,6 +78,9 @@ BAD = [
     ("data.num_workers", -1, 1),
     ("data.shuffle_buffer", -1, 1),
     ("data.canonical_streams", 0, 1),
+    ("parallel.offload_optimizer", "gpu", 1),
+    ("parallel.offload_params", "host", 1),
+    ("parallel.offload_nvme_path", "", 1),
     ("data.synthetic_dir", "", 1),
     ("data.synthetic_n", 0, 1),
     ("data.train_weights", "0.5,0.5", 1),           # two weights, one source

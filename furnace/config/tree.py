@@ -120,6 +120,11 @@ class ParallelConfig:
     pp: int = 1                        # >= 1; pp > 1 needs zero_stage 1
     zero_stage: int = 3                # 0..3; tp > 1 with pp = 1 needs 3
     zero3_gather: str = "block"        # block | module: ZeRO-3 gathers whole repeated blocks or every module
+    # ZeRO-Offload / ZeRO-Infinity: where the optimizer state (ZeRO 1-3) and the parameters
+    # (ZeRO-3) live between uses: none (the device) | cpu (host memory) | nvme (offload_nvme_path).
+    offload_optimizer: str = "none"
+    offload_params: str = "none"
+    offload_nvme_path: str | None = None   # a local NVMe folder, for nvme
 
 
 @dataclass

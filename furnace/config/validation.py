@@ -174,6 +174,9 @@ RULES: dict[str, Rule] = {
     "parallel.pp": _ge(1, 1),
     "parallel.zero_stage": _one_of(0, 1, 2, 3),
     "parallel.zero3_gather": _one_of("block", "module"),
+    "parallel.offload_optimizer": _one_of("none", "cpu", "nvme"),
+    "parallel.offload_params": _one_of("none", "cpu", "nvme"),
+    "parallel.offload_nvme_path": _optional(_nonempty("/local_nvme/offload")),
     "train.max_steps": _ge(1, 1000),
     "train.run_dir": _nonempty("runs/demo"),
     "train.save_every": _ge(0, 500),
@@ -294,6 +297,23 @@ def _check_data(cfg: Config) -> None:
                               f"{','.join(['1'] * sources)}")
 
 
+def _check_offload(p) -> None:
+    if p.offload_optimizer != "none" and p.zero_stage == 0:
+        raise ConfigError(f"parallel.offload_optimizer={p.offload_optimizer} needs parallel.zero_stage 1, 2 or 3 "
+                          "(ZeRO-Offload moves ZeRO's optimizer partitions); set --set parallel.zero_stage=1")
+    if p.offload_params != "none" and p.zero_stage != 3:
+        raise ConfigError(f"parallel.offload_params={p.offload_params} needs parallel.zero_stage=3 (only ZeRO-3 "
+                          "partitions the parameters); set --set parallel.zero_stage=3 or parallel.offload_params=none")
+    if "nvme" in (p.offload_optimizer, p.offload_params):
+        if not p.offload_nvme_path:
+            raise ConfigError("parallel.offload_optimizer/offload_params=nvme needs parallel.offload_nvme_path, a "
+                              "folder on a local NVMe drive; e.g. --set parallel.offload_nvme_path=/local_nvme/offload")
+        from deepspeed.ops.op_builder import AsyncIOBuilder  # lazy: DeepSpeed is heavy to import
+        if not AsyncIOBuilder().is_compatible(verbose=False):
+            raise ConfigError("parallel.offload_*=nvme needs DeepSpeed's async_io op, which cannot build here: "
+                              "install libaio (apt install libaio-dev) or offload to cpu")
+
+
 def _check_layout(cfg: Config, world_size: int) -> int:
     m, p, t = cfg.model, cfg.parallel, cfg.train
     if world_size < 1:
@@ -330,6 +350,7 @@ def _check_layout(cfg: Config, world_size: int) -> int:
             f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size "
             f"({t.micro_batch_size}) x data-parallel size ({dp}); e.g. --set train.global_batch_size="
             f"{max(1, round(t.global_batch_size / (t.micro_batch_size * dp))) * t.micro_batch_size * dp}")
+    _check_offload(p)
     if cfg.data.canonical_streams % dp:
         raise ConfigError(
             f"data.canonical_streams={cfg.data.canonical_streams} is not a multiple of the data-parallel size {dp}: "
