@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from PIL import Image  # noqa: E402
 
 from furnace.data.loader import ShardLoader  # noqa: E402
-from furnace.data.shards import ShardWriter  # noqa: E402
+from furnace.data.shard_writer import ShardWriter  # noqa: E402
 from furnace.data.synthetic import demo_tokenizer, draw_sample, sample_rng  # noqa: E402
 from furnace.training.metrics import run_info  # noqa: E402
 

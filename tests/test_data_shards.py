@@ -11,7 +11,8 @@ import tarfile
 import pytest
 from PIL import Image
 
-from furnace.data.shards import main, read_stats
+from furnace.data.shard_writer import read_stats
+from furnace.data.shards import main
 from furnace.data.testing import tar_keys
 
 
@@ -408,7 +409,7 @@ def test_confine(zoo, tmp_path, capsys):
 
 def _crash_on_sample(monkeypatch, n, exc):
     """Make the writer fail right after writing sample `n` (mid-shard with --maxcount 2)."""
-    from furnace.data.shards import ShardWriter
+    from furnace.data.shard_writer import ShardWriter
     orig = ShardWriter.write_raw
 
     def write_raw(self, members):
@@ -446,7 +447,7 @@ def test_crash_mid_shard_leaves_no_tmp(exc, pairs, tmp_path, capsys, monkeypatch
 
 
 def test_shard_writer_context_manager_cleans_up(tmp_path):
-    from furnace.data.shards import ShardWriter
+    from furnace.data.shard_writer import ShardWriter
     img = Image.new("RGB", (8, 8))
     with pytest.raises(ValueError):
         with ShardWriter(str(tmp_path), maxcount=2, image_format="png") as w:
@@ -462,7 +463,7 @@ def test_shard_writer_context_manager_cleans_up(tmp_path):
 
 def test_api_refuses_non_path_images(tmp_path):
     """An int is not a file descriptor to read from, nor bytes of another format an image."""
-    from furnace.data.shards import ShardWriter
+    from furnace.data.shard_writer import ShardWriter
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="GIF")
     with ShardWriter(str(tmp_path)) as w:

@@ -31,410 +31,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
 import signal
-import stat
 import sys
 import threading
-import warnings
-from collections import Counter
 from typing import Iterable, Iterator
 
-from PIL import Image
 from tqdm import tqdm
-from webdataset.writer import TarWriter
 
-from furnace.data.images import PIL_FORMATS
+from furnace.data.input_checks import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InputError, short
+from furnace.data.shard_writer import ShardWriter
 
-_PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-MAX_EXAMPLES = 50
-MAX_IMAGE_BYTES = 32 << 20
-MAX_IMAGE_PIXELS = 40_000_000
 MAX_LINE_BYTES = 64 << 20  # a longer JSONL line is skipped, never held in memory
-
-
-class InputError(Exception):
-    """A skipped input; `reason` is the stats key."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-def _short(value, n: int = 80) -> str:
-    return repr(value)[:n]
-
-
-def _sniff_format(head: bytes) -> str | None:
-    """The PIL format these leading bytes announce, among the loader's (PIL's own prefix tests)."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    return None
-
-
-def _image_path(src) -> str:
-    """`src` as a usable path string; paths come from untrusted JSON (ints, lists, NUL bytes ...)."""
-    if isinstance(src, os.PathLike):
-        src = os.fspath(src)
-    if src is None or src == "":
-        raise InputError("missing_image", "no image path")
-    if not isinstance(src, str):
-        raise InputError("bad_image_path", f"{type(src).__name__} {_short(src)}")
-    try:
-        if "\x00" in src:
-            raise ValueError("NUL byte in path")
-        os.fsencode(src)  # lone surrogates from JSON "\ud800" cannot name a file
-    except ValueError as e:
-        raise InputError("bad_image_path", f"{_short(src, 300)}: {e}") from None
-    return src
-
-
-def _is_under(path: str, root: str) -> bool:
-    try:
-        return os.path.commonpath([root, path]) == root
-    except ValueError:  # different drives (Windows)
-        return False
-
-
-def read_image_file(path: str, *, max_bytes: int = MAX_IMAGE_BYTES, confine: str | None = None) -> bytes:
-    """Bytes of the regular file `path` (at most `max_bytes`, else InputError image_too_large).
-
-    Devices, FIFOs, sockets and directories are refused from their stat, never opened or read
-    (/dev/zero never ends, a FIFO blocks). `confine`: the file, symlinks resolved, must lie under
-    this folder (outside_images_root otherwise).
-    """
-    try:
-        if confine is not None:
-            path = os.path.realpath(path)
-            root = os.path.realpath(confine)
-            if not _is_under(path, root):
-                raise InputError("outside_images_root", f"{path} is not under {root}")
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError("not_a_regular_file", path)
-        if st.st_size > max_bytes:
-            raise InputError("image_too_large", f"{path}: {st.st_size} bytes > --max-image-bytes {max_bytes}")
-        # O_NONBLOCK: should the path become a FIFO after the stat, the open still cannot block.
-        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)),
-                  "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise InputError("not_a_regular_file", path)
-            raw = f.read(max_bytes + 1)
-    except FileNotFoundError:
-        raise InputError("missing_image", path) from None
-    except (OSError, ValueError) as e:
-        raise InputError("unreadable_image", f"{path}: {e}") from None
-    if len(raw) > max_bytes:  # grew after the stat
-        raise InputError("image_too_large", f"{path}: more than --max-image-bytes {max_bytes}")
-    return raw
-
-
-def _open_image(raw: bytes, name: str, max_pixels: int) -> Image.Image:
-    """Decode `raw` as JPEG/PNG/WEBP only, refusing more than `max_pixels` before decoding."""
-    if not raw:
-        raise InputError("corrupt_image", f"{name}: empty file")
-    if _sniff_format(raw[:16]) is None:  # never handed to PIL: other plugins (EPS: Ghostscript) stay unused
-        raise InputError("unsupported_image_format", f"{name}: not JPEG/PNG/WEBP (starts {raw[:8]!r})")
-    try:
-        with warnings.catch_warnings():
-            # The pixel cap below is the policy; PIL's bomb warning is noise (a crash under -W error).
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(raw), formats=PIL_FORMATS)
-            w, h = img.size
-            if w * h > max_pixels:
-                raise InputError("image_too_large", f"{name}: {w}x{h} pixels > --max-image-pixels {max_pixels}")
-            img.load()
-    except InputError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InputError("image_too_large", f"{name}: {e}") from None
-    except Exception as e:  # PIL raises many types on corrupt data
-        raise InputError("corrupt_image", f"{name}: {e}") from None
-    return img
-
-
-def encode_image(src, *, resize: int | None = None, fmt: str = "keep", quality: int = 95,
-                 max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
-                 confine: str | None = None) -> tuple[bytes, str]:
-    """Validate (full decode) and optionally re-encode an image.
-
-    src: a path, raw bytes or a PIL image. Returns (bytes, extension). `resize`: longest side at
-    most this many pixels (aspect kept, never upsampled). fmt: keep | jpg | png | webp. Paths and
-    bytes must hold JPEG/PNG/WEBP within `max_bytes` / `max_pixels` (see `read_image_file` for
-    `confine`); anything else raises InputError with the skip reason.
-    """
-    raw = None
-    if isinstance(src, Image.Image):
-        img = src
-    else:
-        if isinstance(src, (bytes, bytearray, memoryview)):
-            raw, name = bytes(src), "<bytes>"
-            if len(raw) > max_bytes:
-                raise InputError("image_too_large", f"<bytes>: {len(raw)} bytes > {max_bytes}")
-        else:
-            name = _image_path(src)
-            raw = read_image_file(name, max_bytes=max_bytes, confine=confine)
-        img = _open_image(raw, name, max_pixels)
-    src_ext = _PIL_FORMAT_EXT.get(getattr(img, "format", None) or "", None)
-    out_ext = src_ext if fmt == "keep" else ("jpg" if fmt == "jpeg" else fmt)
-    need_resize = resize is not None and max(img.size) > resize
-    if raw is not None and not need_resize and out_ext == src_ext and out_ext is not None:
-        return raw, out_ext
-    try:
-        if need_resize:
-            w, h = img.size
-            s = resize / max(w, h)
-            img = img.convert("RGB").resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
-        if out_ext is None:
-            out_ext = "png"
-        buf = io.BytesIO()
-        if out_ext == "jpg":
-            img.convert("RGB").save(buf, format="JPEG", quality=quality)
-        elif out_ext == "png":
-            img.convert("RGB").save(buf, format="PNG")
-        else:
-            img.convert("RGB").save(buf, format="WEBP", quality=quality)
-    except (OSError, ValueError) as e:  # odd modes that decode but do not convert
-        raise InputError("corrupt_image", f"re-encoding as {out_ext}: {e}") from None
-    return buf.getvalue(), out_ext
-
-
-def _text(value, what: str) -> str:
-    """A caption: None/blank -> missing_caption, not a UTF-8-encodable string -> bad_caption."""
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise InputError("missing_caption", what)
-    if not isinstance(value, str):
-        raise InputError("bad_caption", f"{what}: caption is {type(value).__name__} {_short(value)}")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:  # lone surrogates, e.g. JSON "\ud800"
-        raise InputError("bad_caption", f"{what}: {e}") from None
-    return value
-
-
-class ShardWriter:
-    """Rotating tar writer (webdataset TarWriter underneath) that records what it wrote.
-
-    Shards: `{out_dir}/{prefix}-%06d.tar`; a shard closes after `maxcount` samples or once it
-    holds `maxsize` bytes. `close()` writes/updates `{out_dir}/stats.json` under key `prefix`.
-    As a context manager it closes on success and `abort()`s on any exception (Ctrl-C included):
-    the partial shard's `.tmp` is removed, completed shards stay and stats.json lists them.
-    `max_image_bytes` / `max_image_pixels` / `confine`: limits on every image (`encode_image`).
-    """
-
-    def __init__(self, out_dir: str, prefix: str = "train", *, maxcount: int = 10000,
-                 maxsize: float = 3e9, resize: int | None = None, image_format: str = "keep",
-                 quality: int = 95, max_image_bytes: int = MAX_IMAGE_BYTES,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, confine: str | None = None):
-        if maxcount < 1 or maxsize <= 0:
-            raise ValueError("maxcount and maxsize must be positive")
-        if max_image_bytes < 1 or max_image_pixels < 1:
-            raise ValueError("max_image_bytes and max_image_pixels must be positive")
-        self.out_dir, self.prefix = out_dir, prefix
-        self.maxcount, self.maxsize = maxcount, maxsize
-        self.resize, self.image_format, self.quality = resize, image_format, quality
-        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
-        self.confine = None if confine is None else os.path.realpath(confine)
-        os.makedirs(out_dir, exist_ok=True)
-        self.shards: list[dict] = []
-        self.skipped: Counter = Counter()
-        self.examples: list[dict] = []
-        self.inputs = 0
-        self._tar = None
-        self._file = None
-        self._count = 0
-        self._bytes = 0
-        self._index = 0
-        self._final: dict | None = None
-
-    # -- low level
-    def _open(self):
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._tmp = os.path.join(self.out_dir, name + ".tmp")
-        self._name = name
-        # Our own file object: given a name, TarWriter would gopen() it ("pipe:..." runs a shell).
-        self._file = open(self._tmp, "wb")
-        self._tar = TarWriter(self._file, encoder=False, compress=False,
-                              mtime=0)  # int: a float mtime costs a PAX header per member
-        self._count = 0
-        self._bytes = 0
-
-    def _close_shard(self):
-        if self._tar is None:
-            return
-        self._tar.close()
-        self._file.close()
-        os.replace(self._tmp, os.path.join(self.out_dir, self._name))
-        self._tar = self._file = None
-        self.shards.append({"name": self._name, "samples": self._count,
-                            "bytes": os.path.getsize(os.path.join(self.out_dir, self._name))})
-
-    def write_raw(self, members: dict[str, bytes]) -> str:
-        """Write one sample: {extension: bytes}. Returns its key."""
-        if self._tar is not None and (self._count >= self.maxcount or self._bytes >= self.maxsize):
-            self._close_shard()
-        if self._tar is None:
-            self._open()
-        key = f"{self._index:09d}"
-        sample = {"__key__": key}
-        sample.update(members)
-        self._tar.write(sample)
-        self._index += 1
-        self._count += 1
-        self._bytes += sum(len(v) for v in members.values()) + 512 * (1 + len(members))
-        return key
-
-    def skip(self, reason: str, detail: str = ""):
-        self.skipped[reason] += 1
-        if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append({"reason": reason, "detail": detail[:300]})
-
-    def skip_input(self, reason: str, detail: str = ""):
-        """Count an input record rejected before it became a sample (keeps inputs = samples + skips)."""
-        self.inputs += 1
-        self.skip(reason, detail)
-
-    def _encode(self, image) -> tuple[bytes, str]:
-        return encode_image(image, resize=self.resize, fmt=self.image_format, quality=self.quality,
-                            max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
-                            confine=self.confine)
-
-    # -- sample kinds
-    def add_caption(self, image, caption, *, captions: list[str] | None = None) -> bool:
-        """image: path | bytes | PIL image. Returns False (and counts why) when skipped."""
-        self.inputs += 1
-        try:
-            caption = _text(caption, str(image)[:200] if isinstance(image, str) else "")
-            if captions is not None:
-                if not isinstance(captions, list):
-                    raise InputError("bad_caption", f"captions is {type(captions).__name__}")
-                captions = [_text(c, "captions") for c in captions]
-            data, ext = self._encode(image)
-        except InputError as e:
-            self.skip(e.reason, e.detail)
-            return False
-        members = {ext: data, "txt": caption.strip().encode("utf-8")}
-        if captions:
-            members["json"] = json.dumps({"captions": captions}).encode("utf-8")
-        self.write_raw(members)
-        return True
-
-    def add_interleaved(self, segments: list[dict]) -> bool:
-        """segments: [{"text": str} | {"image": path|bytes|PIL}] in document order."""
-        self.inputs += 1
-        try:
-            if not isinstance(segments, list) or not segments:
-                raise InputError("bad_document", "no segments")
-            out_segments, members, n_img = [], {}, 0
-            has_text = False
-            for seg in segments:
-                if not isinstance(seg, dict):
-                    raise InputError("bad_document", f"segment {_short(seg)}")
-                if "image" in seg and seg["image"] is not None:
-                    data, ext = self._encode(seg["image"])
-                    name = f"{n_img}.{ext}"
-                    members[name] = data
-                    out_segments.append({"image": name})
-                    n_img += 1
-                elif isinstance(seg.get("text"), str):
-                    if seg["text"].strip():
-                        try:
-                            seg["text"].encode("utf-8")
-                        except UnicodeEncodeError as e:
-                            raise InputError("bad_document", f"text: {e}") from None
-                        has_text = True
-                        out_segments.append({"text": seg["text"]})
-                else:
-                    raise InputError("bad_document", f"segment {_short(seg)}")
-            if n_img == 0:
-                raise InputError("no_images", "")
-            if not has_text:
-                raise InputError("missing_caption", "document without text")
-        except InputError as e:
-            self.skip(e.reason, e.detail)
-            return False
-        members["json"] = json.dumps({"segments": out_segments}).encode("utf-8")
-        self.write_raw(members)
-        return True
-
-    # -- finish
-    def stats(self) -> dict:
-        return {
-            "shards": list(self.shards),
-            "samples": sum(s["samples"] for s in self.shards),
-            "inputs": self.inputs,
-            "skipped": dict(sorted(self.skipped.items())),
-            "skipped_examples": list(self.examples),
-            "maxcount": self.maxcount,
-            "maxsize": self.maxsize,
-        }
-
-    def _finish(self, complete: bool) -> dict:
-        if self._final is not None:  # close() after write_items' close(), or abort() after close()
-            return self._final
-        stats = self.stats()
-        stats["complete"] = complete
-        path = os.path.join(self.out_dir, "stats.json")
-        allstats = {}
-        if os.path.exists(path):
-            try:
-                with open(path) as f:
-                    allstats = json.load(f)
-            except (OSError, ValueError):
-                allstats = {}
-        if not isinstance(allstats, dict):
-            allstats = {}
-        allstats[self.prefix] = stats
-        tmp = path + f".tmp{os.getpid()}"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(allstats, f, indent=1)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
-        self._final = stats
-        return stats
-
-    def close(self) -> dict:
-        self._close_shard()
-        return self._finish(True)
-
-    def abort(self) -> None:
-        """Drop the shard being written (its `.tmp`) and record the completed ones ("complete": false)."""
-        if self._tar is not None:
-            with contextlib.suppress(Exception):  # marks the tar stream closed (else its __del__ writes later)
-                self._tar.close()
-            with contextlib.suppress(OSError):
-                self._file.close()
-            with contextlib.suppress(OSError):
-                os.remove(self._tmp)
-            self._tar = self._file = None
-        with contextlib.suppress(OSError):
-            self._finish(False)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
-
-def read_stats(out_dir: str, prefix: str | None = None) -> dict:
-    with open(os.path.join(out_dir, "stats.json")) as f:
-        stats = json.load(f)
-    return stats if prefix is None else stats[prefix]
 
 
 # ---------------------------------------------------------------------------- input readers
@@ -522,12 +131,12 @@ def _coco_items(data, root, writer, all_captions):
     by_image: dict = {}
     for i, ann in enumerate(data.get("annotations") or []):
         if not isinstance(ann, dict) or not _coco_id(ann.get("image_id")) or not isinstance(ann.get("caption"), str):
-            writer.skip_input("bad_coco_annotation", f"annotations[{i}]: {_short(ann)}")
+            writer.skip_input("bad_coco_annotation", f"annotations[{i}]: {short(ann)}")
             continue
         by_image.setdefault(ann["image_id"], []).append(ann["caption"])
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or not _coco_id(img.get("id")):
-            writer.skip_input("bad_coco_image", f"images[{i}]: {_short(img)}")
+            writer.skip_input("bad_coco_image", f"images[{i}]: {short(img)}")
             continue
         caps = [c for c in by_image.get(img["id"], []) if c.strip()]
         if img.get("file_name") in (None, ""):
@@ -559,10 +168,10 @@ def _document_segments(obj: dict, root: str) -> list:
     before: dict[int, list] = {}
     for info in infos:
         if not isinstance(info, dict):
-            raise InputError("bad_document", f"image_info entry {_short(info)}")
+            raise InputError("bad_document", f"image_info entry {short(info)}")
         i = info.get("matched_text_index", 0)
         if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i <= len(texts):
-            raise InputError("bad_document", f"matched_text_index {_short(i, 40)} not in 0..{len(texts)}")
+            raise InputError("bad_document", f"matched_text_index {short(i, 40)} not in 0..{len(texts)}")
         p = next((info[k] for k in ("path", "image_name", "image", "file_name") if k in info), None)
         before.setdefault(i, []).append("" if p is None else _resolve(root, p))
     segs = []
@@ -611,7 +220,7 @@ def _count_lines(path: str) -> int | None:
         return None
 
 
-def _check_utf8_text(path: str) -> None:
+def _check_utf8caption_text(path: str) -> None:
     """Refuse a JSONL input that is plainly not UTF-8 (UTF-16/32, binary) before writing anything;
     single undecodable lines are skipped later (bad_utf8_line)."""
     with open(path, "rb") as f:
@@ -696,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.kind == "coco":
             coco = load_coco(args.input)
         else:
-            _check_utf8_text(args.input)
+            _check_utf8caption_text(args.input)
     except (ValueError, OSError) as e:
         what = "COCO captions JSON" if args.kind == "coco" else "input"
         return fail(f"cannot read {what} {args.input!r}: {e}")

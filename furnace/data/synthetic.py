@@ -2,7 +2,7 @@
 
     python -m furnace.data.synthetic --out DIR --n N --seed S [--image-size 32] [--shards 16]
 
-Writes, through the shard writer (`furnace.data.shards.ShardWriter`):
+Writes, through the shard writer (`furnace.data.shard_writer.ShardWriter`):
     DIR/train-000000.tar .. train-{shards-1:06d}.tar   N samples (ceil(N/shards) per shard)
     DIR/val-000000.tar                                 max(200, N//20) samples (disjoint seed stream)
     DIR/stats.json                                     per split: shards, sample counts, skips
@@ -33,7 +33,7 @@ import sys
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from furnace.data.shards import ShardWriter
+from furnace.data.shard_writer import ShardWriter
 from furnace.system import usable_cores
 from furnace.data.tokenizer import build_word_tokenizer, save_tokenizer
 

@@ -5,7 +5,7 @@ import io
 import os
 import tarfile
 
-from furnace.data.shards import ShardWriter
+from furnace.data.shard_writer import ShardWriter
 from furnace.data.synthetic import draw_sample, sample_rng
 
 
