@@ -7,7 +7,8 @@ import pytest
 
 import furnace.data.replay as replay
 from furnace.config import ConfigError, Config, validate
-from furnace.data.loader import ShardLoader, merge_states
+from furnace.data.loader import ShardLoader
+from furnace.data.streams import merge_states
 from furnace.data.samples import SampleDecoder
 from furnace.data.sources import Source
 from furnace.data.synthetic import demo_tokenizer

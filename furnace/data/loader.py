@@ -27,8 +27,8 @@ starts its next epoch earlier: count training in steps, not epochs.
 
 Exact resume: each batch carries its stream's position (per source: epoch and number of raw
 samples taken from that epoch's shuffled stream; the mixing counter). `state_dict()` holds this
-rank's streams and the global micro-batch count; `merge_states` joins all ranks' into one state
-that any data-parallel size dividing C resumes from. A resumed stream rebuilds the epoch plan and
+rank's streams and the global micro-batch count; `streams.merge_states` joins all ranks' into
+one state that any data-parallel size dividing C resumes from. A resumed stream rebuilds the epoch plan and
 shuffle buffer and fast-forwards over the raw samples it already used without decoding them
 (cost: re-reading at most one epoch of that stream's tar bytes per source; no image decode, no
 tokenisation). Resuming needs the same sources, seed, batch_size, canonical_streams,
@@ -50,7 +50,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import signal
 import time
 from collections import Counter
@@ -61,9 +60,9 @@ import torch
 
 from furnace.data.collate import collate
 from furnace.data.images import CLIP_MEAN, CLIP_STD
-from furnace.data.replay import MAX_EMPTY_EPOCHS, Replay
 from furnace.data.samples import SampleDecoder
 from furnace.data.sources import Source, expand_shards, sources_from_config
+from furnace.data.streams import StreamReader, copy_pos
 from furnace.data.tar import MEMBER_REASONS, SHARD_REASONS, ReadLimits, iter_shard_samples
 from furnace.data.text import SkipSample, TextEncoder
 
@@ -154,7 +153,9 @@ class ShardLoader:
         weights = np.array([s["weight"] for s in self.sources], dtype=np.float64)
         if (weights <= 0).any():
             raise ValueError("source weights must be positive")
-        self._cum = np.cumsum(weights / weights.sum()).tolist()
+        self.reader = StreamReader(self.sources, weights, self.samples, seed=seed, streams=canonical_streams,
+                                   shuffle_buffer=self.shuffle_buffer, batch_size=batch_size, epochs=epochs,
+                                   limits=limits)
         self._reset_state()
 
     @classmethod
@@ -199,7 +200,7 @@ class ShardLoader:
 
     def _reset_state(self):
         fresh = {"mix": 0, "sources": [[0, 0] for _ in self.sources]}
-        self._positions = {c: _copy_pos(fresh) for c in self.my_streams}
+        self._positions = {c: copy_pos(fresh) for c in self.my_streams}
         self._batches = 0
         self._skip_base: Counter = Counter()
         self._worker_skips: list[Counter] = [Counter() for _ in range(self.num_workers_eff)]
@@ -208,68 +209,18 @@ class ShardLoader:
         self.last_meta: dict = {}           # worker id, stream, position, CPU seconds of the producing process
 
     # ------------------------------------------------------------------ per-sample work
-    def _choose(self, stream: int, i: int) -> int:
-        if len(self.sources) == 1:
-            return 0
-        u = random.Random(f"mix:{self.seed}:{stream}:{i}").random()
-        for s, c in enumerate(self._cum):
-            if u < c:
-                return s
-        return len(self.sources) - 1
-
     def _batch(self, rows) -> dict:
         return collate(rows, self.encoder, max_length=self.max_length, max_images=self.max_images,
                        image_size=self.image_size, mean=self.mean, std=self.std, pad_to_max=self.pad_to_max)
 
     # ------------------------------------------------------------------ worker bodies
-    def _stream_batches(self, c: int, start: dict, counter: Counter):
-        """Canonical stream c's micro-batches from position `start`: (rows, keys, sources, position)."""
-        streams = [iter(Replay(src["urls"], si, c, self.streams, self.seed, self.shuffle_buffer, counter,
-                               start=tuple(start["sources"][si]), epochs=self.epochs, limits=self.limits))
-                   for si, src in enumerate(self.sources)]
-        pos = [list(x) for x in start["sources"]]
-        last_good = [p[0] for p in pos]  # epoch of the last good sample per source
-        i = start["mix"]
-        exhausted = [False] * len(streams)
-        rows, keys, srcs = [], [], []
-        while not all(exhausted):
-            s = self._choose(c, i)
-            if exhausted[s]:
-                s = next(k for k in range(len(streams)) if not exhausted[k])
-            got = False
-            while not got:
-                try:
-                    e, k, raw = next(streams[s])
-                except StopIteration:
-                    exhausted[s] = True
-                    break
-                pos[s] = [e, k + 1]
-                try:
-                    rows.append(self.samples.row(raw))
-                    keys.append(raw["__key__"])
-                    srcs.append(s)
-                    got = True
-                    last_good[s] = e
-                except SkipSample as x:
-                    counter[x.reason] += 1
-                    if e - last_good[s] >= MAX_EMPTY_EPOCHS:  # fail loudly rather than spin forever
-                        raise RuntimeError(
-                            f"canonical stream {c} (dp_rank {self.dp_rank}) found no usable sample in "
-                            f"{MAX_EMPTY_EPOCHS} epochs of {self.sources[s]['name']!r}; skipped so far: "
-                            f"{dict(counter)}") from None
-            if got:
-                i += 1
-            if rows and (len(rows) == self.batch_size or all(exhausted)):
-                yield rows, keys, srcs, {"mix": i, "sources": [list(p) for p in pos]}
-                rows, keys, srcs = [], [], []
-
     def _train_worker(self, t: int):
         """Micro-batches t, t + W, t + 2W ... of this rank; micro-batch t comes from its stream
         t % len(my_streams), so this worker reads only the streams w, w + W, ... of that list."""
         W, L = self.num_workers_eff, len(self.my_streams)
         w = t % W
         counter: Counter = Counter()
-        gens = {l: self._stream_batches(self.my_streams[l], self._positions[self.my_streams[l]], counter)
+        gens = {l: self.reader.batches(self.my_streams[l], self._positions[self.my_streams[l]], counter)
                 for l in range(w, L, W)}
         while gens:
             l = t % L
@@ -381,7 +332,7 @@ class ShardLoader:
             raise RuntimeError("evaluation loaders are single-pass and not resumable")
         return {"version": STATE_VERSION, "fingerprint": self._fingerprint(),
                 "micro_batches": self._batches * self.dp_size,
-                "streams": {str(c): _copy_pos(p) for c, p in self._positions.items()},
+                "streams": {str(c): copy_pos(p) for c, p in self._positions.items()},
                 "skipped": {str(self.dp_rank): self.skipped}, "dp_size": self.dp_size}
 
     def load_state_dict(self, state: dict) -> None:
@@ -401,27 +352,10 @@ class ShardLoader:
                              f"mid-step ({state['micro_batches']} micro-batches, dp size {self.dp_size}); "
                              "load the merged state of all ranks (merge_states)")
         self._reset_state()
-        self._positions = {c: _copy_pos(state["streams"][str(c)]) for c in self.my_streams}
+        self._positions = {c: copy_pos(state["streams"][str(c)]) for c in self.my_streams}
         self._batches = state["micro_batches"] // self.dp_size
         skipped = state.get("skipped", {})
         if state.get("dp_size") == self.dp_size:
             self._skip_base = Counter(skipped.get(str(self.dp_rank), {}))
         elif self.dp_rank == 0:  # another layout: the totals carry on, on dp rank 0
             self._skip_base = sum((Counter(v) for v in skipped.values()), Counter())
-
-
-def _copy_pos(p: dict) -> dict:
-    return {"mix": int(p["mix"]), "sources": [[int(e), int(k)] for e, k in p["sources"]]}
-
-
-def merge_states(states: list[dict]) -> dict:
-    """One loader state from the states of all ranks (tp/pp peers repeat their dp rank's)."""
-    out = {k: states[0][k] for k in ("version", "fingerprint", "micro_batches", "dp_size")}
-    out["streams"], out["skipped"] = {}, {}
-    for st in states:
-        if st["micro_batches"] != out["micro_batches"] or st["fingerprint"] != out["fingerprint"]:
-            raise ValueError("loader states of the ranks disagree (micro-batch count or fingerprint): "
-                             "the ranks are out of lockstep")
-        out["streams"].update(st["streams"])
-        out["skipped"].update(st["skipped"])
-    return out

@@ -21,7 +21,7 @@ from deepspeed.utils import logger as ds_logger
 from tqdm import tqdm
 
 from furnace.config import ConfigError, split_sources
-from furnace.data.loader import merge_states
+from furnace.data.streams import merge_states
 from furnace.model.flamingo_io import architecture
 from furnace.parallel.apply import full_state_dict
 from furnace.parallel.pipeline import batch_to_pipe
