@@ -43,6 +43,7 @@ setup(
             "furnace-train=furnace.training.launch:main",
             "furnace-export=furnace.export:main",
             "furnace-generate=furnace.generate:main",
+            "furnace-plan=furnace.plan:main",
         ]
     },
 )

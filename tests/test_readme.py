@@ -58,6 +58,8 @@ COMMANDS = {
     "python benchmarks/throughput.py --preset demo --steps 5 --out /tmp/throughput-demo.json": "benchmark",
     "python benchmarks/kernels.py --quick --only loss_scale --out /tmp/kernels.json": "run",
     "python benchmarks/dataloader.py --out /tmp/dataloader.json": "run",
+    "furnace-plan --config flamingo-9b --gpus 64 --gpu-memory 80 --gpus-per-node 8": "run",
+    "furnace-plan --config flamingo-80b --gpus 8 --top 4 --json plans.json": "run",
     "python benchmarks/memory.py --out benchmarks/results/memory-cpu.json": "run",
     "python benchmarks/launch_forms.py --out benchmarks/results/launch-forms-cpu.json": "benchmark",
 }
