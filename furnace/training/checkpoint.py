@@ -30,7 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from furnace.training.faults import Faults
-from furnace.training.safe_load import allowed_global_names, safe_load, safe_torch_load
+from furnace.training.safe_load import allowed_global_names, safe_torch_load
 
 LATEST = "latest"
 UNIVERSAL = "universal"  # a tag converted for another layout, while it loads
@@ -297,12 +297,12 @@ _CONVERT = ("import runpy, sys\n"
             "sys.argv[0] = 'ds_to_universal'\n"
             "with safe_torch_load():\n"
             "    runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__')\n")
-_Z3_MODEL_STATES, _MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"
 
 
 def _to_universal(tagdir: Path, out: Path) -> None:
     """DeepSpeed's universal checkpoint of a ZeRO-1/2/3 tag: every parameter's fp32 weights and
-    Adam moments whole, which any data-parallel size and ZeRO stage 1-3 can load."""
+    Adam moments whole, which any data-parallel size loads (ZeRO-1/2 into ZeRO-1/2, ZeRO-3 into
+    ZeRO-3: DeepSpeed's two loaders read different files)."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-c", _CONVERT, "--input_folder", str(tagdir), "--output_folder", str(out),
            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
@@ -311,15 +311,6 @@ def _to_universal(tagdir: Path, out: Path) -> None:
         last = (res.stderr.strip().splitlines() or ["no output"])[-1]
         raise CheckpointError(f"converting {tagdir.name} to DeepSpeed's universal checkpoint for the new layout "
                               f"failed ({last}); resume with the layout it was saved with")
-    # DeepSpeed reads the module file of its own stage: write the other stage's name too. A
-    # ZeRO-3 file holds placeholders, so the ZeRO-1/2 one gets the whole fp32 weights.
-    if not (out / _Z3_MODEL_STATES).exists():
-        shutil.copyfile(out / _MODEL_STATES, out / _Z3_MODEL_STATES)
-    if not (out / _MODEL_STATES).exists():
-        states = safe_load(out / _Z3_MODEL_STATES, map_location="cpu")
-        states["module"] = {name: safe_load(out / "zero" / name / "fp32.pt", map_location="cpu").detach()
-                            for name in states["module"] if (out / "zero" / name / "fp32.pt").exists()}
-        torch.save(states, out / _MODEL_STATES)
 
 
 def _after_universal_load(engine, group_names: list) -> None:
@@ -340,7 +331,7 @@ def _after_universal_load(engine, group_names: list) -> None:
 def load_checkpoint(engine, run_dir, tag: str, *, reshard: bool = False) -> dict:
     """Collective. Loads `tag` (chosen by `choose_resume_tag` on rank 0 and agreed on); returns
     this rank's furnace state. `reshard`: the tag was saved with another data-parallel size or
-    ZeRO stage (1-3): rank 0 converts it to a universal checkpoint next to the tags (removed after
+    ZeRO stage (1 <-> 2): rank 0 converts it to a universal checkpoint next to the tags (removed after
     loading) and every rank loads its new partition from that; ranks the old run did not have
     take rank 0's furnace state (the data state in it is the whole run's)."""
     ckdir = checkpoint_dir(run_dir)
