@@ -81,6 +81,7 @@ BAD = [
     ("parallel.offload_optimizer", "gpu", 1),
     ("parallel.offload_params", "host", 1),
     ("parallel.offload_nvme_path", "", 1),
+    ("parallel.layout", "best", 1),
     ("data.synthetic_dir", "", 1),
     ("data.synthetic_n", 0, 1),
     ("data.train_weights", "0.5,0.5", 1),           # two weights, one source

@@ -116,3 +116,33 @@ def test_furnace_plan_says_when_nothing_fits_and_refuses_bad_config():
     assert res.returncode == 1 and "no layout of 1 x 8 GB fits flamingo-9b" in res.stderr
     res = _plan("--config", "flamingo-9b", "--gpus", "8", "--set", "data.max_length=2")
     assert res.returncode == 2 and res.stderr.strip().startswith("furnace-plan: data.max_length")
+
+
+def test_choose_layout_sets_the_fastest_plan():
+    from furnace.training.planner import Cluster, choose_layout, plan
+
+    cfg = load_config("flamingo-9b", [])
+    cluster = Cluster(gpus=64)
+    best = plan(cfg, cluster, 0)[0]["layout"]
+    choose_layout(cfg, cluster, 0)
+    assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage, cfg.train.micro_batch_size,
+            cfg.model.activation_checkpointing) == (best["tp"], best["pp"], best["zero_stage"], best["micro_batch"],
+                                                    best["checkpointing"])
+    from furnace.config import validate
+    assert validate(cfg, 64, check_paths=False) == best["dp"]
+
+
+@pytest.mark.multirank
+def test_train_py_with_layout_auto_runs_the_chosen_layout(data, tmp_path):
+    from train_utils import metrics, run, train_cmd
+
+    res = run(train_cmd(tmp_path / "run", data, "train.max_steps=2", "parallel.layout=auto"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    chosen = [line for line in res.stderr.splitlines() if "parallel.layout=auto chose" in line]
+    assert len(chosen) == 1, res.stderr[-2000:]
+    saved = json.loads(next((tmp_path / "run" / "checkpoints").glob("step*/config.json")).read_text())
+    for key, value in (("tp", saved["parallel"]["tp"]), ("pp", saved["parallel"]["pp"]),
+                       ("zero_stage", saved["parallel"]["zero_stage"]),
+                       ("micro_batch", saved["train"]["micro_batch_size"])):
+        assert f"{key}={value} " in chosen[0], (key, value, chosen[0])
+    assert [m["step"] for m in metrics(tmp_path / "run") if "loss" in m] == [1, 2]

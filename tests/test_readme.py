@@ -60,6 +60,7 @@ COMMANDS = {
     "python benchmarks/dataloader.py --out /tmp/dataloader.json": "run",
     "furnace-plan --config flamingo-9b --gpus 64 --gpu-memory 80 --gpus-per-node 8": "run",
     "furnace-plan --config flamingo-80b --gpus 8 --top 4 --json plans.json": "run",
+    "python train.py --nproc 2 --set parallel.layout=auto": "train",
     "python benchmarks/memory.py --out benchmarks/results/memory-cpu.json": "run",
     "python benchmarks/launch_forms.py --out benchmarks/results/launch-forms-cpu.json": "benchmark",
 }

@@ -125,6 +125,10 @@ class ParallelConfig:
     offload_optimizer: str = "none"
     offload_params: str = "none"
     offload_nvme_path: str | None = None   # a local NVMe folder, for nvme
+    # manual: the keys above as set; auto: furnace-plan's fastest layout for the ranks started and
+    # the device memory (tp, pp, zero_stage, offload_optimizer, train.micro_batch_size and
+    # model.activation_checkpointing are replaced; the choice is printed)
+    layout: str = "manual"
 
 
 @dataclass

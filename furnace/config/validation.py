@@ -177,6 +177,7 @@ RULES: dict[str, Rule] = {
     "parallel.offload_optimizer": _one_of("none", "cpu", "nvme"),
     "parallel.offload_params": _one_of("none", "cpu", "nvme"),
     "parallel.offload_nvme_path": _optional(_nonempty("/local_nvme/offload")),
+    "parallel.layout": _one_of("manual", "auto"),
     "train.max_steps": _ge(1, 1000),
     "train.run_dir": _nonempty("runs/demo"),
     "train.save_every": _ge(0, 500),

@@ -65,6 +65,16 @@ def config_of(tower: VisionTower, path: str | None = None) -> VisionConfig:
                         num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads)
 
 
+def config_from_path(path: str) -> VisionConfig:
+    """The VisionConfig of a local HF CLIP/SigLIP checkpoint, read from its config.json alone."""
+    raw = read_config(path)
+    kind = _kind_of(raw)
+    hf = raw.get("vision_config") or raw
+    return VisionConfig(path=path, kind=kind, image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 32),
+                        hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
+                        num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"])
+
+
 def vision_from_hf(path: str, frozen: bool = True, dtype: torch.dtype = torch.float32) -> VisionTower:
     kind = _kind_of(read_config(path))
     cls = KINDS[kind][1]

@@ -26,8 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from furnace.config import Config
+from furnace.config import Config, ConfigError
+from furnace.model import llama, vision
 from furnace.model.flamingo import build_flamingo
+from furnace.model.hf_io import read_config
 from furnace.parallel.apply import is_tp_sharded
 from furnace.training.metrics import StepShape, flamingo_flops_per_sample
 
@@ -75,6 +77,10 @@ def model_sizes(cfg: Config, vocab: int) -> ModelSizes:
     """Counts from the model built on the meta device (no memory, any size); `vocab`: the
     tokenizer's length (the LM's own vocab_size wins when set)."""
     m = cfg.model
+    if m.lm.path:  # a pretrained LM or tower: its own config.json gives the shapes (no weights read)
+        m = dataclasses.replace(m, lm=dataclasses.replace(llama.config_from_hf(read_config(m.lm.path)), path=None))
+    if m.vision.path:
+        m = dataclasses.replace(m, vision=dataclasses.replace(vision.config_from_path(m.vision.path), path=None))
     vocab = m.lm.vocab_size or vocab
     with torch.device("meta"):
         model = build_flamingo(m, vocab_size=vocab, image_token_id=vocab - 2, eoc_token_id=vocab - 1)
@@ -265,3 +271,27 @@ def plan(cfg: Config, cluster: Cluster, vocab: int) -> list[dict]:
         out.append({"layout": dataclasses.asdict(lay), "step_s": step_time(cfg, sizes, lay, cluster),
                      "memory_gb": {k: round(v / GB, 2) for k, v in mem.items()}})
     return sorted(out, key=lambda r: (r["step_s"], r["memory_gb"]["total"]))
+
+
+def choose_layout(cfg: Config, cluster: Cluster, vocab: int) -> dict:
+    """parallel.layout=auto: set the fastest feasible layout's keys in `cfg` (deterministic, so
+    every rank computing it agrees); ConfigError in one line when nothing fits."""
+    plans = plan(cfg, cluster, vocab)
+    if not plans:
+        raise ConfigError(f"parallel.layout=auto: no layout of {cluster.gpus} x {cluster.gpu_memory_gb:.0f} GB fits "
+                          "this config; start more ranks, or lower data.max_length / train.global_batch_size")
+    best = plans[0]
+    lay = best["layout"]
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.zero_stage = lay["tp"], lay["pp"], lay["zero_stage"]
+    cfg.parallel.offload_optimizer = "cpu" if lay["offload_optimizer"] else "none"
+    cfg.train.micro_batch_size = lay["micro_batch"]
+    cfg.model.activation_checkpointing = lay["checkpointing"]
+    return best
+
+
+def describe(row: dict) -> str:
+    lay, m = row["layout"], row["memory_gb"]
+    return (f"tp={lay['tp']} pp={lay['pp']} dp={lay['dp']} zero_stage={lay['zero_stage']} "
+            f"offload_optimizer={'cpu' if lay['offload_optimizer'] else 'none'} micro_batch={lay['micro_batch']} "
+            f"activation_checkpointing={str(lay['checkpointing']).lower()} (estimated {m['total']:.1f} GB a GPU, "
+            f"{row['step_s']:.2f} s a step)")
