@@ -120,22 +120,6 @@ def relaunch(argv, nproc: int) -> int:
     return 128 + -code if code < 0 else code
 
 
-def auto_layout(cfg, world: int, per_node: int) -> str:
-    """parallel.layout=auto: set the planner's fastest layout for `world` ranks in `cfg` (device
-    memory: the GPU's; on a CPU host, its memory shared by the local ranks). Every rank computes
-    the same choice from the same inputs."""
-    from furnace.training.build import build_tokenizer
-    from furnace.training.planner import Cluster, choose_layout, describe
-
-    if torch.cuda.is_available():
-        memory_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
-    else:
-        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9 / per_node
-    vocab = cfg.model.lm.vocab_size or len(build_tokenizer(cfg, loaders=False))
-    cluster = Cluster(gpus=world, gpu_memory_gb=memory_gb, gpus_per_node=min(per_node, world))
-    return describe(choose_layout(cfg, cluster, vocab))
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -146,6 +130,7 @@ def main(argv=None) -> int:
         world = int(os.environ["WORLD_SIZE"]) if launched() else local_world_size(args)
         if cfg.parallel.layout == "auto":
             per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if launched() else world
+            from furnace.training.planner import auto_layout  # the model code, only when asked for
             chosen = auto_layout(cfg, world, per_node)
             if os.environ.get("RANK") == "0":
                 print(f"furnace: parallel.layout=auto chose {chosen}", file=sys.stderr, flush=True)

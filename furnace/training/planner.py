@@ -22,6 +22,7 @@ and communication at nominal bandwidths (NVLink inside a node, InfiniBand betwee
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from furnace.model import llama, vision
 from furnace.model.flamingo import build_flamingo
 from furnace.model.hf_io import read_config
 from furnace.parallel.apply import is_tp_sharded
+from furnace.training.build import build_tokenizer
 from furnace.training.metrics import StepShape, flamingo_flops_per_sample
 
 GB = 1e9
@@ -295,3 +297,16 @@ def describe(row: dict) -> str:
             f"offload_optimizer={'cpu' if lay['offload_optimizer'] else 'none'} micro_batch={lay['micro_batch']} "
             f"activation_checkpointing={str(lay['checkpointing']).lower()} (estimated {m['total']:.1f} GB a GPU, "
             f"{row['step_s']:.2f} s a step)")
+
+
+def auto_layout(cfg: Config, world: int, per_node: int) -> str:
+    """parallel.layout=auto for `world` ranks, `per_node` a host: set the fastest layout in `cfg`
+    and describe it. Device memory: the GPU's; on a CPU host, its memory shared by the local
+    ranks. Every rank computes the same choice from the same inputs."""
+    if torch.cuda.is_available():
+        memory_gb = torch.cuda.get_device_properties(0).total_memory / GB
+    else:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB / per_node
+    vocab = cfg.model.lm.vocab_size or len(build_tokenizer(cfg, loaders=False))
+    cluster = Cluster(gpus=world, gpu_memory_gb=memory_gb, gpus_per_node=min(per_node, world))
+    return describe(choose_layout(cfg, cluster, vocab))
