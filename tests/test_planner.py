@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from furnace.config import load_config
-from furnace.model.flamingo import build_flamingo
 from furnace.training.build import build_tokenizer
 from furnace.training.planner import GB, Layout, activation_bytes_per_sample, memory, model_sizes
 
@@ -43,32 +41,39 @@ def test_flamingo_1b_peak_within_15_percent_of_the_h100(path, micro_batch):
     assert abs(est["total"] / measured - 1) < 0.15, (est["total"] / GB, measured / GB)
 
 
-def _saved_bytes(model, batch) -> int:
-    """Bytes autograd keeps for backward (parameters and buffers left out, storages counted once)."""
-    own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    seen: dict[int, int] = {}
+PROBE = """
+import json, sys, torch
+from furnace.config import load_config
+cfg = load_config("flamingo-1b", sys.argv[1:])
+V, S, T, B = cfg.model.lm.vocab_size, cfg.data.max_length, cfg.data.max_images, 2
+torch.manual_seed(0)
+model = build_flamingo(cfg.model, vocab_size=V, image_token_id=V - 2, eoc_token_id=V - 1).to(torch.bfloat16)
+ids = torch.randint(0, V - 2, (B, S))
+ids[:, [1 + t * (S // T) for t in range(T)]] = V - 2
+size = cfg.model.vision.image_size
+batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones(B, S, dtype=torch.long),
+         "images": torch.randn(B, T, 1, 3, size, size, dtype=torch.bfloat16),
+         "media_valid": torch.ones(B, T, dtype=torch.bool)}
+own = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+seen = {}
+def pack(t):
+    st = t.untyped_storage()
+    if st.data_ptr() not in own:
+        seen[st.data_ptr()] = st.nbytes()
+    return t
+with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    model(batch)
+print(json.dumps(sum(seen.values()) / B))
+"""
 
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in own:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(batch)
-    return sum(seen.values())
-
-
-@pytest.fixture
-def sdpa_attention():
-    """The formulas describe torch's SDPA path (the CPU's auto backend): pin it for the probe,
-    whatever an earlier test of this process chose."""
-    import furnace_kernels
-
-    before = furnace_kernels.get_backend("attention")
-    furnace_kernels.set_backend("attention", "auto")
-    yield
-    furnace_kernels.set_backend("attention", before)
+def _saved_bytes_per_sample(sets: list[str]) -> float:
+    """What autograd keeps for backward per sample (parameters and buffers left out, storages
+    counted once), measured in a fresh process as a training run's would be (a process that ran
+    other tests first can take other kernel paths)."""
+    res = subprocess.run([sys.executable, "-c", PROBE, *sets], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("layers,extra", [
@@ -76,28 +81,19 @@ def sdpa_attention():
     (8, ("model.freeze_lm=false",)),                  # the LM's linear inputs kept too
     (8, ("model.activation_checkpointing=true",)),    # only block inputs kept
 ])
-def test_activation_formula_matches_autograd_saved_tensors(layers, extra, sdpa_attention):
+def test_activation_formula_matches_autograd_saved_tensors(layers, extra):
     """flamingo-1b's structure (frozen LM and tower, GQA, xattn every 4) at a CPU-sized width."""
-    cfg = load_config("flamingo-1b", [
-        "model.lm.hidden_size=256", "model.lm.intermediate_size=1024", "model.lm.num_heads=8",
-        "model.lm.num_kv_heads=2", f"model.lm.num_layers={layers}", "model.lm.vocab_size=2048",
-        "model.vision.hidden_size=64", "model.vision.intermediate_size=256", "model.vision.num_heads=4",
-        "model.vision.num_layers=2", "model.vision.image_size=56", "model.perceiver.depth=2",
-        "model.perceiver.heads=4", "model.perceiver.dim_head=16", "model.xattn.heads=4", "model.xattn.dim_head=32",
-        "data.max_length=256", "data.max_images=3", *extra])
-    V, S, T = 2048, cfg.data.max_length, cfg.data.max_images
-    torch.manual_seed(0)
-    model = build_flamingo(cfg.model, vocab_size=V, image_token_id=V - 2, eoc_token_id=V - 1).to(torch.bfloat16)
-    B = 2
-    ids = torch.randint(0, V - 2, (B, S))
-    ids[:, [1 + t * (S // T) for t in range(T)]] = V - 2
-    batch = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones(B, S, dtype=torch.long),
-             "images": torch.randn(B, T, 1, 3, 56, 56, dtype=torch.bfloat16),
-             "media_valid": torch.ones(B, T, dtype=torch.bool)}
-    measured = _saved_bytes(model, batch) / B
+    sets = ["model.lm.hidden_size=256", "model.lm.intermediate_size=1024", "model.lm.num_heads=8",
+            "model.lm.num_kv_heads=2", f"model.lm.num_layers={layers}", "model.lm.vocab_size=2048",
+            "model.vision.hidden_size=64", "model.vision.intermediate_size=256", "model.vision.num_heads=4",
+            "model.vision.num_layers=2", "model.vision.image_size=56", "model.perceiver.depth=2",
+            "model.perceiver.heads=4", "model.perceiver.dim_head=16", "model.xattn.heads=4",
+            "model.xattn.dim_head=32", "data.max_length=256", "data.max_images=3", *extra]
+    cfg = load_config("flamingo-1b", sets)
+    measured = _saved_bytes_per_sample(sets)
     every = cfg.model.xattn.every
     on_path = layers if not cfg.model.freeze_lm else layers - (every - 1)  # a frozen LM's layers before the
-    est = activation_bytes_per_sample(cfg, V, 1, on_path, layers // every,  # first xattn keep nothing
+    est = activation_bytes_per_sample(cfg, 2048, 1, on_path, layers // every,  # first xattn keep nothing
                                       checkpointing=cfg.model.activation_checkpointing, first_stage=True,
                                       last_stage=True)
     assert abs(est / measured - 1) < 0.15, (est, measured)
