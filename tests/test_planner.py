@@ -44,6 +44,7 @@ def test_flamingo_1b_peak_within_15_percent_of_the_h100(path, micro_batch):
 PROBE = """
 import json, sys, torch
 from furnace.config import load_config
+from furnace.model.flamingo import build_flamingo
 cfg = load_config("flamingo-1b", sys.argv[1:])
 V, S, T, B = cfg.model.lm.vocab_size, cfg.data.max_length, cfg.data.max_images, 2
 torch.manual_seed(0)
