@@ -4,6 +4,7 @@ merged state resumes under another data-parallel size."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 import furnace.data.replay as replay
 from furnace.config import ConfigError, Config, validate
@@ -48,17 +49,17 @@ def _global_batches(loaders, n_global):
     return out
 
 
-def _same(a, b):
-    assert [k for k, _ in a] == [k for k, _ in b]
-    for (_, x), (_, y) in zip(a, b):
-        assert all(bool((x[k] == y[k]).all()) for k in x)
+def _same(a, b) -> bool:
+    """The same sample keys in the same micro-batches, and equal tensors."""
+    return [k for k, _ in a] == [k for k, _ in b] and all(
+        torch.equal(x[k], y[k]) for (_, x), (_, y) in zip(a, b) for k in x)
 
 
 @pytest.mark.parametrize("dp,workers", [(1, 2), (2, 0), (2, 2), (4, 1), (8, 0)])
 def test_same_micro_batches_on_every_layout(srcs, tok, dp, workers):
     ref = _global_batches([_loader(srcs, tok)], 32)          # 32 micro-batches: 4 per stream, epochs cross
     got = _global_batches([_loader(srcs, tok, dp_rank=r, dp_size=dp, num_workers=workers) for r in range(dp)], 32)
-    _same(ref, got)
+    assert _same(ref, got)
 
 
 def test_rank_reads_and_decodes_only_its_streams(srcs, tok, monkeypatch):
@@ -97,7 +98,7 @@ def test_merged_state_resumes_under_another_dp_size(srcs, tok, before, after):
     second = [_loader(srcs, tok, dp_rank=r, dp_size=after) for r in range(after)]
     for ld in second:
         ld.load_state_dict(state)
-    _same(ref, head + _global_batches(second, 24))
+    assert _same(ref, head + _global_batches(second, 24))
 
 
 def test_a_rank_state_alone_cannot_resume_another_layout(srcs, tok):

@@ -155,11 +155,15 @@ DONE: set[str] = set()
 @pytest.mark.parametrize("command", [c for c, how in COMMANDS.items() if how in ("train", "finetune", "run", "benchmark")])
 def test_readme_command_runs(command, work, data):
     _run(command, work, data)
+    assert command in DONE  # every part exited 0 (asserted per part in _run)
 
 
-def _run(command: str, work: Path, data: dict) -> None:
+def _run(command: str, work: Path, data: dict) -> list[int]:
+    """Runs `command` (and the README commands it needs first) as written; the exit status of
+    each `&&` part it ran (empty when an earlier test ran it already)."""
     if command in DONE:
-        return
+        return []
+    statuses = []
     for prefix, needed in NEEDS.items():
         if command.startswith(prefix):
             for c in [c for c in COMMANDS if c.startswith(needed)]:
@@ -183,9 +187,11 @@ def _run(command: str, work: Path, data: dict) -> None:
             argv[argv.index("--out") + 1] = str(work / "out.json")  # never over the committed results
         res = subprocess.run(argv, cwd=work, env=env(), capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, f"{part}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        statuses.append(res.returncode)
         if part.startswith("furnace-generate"):  # one line of text (a 2-step model may say little)
             assert res.stdout.endswith("\n") and len(res.stdout.splitlines()) == 1, res.stdout
     DONE.add(command)
+    return statuses
 
 
 def test_a_finetune_run_describes_the_model_it_built(work, data):

@@ -162,6 +162,19 @@ def recompute_bytes_per_sample(cfg: Config, vocab: int, tp: int) -> float:
     return max(one, xattn)
 
 
+def _stage_elements(sizes: ModelSizes, layers, tp: int, first: bool, last: bool) -> tuple[float, float]:
+    """(parameter, trainable) elements a rank holds of a stage made of `layers`, before ZeRO."""
+    params = sum(_elements(sizes.stage_params[i], tp) for i in layers)
+    train = sum(_elements(sizes.layer_trainable[i], tp) for i in layers)
+    if first:
+        params += _elements(sizes.first_params, tp)
+        train += _elements(sizes.trainable["first"], tp)
+    if last:
+        params += _elements(sizes.last_params, tp)
+        train += _elements(sizes.trainable["last"], tp)
+    return params, train
+
+
 def _stage_layers(layers: int, pp: int) -> list[int]:
     return [layers // pp + (1 if i < layers % pp else 0) for i in range(pp)]
 
@@ -177,14 +190,7 @@ def memory(cfg: Config, sizes: ModelSizes, lay: Layout) -> dict:
         idx = range(start, start + count)
         start += count
         first, last = s == 0, s == lay.pp - 1
-        params = sum(_elements(sizes.stage_params[i], lay.tp) for i in idx)
-        train = sum(_elements(sizes.layer_trainable[i], lay.tp) for i in idx)
-        if first:
-            params += _elements(sizes.first_params, lay.tp)
-            train += _elements(sizes.trainable["first"], lay.tp)
-        if last:
-            params += _elements(sizes.last_params, lay.tp)
-            train += _elements(sizes.trainable["last"], lay.tp)
+        params, train = _stage_elements(sizes, idx, lay.tp, first, last)
         z = lay.zero_stage
         xblocks = sum(1 for i in idx if i % every == every - 1)
         # a frozen LM's layers before the first xattn block are off the gradient path
@@ -221,10 +227,7 @@ def step_time(cfg: Config, sizes: ModelSizes, lay: Layout, cluster: Cluster) -> 
     if lay.pp > 1:
         compute *= (micro + lay.pp - 1) / micro
     b = 2 if t.precision in ("bf16", "fp16") else 4
-    params = (sum(_elements(x, lay.tp) for x in sizes.stage_params) + _elements(sizes.first_params, lay.tp)
-              + _elements(sizes.last_params, lay.tp)) / lay.pp
-    train = (sum(_elements(x, lay.tp) for x in sizes.layer_trainable) + _elements(sizes.trainable["first"], lay.tp)
-             + _elements(sizes.trainable["last"], lay.tp)) / lay.pp
+    params, train = (x / lay.pp for x in _stage_elements(sizes, range(len(sizes.stage_params)), lay.tp, True, True))
     dp_bw = cluster.intra_node_gbps if lay.tp * lay.dp <= cluster.gpus_per_node else cluster.inter_node_gbps
     comm = 2 * train * b / (dp_bw * GB) if lay.dp > 1 else 0.0               # gradient reduce-scatter + gather
     if lay.zero_stage == 3 and lay.dp > 1:
