@@ -107,20 +107,24 @@ def test_resume_under_the_same_layout_is_exact(layout, reference, data, tmp_path
                 assert b[k] == a[k], (a["step"], k)
 
 
-@pytest.mark.parametrize("layout,nproc,stage", [
-    ("dp2_zero1", 4, 1),   # dp 2 -> 4 (DeepSpeed's universal checkpoint)
-    ("dp2_zero1", 1, 2),   # dp 2 -> 1 and ZeRO-1 -> ZeRO-2
-    ("dp2_zero0", 1, 0),   # ZeRO-0: every rank's file holds the whole state
-    ("dp2_zero3", 1, 3),   # dp 2 -> 1 under ZeRO-3
+@pytest.mark.parametrize("layout,nproc,new", [
+    ("dp2_zero1", 4, ("parallel.zero_stage=1",)),                    # dp 2 -> 4
+    ("dp2_zero1", 1, ("parallel.zero_stage=2",)),                    # dp 2 -> 1, ZeRO-1 -> 2
+    ("dp2_zero0", 1, ("parallel.zero_stage=0",)),                    # ZeRO-0: every rank's file is the whole state
+    ("tp2", 1, ()),                                                  # tp 2 -> 1 (ZeRO-3)
+    ("pp2_zero1", 1, ("parallel.zero_stage=0",)),                    # pp 2 -> 1, ZeRO-1 -> 0
+    ("dp2_zero3", 2, ("parallel.zero_stage=1",)),                    # ZeRO-3 -> 1
+    ("dp2_zero1", 2, ()),                                            # ZeRO-1 -> 3
+    ("tp2_pp2_dp2_zero1", 4, ("parallel.tp=2", "parallel.zero_stage=3")),  # 8 ranks -> 4, pp 2 -> 1, ZeRO-1 -> 3
 ])
-def test_resume_on_another_dp_size_continues_the_curve(layout, nproc, stage, reference, data, tmp_path_factory,
-                                                       tmp_path):
+def test_resume_on_another_layout_continues_the_curve(layout, nproc, new, reference, data, tmp_path_factory,
+                                                      tmp_path):
     """Steps 4-5 after resuming step 3 on another layout equal the 1-rank run's within 1e-5: the
-    model, Adam moments and schedule are resharded, and the data stream continues (canonical
-    streams) where the old layout left it."""
+    model, Adam moments and schedule are resharded (furnace.training.reshard), and the data
+    stream continues (canonical streams) where the old layout left it."""
     _train(tmp_path_factory, data, layout, LAYOUTS[layout][0], *LAYOUTS[layout][1])
     run_dir = _back_at_step_3(layout, tmp_path)
-    res = run(train_cmd(run_dir, data, *COMMON, f"parallel.zero_stage={stage}", nproc=nproc))
+    res = run(train_cmd(run_dir, data, *COMMON, *new, nproc=nproc))
     assert res.returncode == 0, res.stderr[-4000:]
     assert "on a new layout" in res.stderr and "resumed from step00000003" in res.stderr
     assert not (run_dir / "checkpoints" / "universal").exists()
@@ -128,15 +132,6 @@ def test_resume_on_another_dp_size_continues_the_curve(layout, nproc, stage, ref
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     for a, b in zip(reference[3:], got[3:]):
         assert abs(a["loss"] - b["loss"]) / abs(a["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
-
-
-def test_resume_refuses_a_tp_change_in_one_line(reference, data, tmp_path_factory, tmp_path):
-    _train(tmp_path_factory, data, "tp2", LAYOUTS["tp2"][0], *LAYOUTS["tp2"][1])
-    run_dir = _back_at_step_3("tp2", tmp_path)
-    res = run(train_cmd(run_dir, data, *COMMON, nproc=1))
-    assert res.returncode == 2
-    lines = [l for l in res.stderr.splitlines() if l.startswith("furnace:") and "starting" not in l]
-    assert len(lines) == 1 and "tp=2" in lines[0] and "furnace-export" in lines[0], lines
 
 
 def test_grad_norm_is_the_single_process_clip_grad_norm_in_every_layout(reference, data, tmp_path_factory):

@@ -145,13 +145,16 @@ def test_rerunning_a_finished_run_changes_nothing(full_run, data, tmp_path):
         sorted(p.name for p in (full_run / "checkpoints").iterdir())
 
 
-def test_a_different_layout_is_refused_on_resume(full_run, data, tmp_path):
+def test_a_data_parallel_size_the_canonical_streams_cannot_split_is_refused_on_resume(full_run, data, tmp_path):
+    """Any layout can continue a checkpoint (tests/test_parallel_parity.py), as long as its
+    data-parallel size divides data.canonical_streams: 3 ranks do not divide 64."""
     run_dir = copy_run(full_run, tmp_path)
-    res = run(train_cmd(run_dir, data, *ARGS, "train.max_steps=8", "parallel.zero_stage=1", nproc=1))
+    res = run(train_cmd(run_dir, data, *ARGS, "train.max_steps=8", "train.global_batch_size=24", nproc=3))
     assert res.returncode == 2
     lines = furnace_lines(res.stderr)
-    assert len(lines) == 1 and "written by 2 ranks (tp=1, pp=1, dp=2, ZeRO-3)" in lines[0], lines
-    assert "this run is 1 ranks (tp=1, pp=1, dp=1, ZeRO-1)" in lines[0] and "furnace-export" in lines[0]
+    assert len(lines) == 1 and "data.canonical_streams=64 is not a multiple of the data-parallel size 3" in lines[0]
+    assert "use a data-parallel size that divides it" in lines[0], lines
+    assert not (run_dir / "logs" / "rank002.log").exists()  # refused before any rank started
 
 
 # ------------------------------------------------------------------ safe loading

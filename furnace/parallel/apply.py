@@ -25,19 +25,49 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMLoss,
-                     mark_sharded, vocab_range)
+                     mark_sharded, shard_cols, shard_rows, vocab_range)
 
 
 # Leaf module names that parallelize() shards (the plan in the docstring).
-SHARDED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "to_q", "to_k",
-                   "to_v", "to_out", "fc1", "fc2", "embed_tokens", "lm_head")
+COLUMN_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "to_q", "to_k", "to_v", "fc1")
+ROW_MODULES = ("o_proj", "down_proj", "to_out", "fc2")
+VOCAB_MODULES = ("embed_tokens", "lm_head")
+SHARDED_MODULES = COLUMN_MODULES + ROW_MODULES + VOCAB_MODULES
+
+
+def tp_split_dim(param_name: str) -> int | None:
+    """The dimension parallelize() splits this parameter on (by the plain model's name), or None
+    when every tensor-parallel rank holds it whole."""
+    parts = param_name.split(".")
+    if len(parts) < 2 or param_name.startswith("vision.") or parts[-2] not in SHARDED_MODULES:
+        return None
+    if parts[-2] in ROW_MODULES:
+        return 1 if parts[-1] == "weight" else None  # a row-parallel bias is added after the sum
+    return 0
 
 
 def is_tp_sharded(param_name: str) -> bool:
     """Whether parallelize() splits this parameter (by name; the same for the plain model)."""
-    parts = param_name.split(".")
-    return len(parts) >= 2 and parts[-2] in SHARDED_MODULES and not param_name.startswith("vision.") \
-        and not (parts[-2] in ("o_proj", "down_proj", "to_out", "fc2") and parts[-1] == "bias")
+    return tp_split_dim(param_name) is not None
+
+
+def is_vocab_sharded(param_name: str) -> bool:
+    """Split over the (padded) vocabulary: rows past the real vocabulary are zero padding."""
+    return tp_split_dim(param_name) == 0 and param_name.split(".")[-2] in VOCAB_MODULES
+
+
+def tp_shard(full: torch.Tensor, param_name: str, rank: int, size: int) -> torch.Tensor:
+    """This tensor-parallel rank's part of a full parameter (or of its Adam moments), exactly as
+    parallelize() cuts it: contiguous chunks, the vocabulary padded with zero rows."""
+    dim = tp_split_dim(param_name)
+    if size == 1 or dim is None:
+        return full
+    if is_vocab_sharded(param_name):
+        start, end, per = vocab_range(full.shape[0], rank, size)
+        out = full.new_zeros((per, *full.shape[1:]))
+        out[: end - start] = full[start:end]
+        return out
+    return (shard_rows if dim == 0 else shard_cols)(full, rank, size)
 
 
 def _col(parent: nn.Module, name: str, group) -> None:

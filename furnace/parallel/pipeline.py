@@ -122,10 +122,9 @@ class NormStage(nn.Module):
         return (self.norm(inputs[0]), *inputs[1:])
 
 
-def flamingo_pipeline(model, topology, *, partition_method: str = "parameters"):
-    """A deepspeed.pipe.PipelineModule over `model` for the (pp, dp, tp) grid of `topology`."""
-    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+def _layer_specs(model) -> list:
+    """The pipeline's layers, in order: the same list on every stage (DeepSpeed builds its share)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     tied_attrs = []
     if model.lm.cfg.tie_word_embeddings:
@@ -144,6 +143,30 @@ def flamingo_pipeline(model, topology, *, partition_method: str = "parameters"):
         specs.append(TiedLayerSpec("embed", EmbedHead, model, forward_fn=head_fn, tied_weight_attr=tied_attrs))
     else:
         specs.append(LayerSpec(HeadStage, model))
+    return specs
+
+
+def pipeline_param_names(model) -> dict[str, str]:
+    """{DeepSpeed's name for a parameter in a PipelineModule over `model`: the model's own name},
+    for every stage: layer i's parameters are "i.<name in its stage module>", a tied layer's
+    "tied_modules.<key>.<name>" (the names checkpoints of any pipeline size use)."""
+    from deepspeed.pipe import TiedLayerSpec
+
+    own = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, str] = {}
+    for i, spec in enumerate(_layer_specs(model)):
+        prefix = f"tied_modules.{spec.key}." if isinstance(spec, TiedLayerSpec) else f"{i}."
+        for n, p in spec.build().named_parameters():
+            out.setdefault(prefix + n, own[id(p)])
+    return out
+
+
+def flamingo_pipeline(model, topology, *, partition_method: str = "parameters"):
+    """A deepspeed.pipe.PipelineModule over `model` for the (pp, dp, tp) grid of `topology`."""
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    specs = _layer_specs(model)
     topo = PipeModelDataParallelTopology(num_pp=topology.pp, num_mp=topology.tp, num_dp=topology.dp)
     c = topology.coord
     if topo.get_rank(pipe=c.pp, data=c.dp, model=c.tp) != topology.rank:  # same grid, same order

@@ -20,8 +20,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +28,9 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from furnace.training.faults import Faults
-from furnace.training.safe_load import allowed_global_names, safe_torch_load
+from furnace.training.safe_load import allowed_global_names
 
 LATEST = "latest"
-UNIVERSAL = "universal"  # a tag converted for another layout, while it loads
 MARKER = "complete.json"
 FULL_MODEL = "full_model.safetensors"
 ARCHITECTURE = "architecture.json"  # in the run_dir: the decoder's and tower's HF configs (export needs no folder)
@@ -291,80 +288,22 @@ def unsafe_globals(tagdir: Path) -> list[str]:
             for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(p)) if g not in allowed]
 
 
-# ds_to_universal, with every torch.load it makes limited to weights and the allowlist
-_CONVERT = ("import runpy, sys\n"
-            "from furnace.training.safe_load import safe_torch_load\n"
-            "sys.argv[0] = 'ds_to_universal'\n"
-            "with safe_torch_load():\n"
-            "    runpy.run_module('deepspeed.checkpoint.ds_to_universal', run_name='__main__')\n")
+def load_checkpoint(engine, run_dir, tag: str) -> dict:
+    """Collective. Loads `tag` (chosen by `choose_resume_tag` on rank 0 and agreed on), written on
+    this layout (or, ZeRO-0, on another data-parallel size: every rank's file is the whole state);
+    returns this rank's furnace state. Other layouts: `reshard.load_resharded`, then
+    `load_rank_state`."""
+    engine.load_checkpoint(str(checkpoint_dir(run_dir)), tag=tag, load_optimizer_states=True,
+                           load_lr_scheduler_states=True)
+    return load_rank_state(run_dir, tag)
 
 
-def _to_universal(tagdir: Path, out: Path) -> None:
-    """DeepSpeed's universal checkpoint of a ZeRO-1/2/3 tag: every parameter's fp32 weights and
-    Adam moments whole, which any data-parallel size loads (ZeRO-1/2 into ZeRO-1/2, ZeRO-3 into
-    ZeRO-3: DeepSpeed's two loaders read different files)."""
-    shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-c", _CONVERT, "--input_folder", str(tagdir), "--output_folder", str(out),
-           "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        last = (res.stderr.strip().splitlines() or ["no output"])[-1]
-        raise CheckpointError(f"converting {tagdir.name} to DeepSpeed's universal checkpoint for the new layout "
-                              f"failed ({last}); resume with the layout it was saved with")
-
-
-def _after_universal_load(engine, group_names: list) -> None:
-    """DeepSpeed 0.19.8's ZeRO-3 universal load gives every optimizer group group 0's settings
-    (names included) and one shared Adam `step` tensor, which each group then advances: restore
-    the names and give each partition its own step."""
-    opt = getattr(engine.optimizer, "optimizer", None)
-    if opt is None:
-        return
-    for g, name in zip(opt.param_groups, group_names):
-        if name is not None:
-            g["name"] = name
-    for st in opt.state.values():
-        if torch.is_tensor(st.get("step")):
-            st["step"] = st["step"].clone()
-
-
-def load_checkpoint(engine, run_dir, tag: str, *, reshard: bool = False) -> dict:
-    """Collective. Loads `tag` (chosen by `choose_resume_tag` on rank 0 and agreed on); returns
-    this rank's furnace state. `reshard`: the tag was saved with another data-parallel size or
-    ZeRO stage (1 <-> 2): rank 0 converts it to a universal checkpoint next to the tags (removed after
-    loading) and every rank loads its new partition from that; ranks the old run did not have
-    take rank 0's furnace state (the data state in it is the whole run's)."""
-    ckdir = checkpoint_dir(run_dir)
-    rank = dist.get_rank()
-    if reshard:
-        out = ckdir / UNIVERSAL / tag
-        box = [None]
-        if rank == 0:
-            try:
-                _to_universal(ckdir / tag, out)
-            except (CheckpointError, OSError) as e:
-                box = [str(e)]
-        dist.broadcast_object_list(box, src=0)  # every rank raises rank 0's one line
-        if box[0] is not None:
-            raise CheckpointError(box[0])
-        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-        names = [g.get("name") for g in inner.param_groups]
-        engine._config.load_universal_checkpoint = True  # read by engine.load_checkpoint only
-        try:
-            with safe_torch_load():  # DeepSpeed's universal loaders call torch.load(weights_only=False)
-                engine.load_checkpoint(str(out.parent), tag=tag, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
-        finally:
-            engine._config.load_universal_checkpoint = False
-        _after_universal_load(engine, names)
-        dist.barrier()
-        if rank == 0:
-            shutil.rmtree(ckdir / UNIVERSAL, ignore_errors=True)
-    else:
-        engine.load_checkpoint(str(ckdir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    own = ckdir / tag / rank_state_file(rank)
-    return torch.load(own if own.exists() else ckdir / tag / rank_state_file(0), map_location="cpu",
-                      weights_only=True)
+def load_rank_state(run_dir, tag: str) -> dict:
+    """This rank's furnace state (loader position, RNG states, step); ranks the saving run did not
+    have take rank 0's (the data state in it is the whole run's)."""
+    tagdir = checkpoint_dir(run_dir) / tag
+    own = tagdir / rank_state_file(dist.get_rank())
+    return torch.load(own if own.exists() else tagdir / rank_state_file(0), map_location="cpu", weights_only=True)
 
 
 def config_snapshot(cfg) -> dict:

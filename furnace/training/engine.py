@@ -67,15 +67,20 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
     return factor
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only; norms, biases, gates, latents and embeddings rows of 1-D stay undecayed."""
+def named_param_groups(model: torch.nn.Module) -> list[tuple[str, list[tuple[str, torch.nn.Parameter]]]]:
+    """The optimizer's groups, in order, with their parameters' names: matrices decay; norms,
+    biases, gates and other 1-D parameters do not. (A ZeRO-0 checkpoint numbers the optimizer's
+    state in this order.)"""
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay, "name": "decay"},
-                          {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}) if g["params"]]
-    return groups
+    for n, p in model.named_parameters():
+        if p.requires_grad:  # (a ZeRO-3 partitioned parameter keeps its shape in ds_shape)
+            (decay if len(getattr(p, "ds_shape", p.shape)) >= 2 else no_decay).append((n, p))
+    return [(name, group) for name, group in (("decay", decay), ("no_decay", no_decay)) if group]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    return [{"params": [p for _, p in group], "weight_decay": weight_decay if name == "decay" else 0.0, "name": name}
+            for name, group in named_param_groups(model)]
 
 
 def adamw(cfg, groups: list[dict]) -> torch.optim.Optimizer:

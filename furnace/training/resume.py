@@ -30,7 +30,7 @@ HONOURED = {
     "data.val_shards", "data.max_member_bytes", "data.max_members_per_sample", "data.max_image_pixels",
     "data.max_shard_bytes",
     # how the same math is computed, not what it computes
-    "model.activation_checkpointing", "model.attention_backend", "train.fused_loss_scaling",
+    "model.activation_checkpointing", "model.attention_backend", "train.fused_loss_scaling", "parallel.zero3_gather",
     "debug.log_gate_grads", "debug.faults",
 }
 
@@ -58,30 +58,26 @@ def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
 
 
 LAYOUT = ("world_size", "tp", "pp", "dp")
-# Stages between which DeepSpeed's universal checkpoint moves a checkpoint exactly
-# (tests/test_parallel_parity.py); its ZeRO-3 and ZeRO-1/2 loaders read different global files.
-RESHARDABLE = ({1, 2}, {3})
+# Config keys a resharded resume takes from this run: how the same state is partitioned
+LAYOUT_KEYS = {"parallel.tp", "parallel.pp", "parallel.zero_stage", "parallel.zero3_gather",
+               "parallel.offload_optimizer", "parallel.offload_params", "parallel.offload_nvme_path",
+               "parallel.layout"}
 
 
 def _layout(d: dict, stage) -> str:
     return f"{d.get('world_size')} ranks (tp={d.get('tp')}, pp={d.get('pp')}, dp={d.get('dp')}, ZeRO-{stage})"
 
 
-def _new_layout(tag: str, marker: dict, meta: dict, old_stage: int, new_stage: int):
-    """(how to load, or the one-line refusal) when the data-parallel size or ZeRO stage changed."""
+def _new_layout(marker: dict, meta: dict, old_stage: int, new_stage: int) -> str:
+    """How to load a checkpoint: "same" layout, "replicated" or "universal" (another layout)."""
     layout = {k: marker[k] for k in LAYOUT if k in marker}
-    same_dp = all(layout[k] == meta[k] for k in layout)
-    if same_dp and old_stage == new_stage:
-        return "same", None
-    if layout.get("tp", 1) == meta["tp"] == 1 and layout.get("pp", 1) == meta["pp"] == 1:
-        if old_stage == new_stage == 0:  # every rank's file holds the whole model and optimizer
-            return "replicated", None
-        if any({old_stage, new_stage} <= family for family in RESHARDABLE):
-            return "universal", None
-    return None, CheckpointError(
-        f"checkpoint {tag} was written by {_layout(layout, old_stage)}; this run is {_layout(meta, new_stage)}: "
-        "furnace moves a checkpoint to another dp size with tp=pp=1 only, within ZeRO-0, ZeRO-1/2 or ZeRO-3; "
-        "resume with the saved layout, or export it (furnace-export) and start a new train.run_dir from the weights")
+    same = all(layout[k] == meta[k] for k in layout)
+    if same and old_stage == new_stage:
+        return "same"
+    if layout.get("tp", 1) == meta["tp"] == 1 and layout.get("pp", 1) == meta["pp"] == 1 \
+            and old_stage == new_stage == 0:
+        return "replicated"  # ZeRO-0 on another dp size: every rank's file holds the whole state
+    return "universal"  # reshard.py
 
 
 def _verdict(run_dir, cfg, meta: dict) -> tuple[str | None, Exception | None, str | None]:
@@ -100,13 +96,11 @@ def _verdict(run_dir, cfg, meta: dict) -> tuple[str | None, Exception | None, st
     marker = read_marker(tagdir) if (tagdir / MARKER).exists() else {}
     saved = json.loads((tagdir / "config.json").read_text())
     old_stage = saved.get("parallel", {}).get("zero_stage", cfg.parallel.zero_stage)
-    mode, problem = _new_layout(tag, marker, meta, old_stage, cfg.parallel.zero_stage)
-    if problem is not None:
-        return tag, problem, None
+    mode = _new_layout(marker, meta, old_stage, cfg.parallel.zero_stage)
     honoured, refused = config_changes(saved, cfg.to_dict())
-    if mode == "universal":  # the stage is how the same state is partitioned, not what it is
-        honoured += [r for r in refused if r.startswith("parallel.zero_stage:")]
-        refused = [r for r in refused if not r.startswith("parallel.zero_stage:")]
+    if mode == "universal":  # the layout is how the same state is partitioned, not what it is
+        honoured += [r for r in refused if r.split(":")[0] in LAYOUT_KEYS]
+        refused = [r for r in refused if r.split(":")[0] not in LAYOUT_KEYS]
     if mode != "same":
         log.warning(f"resuming {tag} on a new layout: {_layout(marker, old_stage)} -> "
                     f"{_layout(meta, cfg.parallel.zero_stage)}")
@@ -125,7 +119,7 @@ def _verdict(run_dir, cfg, meta: dict) -> tuple[str | None, Exception | None, st
 
 def agree_on_resume(run_dir, cfg, meta: dict) -> tuple[str | None, str | None]:
     """Collective: (the tag every rank resumes from, how to load it: "same" layout, "replicated"
-    (ZeRO-0 on another dp size) or "universal" (resharded)); (None, None) is a fresh start.
+    (ZeRO-0 on another dp size) or "universal" (reshard.py)); (None, None) is a fresh start.
     Raises the same one-line ConfigError/CheckpointError on every rank when the resume must not
     happen."""
     rank, world = dist.get_rank(), dist.get_world_size()

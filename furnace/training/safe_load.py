@@ -2,8 +2,8 @@
 allowlist of the few classes DeepSpeed's checkpoints hold, wired into DeepSpeed's loaders.
 DeepSpeed paths that unpickle on their own terms (other checkpoint engines, its own universal
 checkpoint loading) are refused when the engine is built; furnace's resharding
-(`checkpoint.load_checkpoint(reshard=True)`) converts and loads universal checkpoints inside
-`safe_torch_load`."""
+(`reshard.py`) converts checkpoints with DeepSpeed's ds_to_universal inside `safe_torch_load`
+and reads the result with `safe_load`."""
 from __future__ import annotations
 
 import contextlib

@@ -35,6 +35,7 @@ from furnace.training.faults import Faults
 from furnace.training.gate_grads import GateGrads
 from furnace.system import usable_cores
 from furnace.training.metrics import MetricsWriter, ThroughputMeter, device_peak_tflops, peak_memory_gb
+from furnace.training.reshard import load_resharded
 from furnace.training.resume import agree_on_resume, apply_honoured
 from furnace.training.run_lock import RunDirBusy, RunDirLock
 from furnace.training.safe_load import UnsafeCheckpointLoading
@@ -116,7 +117,11 @@ class Trainer:
         self.gate_grads = GateGrads(self.model, self.engine, self.pipe, self.topo) if cfg.debug.log_gate_grads else None
         self.step = 0
         if tag is not None:
-            state = ckpt.load_checkpoint(self.engine, cfg.train.run_dir, tag, reshard=mode == "universal")
+            if mode == "universal":
+                load_resharded(self.engine, self.model, self.topo, cfg.train.run_dir, tag)
+                state = ckpt.load_rank_state(cfg.train.run_dir, tag)
+            else:
+                state = ckpt.load_checkpoint(self.engine, cfg.train.run_dir, tag)
             apply_honoured(self.engine, cfg)
             self.step = int(state["step"])
             try:

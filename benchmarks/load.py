@@ -1,0 +1,168 @@
+"""Building a Flamingo from a pretrained LM across ranks: each rank's peak host memory and its
+time to a ready engine, per layout, on CPU ranks (gloo) or GPUs.
+
+    python benchmarks/load.py --out benchmarks/results/load-cpu.json
+    python benchmarks/load.py --layouts zero3_dp1,zero3_dp2 --hidden 2048 --layers 16 --out /tmp/load.json
+
+The parent writes one local HF Llama checkpoint (bf16 safetensors shards + index, as the hub
+ships them) and a small CLIP tower, then runs each layout as its own torchrun job of the
+builder train.py uses (`build(cfg, topology, loaders=False)`, the finetune preset: LM and tower
+frozen, resampler and xattn blocks trained). Per rank:
+
+    rss_before_gib   resident memory once the libraries are imported, before anything is built
+    peak_rss_gib     the process's peak resident memory (getrusage), once the engine is ready
+    build_s          wall time of build()
+    held_gib         peak - before: what building and loading cost this rank
+
+`checkpoint_gib` is the LM's size on disk. Sharded loading (issue #18) aims at held ~ the
+rank's share of the model and optimizer plus one tensor; today every rank holds the whole model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from furnace.config import load_config, validate  # noqa: E402
+from furnace.parallel.topology import Topology  # noqa: E402
+from furnace.training.build import build  # noqa: E402
+from furnace.training.distributed import init_distributed  # noqa: E402
+from furnace.training.metrics import run_info  # noqa: E402
+
+# name: (ranks, extra --set items)
+LAYOUTS = {
+    "zero3_dp1": (1, ("parallel.zero_stage=3",)),
+    "zero3_dp2": (2, ("parallel.zero_stage=3",)),
+    "zero3_dp4": (4, ("parallel.zero_stage=3",)),
+    "tp2": (2, ("parallel.tp=2", "parallel.zero_stage=3")),
+    "pp2": (2, ("parallel.pp=2", "parallel.zero_stage=1")),
+}
+GIB = 2 ** 30
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", help="JSON file to write")
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of {sorted(LAYOUTS)}")
+    p.add_argument("--hidden", type=int, default=1024, help="the LM's hidden size")
+    p.add_argument("--layers", type=int, default=12, help="the LM's decoder layers")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON path rank 0 writes
+    p.add_argument("--models", default=None, help=argparse.SUPPRESS)  # the folder with llama/ and clip/
+    return p.parse_args(argv)
+
+
+def write_models(out: Path, hidden: int, layers: int, vocab: int) -> dict:
+    """A random Llama (bf16, sharded safetensors) with a word-level tokenizer, and a CLIP tower."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<s>", "</s>", *(f"w{i}" for i in range(vocab - 4))]
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
+                      max_position_embeddings=256, tie_word_embeddings=False)
+    lm = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    params = sum(p.numel() for p in lm.parameters())
+    lm.save_pretrained(out / "llama", max_shard_size="200MB")
+    del lm
+    tok.save_pretrained(out / "llama")
+    CLIPVisionModel(CLIPVisionConfig(image_size=64, patch_size=16, hidden_size=256, intermediate_size=1024,
+                                     num_hidden_layers=2, num_attention_heads=4)).save_pretrained(out / "clip")
+    size = sum(f.stat().st_size for f in (out / "llama").glob("*.safetensors"))
+    return {"lm_params": params, "checkpoint_gib": size / GIB, "shards": len(list((out / "llama").glob("*.safetensors"))),
+            "hidden": hidden, "layers": layers, "vocab": vocab}
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
+
+
+def worker(args) -> None:
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = load_config("finetune", [f"model.lm.path={Path(args.models) / 'llama'}",
+                                   f"model.vision.path={Path(args.models) / 'clip'}", "data.max_length=64",
+                                   "train.micro_batch_size=1", *args.set])
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    cfg.train.global_batch_size = world // (tp * pp)
+    validate(cfg, world, check_paths=False)
+    before = _rss_gib()
+    dist.barrier()
+    t0 = time.perf_counter()
+    build(cfg, Topology(tp, pp), loaders=False)
+    dist.barrier()
+    took = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    rec = {"rank": rank, "rss_before_gib": before, "peak_rss_gib": peak, "held_gib": peak - before,
+           "build_s": took}
+    out = [None] * world
+    dist.all_gather_object(out, rec)
+    if rank == 0:
+        Path(args.worker).write_text(json.dumps(out))
+    dist.barrier()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return 0
+    if not args.out:
+        print("load.py: --out FILE.json is required", file=sys.stderr)
+        return 2
+    results = {}
+    with tempfile.TemporaryDirectory() as models:
+        print(f"writing a {args.layers}-layer, hidden {args.hidden} Llama checkpoint ...", flush=True)
+        model = write_models(Path(models), args.hidden, args.layers, args.vocab)
+        print(f"  {model['lm_params'] / 1e6:.0f}M parameters, {model['checkpoint_gib']:.2f} GiB in "
+              f"{model['shards']} shards", flush=True)
+        for name in args.layouts.split(","):
+            nproc, extra = LAYOUTS[name]
+            with tempfile.TemporaryDirectory() as td:
+                f = Path(td) / "ranks.json"
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                       str(Path(__file__).resolve()), "--worker", str(f), "--models", models]
+                for s in (*extra, *args.set):
+                    cmd += ["--set", s]
+                env = {**os.environ, "OMP_NUM_THREADS": "1",
+                       "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")}
+                res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+                if res.returncode != 0:
+                    print(res.stderr[-3000:], file=sys.stderr)
+                    return 1
+                ranks = json.loads(f.read_text())
+            results[name] = {"ranks": nproc, "sets": list(extra), "per_rank": ranks,
+                             "max_peak_rss_gib": max(r["peak_rss_gib"] for r in ranks),
+                             "max_held_gib": max(r["held_gib"] for r in ranks),
+                             "held_vs_checkpoint": max(r["held_gib"] for r in ranks) / model["checkpoint_gib"],
+                             "build_s": max(r["build_s"] for r in ranks)}
+            r = results[name]
+            print(f"{name}: {nproc} ranks, peak RSS {r['max_peak_rss_gib']:.2f} GiB a rank (held {r['max_held_gib']:.2f} "
+                  f"= {r['held_vs_checkpoint']:.1f}x the checkpoint), build {r['build_s']:.1f} s", flush=True)
+    doc = {"benchmark": "load", "model": model, "overrides": args.set, **run_info(), "layouts": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
