@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON path rank 0 writes
     p.add_argument("--models", default=None, help=argparse.SUPPRESS)  # the folder with llama/ and clip/
+    p.add_argument("--write-models", default=None, help=argparse.SUPPRESS)  # in a child: its memory goes back
     return p.parse_args(argv)
 
 
@@ -76,10 +77,12 @@ def write_models(out: Path, hidden: int, layers: int, vocab: int) -> dict:
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
                                   eos_token="</s>")
     torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # drawn in bf16: a 3B model fits the machine writing it
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
                       num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
                       max_position_embeddings=256, tie_word_embeddings=False)
-    lm = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    lm = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
     params = sum(p.numel() for p in lm.parameters())
     lm.save_pretrained(out / "llama", max_shard_size="200MB")
     del lm
@@ -126,13 +129,19 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.write_models:
+        info = write_models(Path(args.write_models), args.hidden, args.layers, args.vocab)
+        (Path(args.write_models) / "info.json").write_text(json.dumps(info))
+        return 0
     if not args.out:
         print("load.py: --out FILE.json is required", file=sys.stderr)
         return 2
     results = {}
     with tempfile.TemporaryDirectory() as models:
         print(f"writing a {args.layers}-layer, hidden {args.hidden} Llama checkpoint ...", flush=True)
-        model = write_models(Path(models), args.hidden, args.layers, args.vocab)
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--write-models", models, "--hidden",
+                        str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab)], check=True)
+        model = json.loads((Path(models) / "info.json").read_text())
         print(f"  {model['lm_params'] / 1e6:.0f}M parameters, {model['checkpoint_gib']:.2f} GiB in "
               f"{model['shards']} shards", flush=True)
         for name in args.layouts.split(","):

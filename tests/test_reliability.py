@@ -109,8 +109,9 @@ def test_a_change_the_checkpoint_cannot_honour_is_refused_in_one_line(full_run, 
 
 
 def test_a_new_learning_rate_takes_effect_on_resume(full_run, data, tmp_path):
-    run_dir = tmp_path / "run"
-    assert run(train_cmd(run_dir, data, "train.max_steps=3", "train.save_every=3", "train.lr_decay_steps=6")).returncode == 0
+    run_dir = copy_run(full_run, tmp_path)  # as it was after step 3's checkpoint
+    shutil.rmtree(run_dir / "checkpoints" / "step00000006")
+    (run_dir / "checkpoints" / "latest").write_text("step00000003")
     res = run(train_cmd(run_dir, data, *ARGS, "train.lr=5e-4", "train.weight_decay=0.1"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "train.lr: 0.001 -> 0.0005" in res.stderr and "train.weight_decay: 0.0 -> 0.1" in res.stderr

@@ -131,12 +131,17 @@ class NewTokens(nn.Module):
         self.embed = nn.Embedding(count, d)
         self.head = nn.Linear(d, count, bias=False)
         w = lm.embed_tokens.weight.detach()
-        if w.device.type != "meta":  # start at the mean of the existing rows: a neutral point
-            with torch.no_grad():
-                self.embed.weight.copy_(w.float().mean(0, keepdim=True).to(w.dtype).expand(count, -1))
-                self.head.weight.copy_(self.embed.weight)
+        if w.device.type != "meta":  # a decoder filled in later (materialize) calls start_at itself
+            self.start_at(w.float().mean(0))
         if lm.cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
+
+    def start_at(self, mean_row: torch.Tensor) -> None:
+        """Every new row at the mean of the LM's embedding rows: a neutral point."""
+        with torch.no_grad():
+            self.embed.weight.copy_(mean_row.to(self.embed.weight.dtype).expand_as(self.embed.weight))
+            if self.head.weight is not self.embed.weight:
+                self.head.weight.copy_(self.embed.weight)
 
 
 class FlamingoModel(nn.Module):

@@ -45,6 +45,47 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"no weights in {str(p)!r}: expected model.safetensors, {SAFE_INDEX} or pytorch_model.bin")
 
 
+class WeightReader:
+    """A checkpoint folder's tensors one at a time, or a block of rows / columns of one (what a
+    tensor-parallel rank keeps), read from safetensors without loading the rest of its file."""
+
+    def __init__(self, path: str | os.PathLike):
+        p = Path(path)
+        if (p / "model.safetensors").exists():
+            from safetensors import safe_open
+
+            with safe_open(str(p / "model.safetensors"), framework="pt") as f:
+                self.files = {k: p / "model.safetensors" for k in f.keys()}
+        elif (p / SAFE_INDEX).exists():
+            self.files = {k: p / f for k, f in json.loads((p / SAFE_INDEX).read_text())["weight_map"].items()}
+        else:
+            raise FileNotFoundError(f"no safetensors weights in {str(p)!r}: streaming needs model.safetensors or "
+                                    f"{SAFE_INDEX} (convert .bin checkpoints with transformers' save_pretrained)")
+        self._open: dict = {}
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def _handle(self, name: str):
+        from safetensors import safe_open
+
+        f = self.files[name]
+        if f not in self._open:
+            self._open.clear()  # one file open at a time: shards are read in index order
+            self._open[f] = safe_open(str(f), framework="pt")
+        return self._open[f]
+
+    def shape(self, name: str) -> list[int]:
+        return self._handle(name).get_slice(name).get_shape()
+
+    def read(self, name: str, dim: int | None = None, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """The tensor, or its [start, end) along `dim` (0 or 1)."""
+        sl = self._handle(name).get_slice(name)
+        if dim is None:
+            return sl[:]
+        return sl[start:end] if dim == 0 else sl[:, start:end]
+
+
 def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write safetensors, split into shards with an index when larger than max_shard_bytes."""
     p = Path(path)

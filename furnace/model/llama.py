@@ -245,22 +245,36 @@ def hf_config(lm: Llama) -> dict:
     return cfg
 
 
-def from_hf(path, dtype: torch.dtype = torch.float32) -> Llama:
-    """Load a local HF Llama/Mistral/Qwen2 checkpoint folder (config.json + safetensors)."""
+def skeleton_from_hf(path) -> Llama:
+    """The decoder a local HF checkpoint folder describes, on the meta device: its shape, no
+    weights, nothing drawn from the RNG (`furnace.parallel.materialize` fills it in per rank)."""
     raw = read_config(path)
     cfg = config_from_hf(raw, path)
-    state = {k.removeprefix("model."): v.to(dtype) for k, v in load_weights(path).items()}
-    if cfg.tie_word_embeddings:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     with torch.device("meta"):
         model = Llama(cfg, hf_config=raw)
+    model.inv_freq = rope_inv_freq(cfg)  # non-persistent buffer: rebuild it off the meta device
+    return model
+
+
+def hf_name(name: str, tied: bool) -> str:
+    """The HF checkpoint key of a decoder parameter (a tied head is stored as the embedding)."""
+    if name == "lm_head.weight":
+        return "model.embed_tokens.weight" if tied else name
+    return f"model.{name}"
+
+
+def from_hf(path, dtype: torch.dtype = torch.float32) -> Llama:
+    """Load a local HF Llama/Mistral/Qwen2 checkpoint folder (config.json + safetensors) whole."""
+    model = skeleton_from_hf(path)
+    state = {k.removeprefix("model."): v.to(dtype) for k, v in load_weights(path).items()}
+    if model.cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # assign=True replaced the shared Parameter with two
     if missing or unexpected:
-        raise ValueError(f"checkpoint {str(path)!r} does not match a {cfg.model_type} decoder: "
+        raise ValueError(f"checkpoint {str(path)!r} does not match a {model.cfg.model_type} decoder: "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.inv_freq = rope_inv_freq(cfg)  # non-persistent buffer: rebuild it off the meta device
     return model
 
 

@@ -167,8 +167,11 @@ def full_state_dict(model, *, pipe=None, topology=None) -> dict[str, torch.Tenso
                 owner.setdefault(n, stage)
     out: dict[str, torch.Tensor] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            t = p.data.detach().clone()
+        if p.is_meta:  # another pipeline stage's part of a pretrained decoder: the broadcast fills it
+            t = torch.empty(p.shape, dtype=p.dtype)
+        else:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                t = p.data.detach().clone()
         shape = getattr(p, "ds_shape", None)
         if shape is not None:
             t = t.view(shape)

@@ -161,6 +161,19 @@ def pipeline_param_names(model) -> dict[str, str]:
     return out
 
 
+def stage_parameters(model, topology) -> set[int]:
+    """ids of the parameters this rank's pipeline stage will hold, found before the pipeline is
+    built (a meta decoder is filled in for its own stage only): DeepSpeed's own balancing of the
+    layers' trainable parameter counts ("parameters" partitioning)."""
+    from deepspeed.runtime import utils as ds_utils
+
+    built = [spec.build() for spec in _layer_specs(model)]
+    counts = [sum(p.numel() for p in m.parameters() if p.requires_grad) for m in built]
+    parts = ds_utils.partition_balanced(weights=counts, num_parts=topology.pp)
+    stage = topology.coord.pp
+    return {id(p) for m in built[parts[stage]:parts[stage + 1]] for p in m.parameters()}
+
+
 def flamingo_pipeline(model, topology, *, partition_method: str = "parameters"):
     """A deepspeed.pipe.PipelineModule over `model` for the (pp, dp, tp) grid of `topology`."""
     from deepspeed.pipe import PipelineModule

@@ -117,6 +117,11 @@ def gather_from_tp(x, group):
     return x if _size(group) == 1 else _GatherFromTP.apply(x, group)
 
 
+def _shape(p: torch.Tensor):
+    """A parameter's shape, also when ZeRO-3 has partitioned it away."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 def mark_sharded(p: nn.Parameter, dim: int) -> None:
     """Flag a tensor-parallel shard: DeepSpeed's gradient norm counts it on every rank (split on `dim`)."""
     p.tensor_model_parallel = True
@@ -176,7 +181,7 @@ class ColumnParallelLinear(nn.Module):
         return gather_from_tp(y, self.group) if self.gather_output else y
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features} (local {self.weight.shape[0]})"
+        return f"in={self.in_features}, out={self.out_features} (local {_shape(self.weight)[0]})"
 
 
 class RowParallelLinear(nn.Module):
@@ -214,7 +219,7 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features} (local {self.weight.shape[1]}), out={self.out_features}"
+        return f"in={self.in_features} (local {_shape(self.weight)[1]}), out={self.out_features}"
 
 
 def vocab_range(vocab_size: int, rank: int, size: int) -> tuple[int, int, int]:

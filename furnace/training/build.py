@@ -24,9 +24,11 @@ from furnace.data.loader import ShardLoader
 from furnace.data.synthetic import demo_tokenizer
 from furnace.data.tokenizer import load_tokenizer, tokenizer_dir
 from furnace.model.flamingo import FlamingoModel, build_flamingo
+from furnace.model.llama import skeleton_from_hf
 from furnace.model.vision import config_of
 from furnace.parallel.apply import parallelize
-from furnace.parallel.pipeline import flamingo_pipeline
+from furnace.parallel.materialize import load_pretrained_lm
+from furnace.parallel.pipeline import flamingo_pipeline, stage_parameters
 from furnace.parallel.topology import Topology
 from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN
 from furnace.training import engine as eng
@@ -103,13 +105,21 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg, loaders=loaders)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(cfg, tokenizer)
+    # A pretrained LM is built as its shape only and filled in below, each rank reading only what
+    # it keeps (furnace.parallel.materialize); everything else is drawn whole from the seed.
+    lm_path = cfg.model.lm.path
+    model = build_model(cfg, tokenizer, lm=skeleton_from_hf(lm_path) if lm_path else None)
     if cfg.data.max_length == 0:  # from the data, within the LM's positions
         cfg.data.max_length = longest_sample(cfg.data, tokenizer, cap=model.lm.cfg.max_position_embeddings)
     d = cfg.data
     flops = flamingo_flops_per_sample(model, StepShape(seq_len=d.max_length, images=d.max_images))
     if topology.tp > 1:
         parallelize(model, topology)  # this rank's shards of the full, seeded weights
+    if lm_path:
+        stage = stage_parameters(model, topology) if topology.pp > 1 else None
+        zero3 = eng.build_ds_config(cfg, dp, grad_accum) if cfg.parallel.zero_stage == 3 and topology.pp == 1 else None
+        load_pretrained_lm(model, lm_path, topology, keep=None if stage is None else (lambda p: id(p) in stage),
+                           zero3=zero3)
     pipe = flamingo_pipeline(model, topology) if topology.pp > 1 else None
     engine, _ = eng.initialize(cfg, pipe if pipe is not None else model, topology, dp, grad_accum)
     train_loader = None

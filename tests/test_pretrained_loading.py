@@ -1,0 +1,115 @@
+"""A pretrained LM is built as its shape only and filled in per rank (furnace.parallel.materialize):
+each rank reads only its tensor-parallel part of each checkpoint tensor, partitions it at once
+under ZeRO-3, and fills only its own pipeline stage. The filled decoder equals transformers'
+loading of the same folder, and every layout trains on it exactly as one process does."""
+import pytest
+import torch
+
+from furnace.model import llama
+from furnace.model.flamingo import FlamingoModel
+from furnace.model.hf_io import WeightReader
+from furnace.model.vision import vision_from_config
+from furnace.parallel.materialize import load_pretrained_lm
+from test_model_flamingo import tiny_cfg
+from train_utils import metrics, run, train_cmd
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A Llama in 20 safetensors shards (index included) whose vocabulary lacks <image> and
+    <|endofchunk|> (new rows start at the embedding mean), its tokenizer, and a CLIP tower."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from furnace.data.synthetic import vocabulary
+
+    w = tmp_path_factory.mktemp("pretrained")
+    words = ["<pad>", "<unk>", "<s>", "</s>", *vocabulary()]
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>")
+    torch.manual_seed(0)
+    # vocabulary + 1: an odd size, padded under tp 2
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(words) + 1, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=64, tie_word_embeddings=False)
+                     ).save_pretrained(w / "llama", max_shard_size="40KB")
+    tok.save_pretrained(w / "llama")
+    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(w / "clip")
+    assert len(list((w / "llama").glob("*.safetensors"))) > 2
+    return w
+
+
+def test_reader_reads_blocks_of_rows_and_columns(pretrained):
+    r = WeightReader(pretrained / "llama")
+    key = "model.layers.0.mlp.down_proj.weight"
+    whole = r.read(key)
+    assert list(whole.shape) == r.shape(key) == [64, 128]
+    assert torch.equal(r.read(key, 0, 16, 48), whole[16:48])
+    assert torch.equal(r.read(key, 1, 64, 128), whole[:, 64:])
+
+
+def test_a_filled_decoder_equals_the_whole_load(pretrained):
+    """One rank, no ZeRO: the meta decoder filled tensor by tensor equals llama.from_hf (whose
+    logits tests/test_model_llama.py checks against transformers'), new rows included."""
+    cfg = tiny_cfg()
+    vocab = llama.skeleton_from_hf(pretrained / "llama").cfg.vocab_size + 2  # <image>, <|endofchunk|>
+    models = []
+    for lm in (llama.from_hf(pretrained / "llama"), llama.skeleton_from_hf(pretrained / "llama")):
+        torch.manual_seed(0)
+        m = FlamingoModel(lm, vision_from_config(cfg.vision), cfg, vocab_size=vocab, image_token_id=vocab - 2,
+                          eoc_token_id=vocab - 1)
+        models.append(m)
+    whole, filled = models
+    assert all(p.is_meta for p in filled.lm.parameters())
+    read = load_pretrained_lm(filled, str(pretrained / "llama"))
+    assert read == sum(p.numel() * 4 for p in whole.lm.parameters())  # every tensor once, nothing more
+    a, b = whole.state_dict(), filled.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_pipeline_stage_fills_only_its_own_modules(pretrained):
+    cfg = tiny_cfg()
+    lm = llama.skeleton_from_hf(pretrained / "llama")
+    m = FlamingoModel(lm, vision_from_config(cfg.vision), cfg, vocab_size=lm.cfg.vocab_size + 2,
+                      image_token_id=lm.cfg.vocab_size, eoc_token_id=lm.cfg.vocab_size + 1)
+    mine = {id(p) for p in m.lm.layers[2].parameters()}
+    load_pretrained_lm(m, str(pretrained / "llama"), keep=lambda p: id(p) in mine)
+    assert not any(p.is_meta for p in m.lm.layers[2].parameters())
+    assert all(p.is_meta for n, p in m.lm.named_parameters() if not n.startswith("layers.2."))
+
+
+LAYOUTS = {
+    "tp2_dp2_zero3": (4, ("parallel.tp=2", "parallel.zero_stage=3")),                      # tp cuts, partitioned as read
+    "tp2_pp2_zero1": (4, ("parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1")),    # a stage's cuts only
+}
+RUNS: dict = {}
+
+
+def _curve(pretrained, data, tmp_path_factory, name, nproc, *extra):
+    if name not in RUNS:
+        run_dir = tmp_path_factory.mktemp(name) / "run"
+        sets = [f"model.lm.path={pretrained / 'llama'}", f"model.vision.path={pretrained / 'clip'}",
+                "model.freeze_lm=false", "model.xattn.every=2", "model.xattn.gate_init=0.1", "data.tokenizer=null",
+                f"train.max_steps={STEPS}", "train.save_every=0"]
+        res = run(train_cmd(run_dir, data, *sets, *extra, nproc=nproc))
+        assert res.returncode == 0, res.stderr[-4000:]
+        RUNS[name] = [m["loss"] for m in metrics(run_dir) if "loss" in m]
+        assert len(RUNS[name]) == STEPS
+    return RUNS[name]
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_trains_the_pretrained_model_as_one_process_does(layout, pretrained, data, tmp_path_factory):
+    """The LM trains too (freeze_lm=false), so every filled tensor reaches the loss curve."""
+    ref = _curve(pretrained, data, tmp_path_factory, "ref", 1, "parallel.zero_stage=0")
+    got = _curve(pretrained, data, tmp_path_factory, layout, LAYOUTS[layout][0], *LAYOUTS[layout][1])
+    for step, (a, b) in enumerate(zip(ref, got), 1):
+        assert abs(a - b) / abs(a) < 1e-5, (step, a, b)
