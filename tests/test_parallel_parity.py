@@ -109,10 +109,10 @@ def test_resume_under_the_same_layout_is_exact(layout, reference, data, tmp_path
 
 @pytest.mark.parametrize("layout,nproc,new", [
     ("dp2_zero1", 4, ("parallel.zero_stage=1",)),                    # dp 2 -> 4
-    ("dp2_zero1", 1, ("parallel.zero_stage=2",)),                    # dp 2 -> 1, ZeRO-1 -> 2
     ("dp2_zero0", 1, ("parallel.zero_stage=0",)),                    # ZeRO-0: every rank's file is the whole state
-    ("tp2", 1, ()),                                                  # tp 2 -> 1 (ZeRO-3)
-    ("pp2_zero1", 1, ("parallel.zero_stage=0",)),                    # pp 2 -> 1, ZeRO-1 -> 0
+    ("dp2_zero0", 2, ()),                                            # ZeRO-0 -> 3 (furnace reads the ZeRO-0 file)
+    ("tp2", 1, ("parallel.zero_stage=0",)),                          # tp 2 -> 1, ZeRO-3 -> 0
+    ("pp2_zero1", 1, ("parallel.zero_stage=2",)),                    # pp 2 -> 1, ZeRO-1 -> 2
     ("dp2_zero3", 2, ("parallel.zero_stage=1",)),                    # ZeRO-3 -> 1
     ("dp2_zero1", 2, ()),                                            # ZeRO-1 -> 3
     ("tp2_pp2_dp2_zero1", 4, ("parallel.tp=2", "parallel.zero_stage=3")),  # 8 ranks -> 4, pp 2 -> 1, ZeRO-1 -> 3

@@ -11,7 +11,7 @@ from furnace.model.hf_io import WeightReader
 from furnace.model.vision import vision_from_config
 from furnace.parallel.materialize import load_pretrained_lm
 from test_model_flamingo import tiny_cfg
-from train_utils import metrics, run, train_cmd
+from train_utils import lm_tokenizer, metrics, run, train_cmd
 
 STEPS = 4
 
@@ -20,20 +20,15 @@ STEPS = 4
 def pretrained(tmp_path_factory):
     """A Llama in 20 safetensors shards (index included) whose vocabulary lacks <image> and
     <|endofchunk|> (new rows start at the embedding mean), its tokenizer, and a CLIP tower."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     from furnace.data.synthetic import vocabulary
 
     w = tmp_path_factory.mktemp("pretrained")
-    words = ["<pad>", "<unk>", "<s>", "</s>", *vocabulary()]
-    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>")
+    tok = lm_tokenizer(vocabulary())
     torch.manual_seed(0)
     # vocabulary + 1: an odd size, padded under tp 2
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(words) + 1, hidden_size=64, intermediate_size=128,
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok) + 1, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                                  max_position_embeddings=64, tie_word_embeddings=False)
                      ).save_pretrained(w / "llama", max_shard_size="40KB")

@@ -24,6 +24,19 @@ TINY = [
 ]
 
 
+def lm_tokenizer(words: list[str]):
+    """A word-level tokenizer as a pretrained LM ships one: <pad>, <unk>, <s>, </s> and `words`,
+    without <image> and <|endofchunk|> (furnace adds them as new rows)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<s>", "</s>", *words]
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
 def data_overrides(data: dict) -> list[str]:
     return [f"data.synthetic_dir={data['dir']}", f"data.train_shards={data['train']}", f"data.val_shards={data['val']}"]
 

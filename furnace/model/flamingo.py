@@ -15,6 +15,7 @@ its own. Nothing per-batch is stored on a module: latents, text_time and caches 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -149,7 +150,10 @@ class FlamingoModel(nn.Module):
     `lm` and `vision` are built (or loaded) already. `vocab_size`: the tokenizer's."""
 
     def __init__(self, lm: Llama, vision: VisionTower, cfg: ModelConfig, *, vocab_size: int, image_token_id: int,
-                 eoc_token_id: int):
+                 eoc_token_id: int, drawn_in=contextlib.nullcontext):
+        """`drawn_in()`: the context the resampler and xattn blocks are built in (each draws and
+        initialises its own weights in its constructor, so a context that takes them over module
+        by module, such as ZeRO-3's partitioning, sees the same numbers)."""
         super().__init__()
         d, dv = lm.cfg.hidden_size, vision.hidden_size
         self.lm = lm
@@ -158,9 +162,10 @@ class FlamingoModel(nn.Module):
         self.eoc_token_id = eoc_token_id
         self.num_latents = cfg.perceiver.num_latents
         self.xattn_every = cfg.xattn.every
-        self.perceiver = PerceiverResampler(dv, cfg.perceiver)
-        self.xattn = nn.ModuleList(GatedCrossAttentionBlock(d, dv, cfg.xattn)
-                                   for _ in range(lm.cfg.num_layers // cfg.xattn.every))
+        with drawn_in():
+            self.perceiver = PerceiverResampler(dv, cfg.perceiver)
+            self.xattn = nn.ModuleList(GatedCrossAttentionBlock(d, dv, cfg.xattn)
+                                       for _ in range(lm.cfg.num_layers // cfg.xattn.every))
         self.base_vocab = lm.cfg.vocab_size
         n_extra = max(0, vocab_size - self.base_vocab)
         if max(image_token_id, eoc_token_id) >= self.base_vocab + n_extra:
@@ -284,7 +289,8 @@ def left_align(input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int):
 # ------------------------------------------------------------------ building from the config
 
 def build_flamingo(cfg: ModelConfig, *, vocab_size: int, image_token_id: int, eoc_token_id: int,
-                   lm: Llama | None = None, vision: VisionTower | None = None) -> FlamingoModel:
+                   lm: Llama | None = None, vision: VisionTower | None = None,
+                   drawn_in=contextlib.nullcontext) -> FlamingoModel:
     """FlamingoModel from a `ModelConfig`; vocab ids come from the tokenizer (len, <image>, <|endofchunk|>).
     `lm`/`vision` replace the config's (used when reloading a saved model). Draws the fresh
     weights from torch's global RNG, in module order: seed it first for identical replicas."""
@@ -295,5 +301,5 @@ def build_flamingo(cfg: ModelConfig, *, vocab_size: int, image_token_id: int, eo
         vision = (vision_from_hf(cfg.vision.path, frozen=cfg.freeze_vision) if cfg.vision.path
                   else vision_from_config(cfg.vision, frozen=cfg.freeze_vision))
     return FlamingoModel(lm, vision, cfg, vocab_size=vocab_size, image_token_id=image_token_id,
-                         eoc_token_id=eoc_token_id)
+                         eoc_token_id=eoc_token_id, drawn_in=drawn_in)
 

@@ -2,9 +2,11 @@
 
 torchtitan's approach: the model is written once, unaware of parallelism; this module swaps
 its linear layers and embeddings for the Megatron ones of `furnace.parallel.tensor`, taking
-this rank's shard of the full weights. Building the full model with the training seed on every
-rank and then sharding reproduces the 1-rank initialisation exactly (what the parity tests need);
-a large pretrained LM should instead be loaded per rank (from_hf) and sharded the same way.
+this rank's shard of the full weights. Drawing the model with the training seed on every rank
+and then sharding reproduces the 1-rank initialisation exactly (what the parity tests need);
+under ZeRO-3 each module is gathered while it is cut and the cut partitioned at once. A
+pretrained decoder is cut as a meta-device shape and filled per rank afterwards
+(`furnace.parallel.materialize`).
 
 Plan per block (C = column-parallel, R = row-parallel, V = vocab-parallel):
 
@@ -70,22 +72,32 @@ def tp_shard(full: torch.Tensor, param_name: str, rank: int, size: int) -> torch
     return (shard_rows if dim == 0 else shard_cols)(full, rank, size)
 
 
-def _col(parent: nn.Module, name: str, group) -> None:
-    setattr(parent, name, ColumnParallelLinear.from_linear(getattr(parent, name), group))
+def _swap(parent: nn.Module, name: str, make, partition) -> nn.Module:
+    """parent.<name> replaced by make(old): the old module's weights are gathered whole while
+    they are cut (ZeRO-3 may have partitioned them as they were drawn), and the new module goes
+    to `partition` (ZeRO-3: partitioned at once, so no rank holds a whole block's cut for long).
+    A module of a decoder still on the meta device is cut as a shape and filled in later."""
+    import deepspeed
 
-
-def _row(parent: nn.Module, name: str, group) -> None:
-    setattr(parent, name, RowParallelLinear.from_linear(getattr(parent, name), group))
+    old = getattr(parent, name)
+    with deepspeed.zero.GatheredParameters(list(old.parameters())):
+        new = make(old)
+    setattr(parent, name, new)
+    if partition is not None and not any(p.is_meta for p in new.parameters()):
+        partition(new)
+    return new
 
 
 def _attn_mlp(attn: nn.Module, qkv: tuple[str, ...], out: str, mlp: nn.Module, up: tuple[str, ...], down: str,
-              group) -> None:
+              group, partition) -> None:
+    col = lambda lin: ColumnParallelLinear.from_linear(lin, group)  # noqa: E731
+    row = lambda lin: RowParallelLinear.from_linear(lin, group)  # noqa: E731
     for n in qkv:
-        _col(attn, n, group)
-    _row(attn, out, group)
+        _swap(attn, n, col, partition)
+    _swap(attn, out, row, partition)
     for n in up:
-        _col(mlp, n, group)
-    _row(mlp, down, group)
+        _swap(mlp, n, col, partition)
+    _swap(mlp, down, row, partition)
 
 
 def _vocab_head(lm_head: nn.Linear, embed: VocabParallelEmbedding | None, group) -> ColumnParallelLinear:
@@ -106,8 +118,9 @@ def _vocab_head(lm_head: nn.Linear, embed: VocabParallelEmbedding | None, group)
     return head
 
 
-def parallelize(model, topology) -> nn.Module:
-    """Apply tensor parallelism in place (tp = 1: nothing changes). Returns the model."""
+def parallelize(model, topology, *, partition=None) -> nn.Module:
+    """Apply tensor parallelism in place (tp = 1: nothing changes). Returns the model.
+    `partition(module)`: called on every new tensor-parallel module (ZeRO-3 partitions it)."""
     tp = topology.get_tensor_model_parallel_world_size()
     model.tp_size = tp
     if tp == 1:
@@ -121,15 +134,14 @@ def parallelize(model, topology) -> nn.Module:
             raise ValueError(f"tensor parallel size {tp} must divide model.lm.{name}={div}")
     for layer in lm.layers:
         _attn_mlp(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "o_proj", layer.mlp, ("gate_proj", "up_proj"),
-                  "down_proj", group)
+                  "down_proj", group, partition)
     for blk in model.xattn:
-        _attn_mlp(blk.attn, ("to_q", "to_k", "to_v"), "to_out", blk.ff, ("fc1",), "fc2", group)
+        _attn_mlp(blk.attn, ("to_q", "to_k", "to_v"), "to_out", blk.ff, ("fc1",), "fc2", group, partition)
     for attn, ff in model.perceiver.layers:
-        _attn_mlp(attn, ("to_q", "to_k", "to_v"), "to_out", ff, ("fc1",), "fc2", group)
-    tied = a.tie_word_embeddings
-    embed = VocabParallelEmbedding.from_embedding(lm.embed_tokens, group)
-    lm.embed_tokens = embed
-    lm.lm_head = _vocab_head(lm.lm_head, embed if tied else None, group)
+        _attn_mlp(attn, ("to_q", "to_k", "to_v"), "to_out", ff, ("fc1",), "fc2", group, partition)
+    embed = _swap(lm, "embed_tokens", lambda e: VocabParallelEmbedding.from_embedding(e, group), partition)
+    tied = embed if a.tie_word_embeddings else None
+    _swap(lm, "lm_head", lambda head: _vocab_head(head, tied, group), partition)
     n_new = 0 if model.new_tokens is None else model.new_tokens.count
     model.loss_fn = VocabParallelLMLoss(model.base_vocab, n_new, group)
     return model

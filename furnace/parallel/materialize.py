@@ -20,6 +20,7 @@ from furnace.model.hf_io import WeightReader
 from furnace.model.llama import hf_name
 from furnace.parallel.apply import is_vocab_sharded, tp_split_dim
 from furnace.parallel.tensor import vocab_range
+from furnace.parallel.zero3 import partitioner, zero3_placement
 
 
 def _read_cut(reader: WeightReader, key: str, name: str, shape: torch.Size, rank: int, size: int) -> torch.Tensor:
@@ -55,34 +56,14 @@ def lm_modules(model) -> list[tuple[str, nn.Module]]:
     return pieces + [("lm.norm.", lm.norm), ("lm.lm_head.", lm.lm_head)]
 
 
-def _zero3_placement(model, zero3: dict) -> tuple[torch.dtype, torch.device]:
-    """A model DeepSpeed finds partitioned already keeps the dtype and device it has (the engine
-    casts and moves only unpartitioned ones): put the rest of it where the engine would (the
-    parameters in the run's precision, the buffers in theirs, all on the device) and return
-    that placement for the decoder's parameters."""
-    from deepspeed.accelerator import get_accelerator
-
-    dtype = (torch.bfloat16 if zero3.get("bf16", {}).get("enabled") else
-             torch.float16 if zero3.get("fp16", {}).get("enabled") else torch.float32)
-    device = torch.device(get_accelerator().current_device_name())
-    for p in model.parameters():
-        if not p.is_meta:
-            p.data = p.data.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)
-    for b in model.buffers():
-        b.data = b.data.to(device)
-    return dtype, device
-
-
 def load_pretrained_lm(model, path: str, topology=None, *, keep=None, zero3: dict | None = None) -> int:
     """Collective under ZeRO-3 (`zero3`: the DeepSpeed config), else per rank. Fills model.lm's meta
     parameters from the checkpoint at `path` (in fp32 on the CPU, as `llama.from_hf` does; under
     ZeRO-3 in the run's precision on the device, like the rest of the model, see
-    `_zero3_placement`); `keep(param) -> bool` limits it to what this rank holds (a pipeline
+    `zero3_placement`); `keep(param) -> bool` limits it to what this rank holds (a pipeline
     stage's), the rest staying on the meta device; `topology` None: one process. Returns the
     bytes read."""
-    import deepspeed
-
-    dtype, device = _zero3_placement(model, zero3) if zero3 is not None else (torch.float32, torch.device("cpu"))
+    dtype, device = zero3_placement(model, zero3) if zero3 is not None else (torch.float32, torch.device("cpu"))
     reader = WeightReader(path)
     missing = {hf_name(n.removeprefix("lm."), model.lm.cfg.tie_word_embeddings)
                for n, _ in model.lm.named_parameters(prefix="lm")} - set(reader.names())
@@ -112,8 +93,7 @@ def load_pretrained_lm(model, path: str, topology=None, *, keep=None, zero3: dic
             continue
         _replace(model, new)
         if zero3 is not None:  # partition this module now: the next one is read into freed memory
-            deepspeed.zero.Init(module=mod, config_dict_or_path=zero3, mpu=topology,
-                                data_parallel_group=topology.get_data_parallel_group())
+            partitioner(zero3, topology)(mod)
     if model.new_tokens is not None:  # the new rows start at the mean of the embedding rows, as from_hf's
         key = hf_name("embed_tokens.weight", False)
         model.new_tokens.start_at(reader.read(key).float().mean(0))

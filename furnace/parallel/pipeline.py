@@ -19,8 +19,9 @@ and the last stage and all-reduces its gradient between them. Activation checkpo
 model's own (`model.activation_checkpointing`, applied per block by `run_block`).
 
 The specs wrap modules of an already built (and, with tp > 1, already sharded) FlamingoModel:
-building the full model with the run's seed on every rank reproduces the 1-rank weights
-exactly, which the parity tests rely on.
+drawing the model with the run's seed on every rank reproduces the 1-rank weights exactly,
+which the parity tests rely on. A pretrained decoder is filled only for this rank's stage
+(`stage_parameters`, `furnace.parallel.materialize`); the other stages' stay meta shapes.
 """
 from __future__ import annotations
 

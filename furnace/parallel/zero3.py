@@ -1,6 +1,8 @@
-"""ZeRO-3 integration: gather granularity (whole repeated blocks instead of every submodule)
-and the fused loss-scaling hook (`furnace_kernels`' one-pass gradient statistics inside
-DeepSpeed's ZeRO-3 optimizer).
+"""ZeRO-3 integration: gather granularity (whole repeated blocks instead of every submodule),
+the fused loss-scaling hook (`furnace_kernels`' one-pass gradient statistics inside
+DeepSpeed's ZeRO-3 optimizer), and partitioning while the model is built (`partitioner`,
+`zero3_placement`: the resampler and xattn blocks as they are drawn, tensor-parallel cuts and
+pretrained decoder modules as they are made, so no rank holds them whole).
 
 DeepSpeed's ZeRO-3 puts a fetch/release hook pair on every module and runs its bookkeeping at
 each one, for the frozen LM and vision tower too. flamingo-1b has ~620 modules per forward; on an
@@ -143,3 +145,33 @@ def install_fused_loss_scaling(engine_or_optimizer, *, replace_scaler: bool = Tr
     opt.unscale_and_clip_grads = fused_unscale_and_clip
     opt._furnace_fused_loss_scaling = True
     return opt
+
+
+def partitioner(ds_config: dict, topology):
+    """deepspeed.zero.Init over the data-parallel group, as the engine will partition: calling
+    the result with no argument gives the context in which modules are partitioned as they are
+    built; with a built module, partitions that module now."""
+    import deepspeed
+
+    def init(module=None):
+        return deepspeed.zero.Init(module=module, config_dict_or_path=ds_config, mpu=topology,
+                                   data_parallel_group=topology.get_data_parallel_group())
+    return init
+
+
+def zero3_placement(model, zero3: dict) -> tuple[torch.dtype, torch.device]:
+    """DeepSpeed leaves a model it finds partitioned already in the dtype and on the device it
+    has (the engine casts and moves only unpartitioned models): put every parameter that is
+    neither partitioned nor a meta shape where the engine would (the run's precision, the
+    device; buffers keep their dtype) and return that placement for what is filled in later."""
+    from deepspeed.accelerator import get_accelerator
+
+    dtype = (torch.bfloat16 if zero3.get("bf16", {}).get("enabled") else
+             torch.float16 if zero3.get("fp16", {}).get("enabled") else torch.float32)
+    device = torch.device(get_accelerator().current_device_name())
+    for p in model.parameters():
+        if not p.is_meta and not hasattr(p, "ds_id"):
+            p.data = p.data.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)
+    for b in model.buffers():
+        b.data = b.data.to(device)
+    return dtype, device

@@ -10,6 +10,7 @@ Each step is also usable alone: `build_tokenizer`, `build_model`, `build_loader`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from furnace.parallel.apply import parallelize
 from furnace.parallel.materialize import load_pretrained_lm
 from furnace.parallel.pipeline import flamingo_pipeline, stage_parameters
 from furnace.parallel.topology import Topology
+from furnace.parallel.zero3 import partitioner, zero3_placement
 from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN
 from furnace.training import engine as eng
 from furnace.training.metrics import StepShape, flamingo_flops_per_sample
@@ -69,13 +71,14 @@ def build_tokenizer(cfg: Config, *, loaders: bool = True):
     return load_tokenizer(tokenizer_dir(cfg))
 
 
-def build_model(cfg: Config, tokenizer, *, lm=None, vision=None) -> FlamingoModel:
+def build_model(cfg: Config, tokenizer, *, lm=None, vision=None, drawn_in=contextlib.nullcontext) -> FlamingoModel:
     """The whole (unsharded) model, its fresh weights drawn from torch's global RNG. `lm`,
     `vision`: a decoder, a tower to use instead of the configured ones. A loaded LM or tower writes its checkpoint's
     shape back into `cfg.model`, so logs, checkpoints and exports describe the model built."""
     model = build_flamingo(cfg.model, vocab_size=len(tokenizer),
                            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                           eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN), lm=lm, vision=vision)
+                           eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN), lm=lm, vision=vision,
+                           drawn_in=drawn_in)
     if cfg.model.lm.path:
         cfg.model.lm = dataclasses.replace(model.lm.cfg, path=cfg.model.lm.path)
     if cfg.model.vision.path:
@@ -106,18 +109,23 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
         tokenizer = build_tokenizer(cfg, loaders=loaders)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     # A pretrained LM is built as its shape only and filled in below, each rank reading only what
-    # it keeps (furnace.parallel.materialize); everything else is drawn whole from the seed.
+    # it keeps (furnace.parallel.materialize). Under ZeRO-3 the resampler and xattn blocks are
+    # partitioned as they are drawn, the rest is drawn whole from the seed.
     lm_path = cfg.model.lm.path
-    model = build_model(cfg, tokenizer, lm=skeleton_from_hf(lm_path) if lm_path else None)
+    zero3 = eng.build_ds_config(cfg, dp, grad_accum) if cfg.parallel.zero_stage == 3 and topology.pp == 1 else None
+    partition = partitioner(zero3, topology) if zero3 is not None else None
+    model = build_model(cfg, tokenizer, lm=skeleton_from_hf(lm_path) if lm_path else None,
+                        drawn_in=partition or contextlib.nullcontext)
     if cfg.data.max_length == 0:  # from the data, within the LM's positions
         cfg.data.max_length = longest_sample(cfg.data, tokenizer, cap=model.lm.cfg.max_position_embeddings)
     d = cfg.data
     flops = flamingo_flops_per_sample(model, StepShape(seq_len=d.max_length, images=d.max_images))
+    if zero3 is not None:
+        zero3_placement(model, zero3)
     if topology.tp > 1:
-        parallelize(model, topology)  # this rank's shards of the full, seeded weights
+        parallelize(model, topology, partition=partition)  # this rank's shards of the full, seeded weights
     if lm_path:
         stage = stage_parameters(model, topology) if topology.pp > 1 else None
-        zero3 = eng.build_ds_config(cfg, dp, grad_accum) if cfg.parallel.zero_stage == 3 and topology.pp == 1 else None
         load_pretrained_lm(model, lm_path, topology, keep=None if stage is None else (lambda p: id(p) in stage),
                            zero3=zero3)
     pipe = flamingo_pipeline(model, topology) if topology.pp > 1 else None

@@ -59,9 +59,8 @@ def config_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
 
 LAYOUT = ("world_size", "tp", "pp", "dp")
 # Config keys a resharded resume takes from this run: how the same state is partitioned
-LAYOUT_KEYS = {"parallel.tp", "parallel.pp", "parallel.zero_stage", "parallel.zero3_gather",
-               "parallel.offload_optimizer", "parallel.offload_params", "parallel.offload_nvme_path",
-               "parallel.layout"}
+LAYOUT_KEYS = {"parallel.tp", "parallel.pp", "parallel.zero_stage", "parallel.offload_optimizer",
+               "parallel.offload_params", "parallel.offload_nvme_path", "parallel.layout"}
 
 
 def _layout(d: dict, stage) -> str:
