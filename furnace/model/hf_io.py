@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -26,14 +26,9 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint folder: model.safetensors, its sharded index, or .bin files
     (loaded with weights_only=True, never a full unpickle)."""
     p = Path(path)
-    if (p / "model.safetensors").exists():
-        return load_file(str(p / "model.safetensors"))
-    if (p / SAFE_INDEX).exists():
-        files = sorted(set(json.loads((p / SAFE_INDEX).read_text())["weight_map"].values()))
-        out: dict[str, torch.Tensor] = {}
-        for f in files:
-            out.update(load_file(str(p / f)))
-        return out
+    if (p / "model.safetensors").exists() or (p / SAFE_INDEX).exists():
+        reader = WeightReader(p)
+        return {k: reader.read(k) for k in sorted(reader.names(), key=lambda k: str(reader.files[k]))}
     bins = [p / "pytorch_model.bin"] if (p / "pytorch_model.bin").exists() else []
     if (p / BIN_INDEX).exists():
         bins = [p / f for f in sorted(set(json.loads((p / BIN_INDEX).read_text())["weight_map"].values()))]

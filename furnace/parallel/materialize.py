@@ -20,7 +20,6 @@ from furnace.model.hf_io import WeightReader
 from furnace.model.llama import hf_name
 from furnace.parallel.apply import is_vocab_sharded, tp_split_dim
 from furnace.parallel.tensor import vocab_range
-from furnace.parallel.zero3 import partitioner, zero3_placement
 
 
 def _read_cut(reader: WeightReader, key: str, name: str, shape: torch.Size, rank: int, size: int) -> torch.Tensor:
@@ -56,14 +55,14 @@ def lm_modules(model) -> list[tuple[str, nn.Module]]:
     return pieces + [("lm.norm.", lm.norm), ("lm.lm_head.", lm.lm_head)]
 
 
-def load_pretrained_lm(model, path: str, topology=None, *, keep=None, zero3: dict | None = None) -> int:
-    """Collective under ZeRO-3 (`zero3`: the DeepSpeed config), else per rank. Fills model.lm's meta
-    parameters from the checkpoint at `path` (in fp32 on the CPU, as `llama.from_hf` does; under
-    ZeRO-3 in the run's precision on the device, like the rest of the model, see
-    `zero3_placement`); `keep(param) -> bool` limits it to what this rank holds (a pipeline
-    stage's), the rest staying on the meta device; `topology` None: one process. Returns the
-    bytes read."""
-    dtype, device = zero3_placement(model, zero3) if zero3 is not None else (torch.float32, torch.device("cpu"))
+def load_pretrained_lm(model, path: str, topology=None, *, keep=None, partition=None,
+                       dtype: torch.dtype = torch.float32, device=None) -> int:
+    """Fills model.lm's meta parameters from the checkpoint at `path`, in `dtype` on `device`
+    (the CPU by default; under ZeRO-3 where `zero3.zero3_placement` put the rest of the model).
+    `partition(module)` (ZeRO-3, collective) partitions each module as soon as it is read;
+    `keep(param) -> bool` limits the reading to what this rank holds (a pipeline stage's), the
+    rest staying on the meta device; `topology` None: one process. Returns the bytes read."""
+    device = torch.device("cpu") if device is None else device
     reader = WeightReader(path)
     missing = {hf_name(n.removeprefix("lm."), model.lm.cfg.tie_word_embeddings)
                for n, _ in model.lm.named_parameters(prefix="lm")} - set(reader.names())
@@ -92,8 +91,8 @@ def load_pretrained_lm(model, path: str, topology=None, *, keep=None, zero3: dic
         if not new:
             continue
         _replace(model, new)
-        if zero3 is not None:  # partition this module now: the next one is read into freed memory
-            partitioner(zero3, topology)(mod)
+        if partition is not None:  # partition this module now: the next one is read into freed memory
+            partition(mod)
     if model.new_tokens is not None:  # the new rows start at the mean of the embedding rows, as from_hf's
         key = hf_name("embed_tokens.weight", False)
         model.new_tokens.start_at(reader.read(key).float().mean(0))

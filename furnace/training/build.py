@@ -120,14 +120,13 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
         cfg.data.max_length = longest_sample(cfg.data, tokenizer, cap=model.lm.cfg.max_position_embeddings)
     d = cfg.data
     flops = flamingo_flops_per_sample(model, StepShape(seq_len=d.max_length, images=d.max_images))
-    if zero3 is not None:
-        zero3_placement(model, zero3)
+    dtype, device = zero3_placement(model, zero3) if zero3 is not None else (torch.float32, None)
     if topology.tp > 1:
         parallelize(model, topology, partition=partition)  # this rank's shards of the full, seeded weights
     if lm_path:
         stage = stage_parameters(model, topology) if topology.pp > 1 else None
         load_pretrained_lm(model, lm_path, topology, keep=None if stage is None else (lambda p: id(p) in stage),
-                           zero3=zero3)
+                           partition=partition, dtype=dtype, device=device)
     pipe = flamingo_pipeline(model, topology) if topology.pp > 1 else None
     engine, _ = eng.initialize(cfg, pipe if pipe is not None else model, topology, dp, grad_accum)
     train_loader = None

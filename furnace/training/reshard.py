@@ -117,15 +117,13 @@ def convert_plain(tagdir: Path, out: Path, model) -> None:
             for state, t in (("fp32", weights), ("exp_avg", st.get("exp_avg")), ("exp_avg_sq", st.get("exp_avg_sq"))):
                 torch.save({"param": torch.zeros_like(weights, dtype=torch.float32) if t is None else t.float()},
                            folder / f"{state}.pt")
-            if "step" in st:
-                torch.save(st["step"], folder / "step.pt")
 
 
 def _engine_state(tagdir: Path) -> dict:
     """The saved engine's own state (schedule, counters) from rank 0's model-states file."""
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if (tagdir / name).is_file():
-            sd = safe_load(tagdir / name, map_location="cpu")
+            sd = safe_load(tagdir / name, map_location="cpu", mmap=True)  # it may hold the whole module: map, not read
             out = {k: sd.get(k) for k in ("lr_scheduler", "global_steps", "global_samples", "skipped_steps")}
             out["shapes"] = {n: tuple(s) for group in sd.get("param_shapes") or [] for n, s in group.items()}
             return out
@@ -204,14 +202,13 @@ def _set_zero3_partition(opt, p, value: torch.Tensor, key: str | None) -> None:
 def load_into(engine, model, topology, zero_dir: Path, names: dict[str, str], shapes: dict, adam_step: int) -> None:
     """Every rank: the converted checkpoint's weights and moments into this engine's parameters
     and ZeRO partitions, cut for this rank's tensor-parallel part; `adam_step`: the optimizer
-    steps taken (a ZeRO-1/2 conversion records it per parameter, which then wins)."""
+    steps taken."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     held = {id(p) for p in engine.module.parameters()}
     inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
     tp_rank, tp = topology.coord.tp, topology.tp
     _make_adam_states(engine.optimizer, inner)
-    step = None
     for name, p in model.named_parameters():
         if id(p) not in held or not p.requires_grad:
             continue
@@ -225,8 +222,6 @@ def load_into(engine, model, topology, zero_dir: Path, names: dict[str, str], sh
                 raise CheckpointError(f"{name} is {tuple(full.shape)} in the checkpoint, which does not cut into this "
                                       f"run's {shape} at tp={tp}: the model changed; resume with the saved config")
             values[state] = local
-        if step is None and (folder / "step.pt").is_file():
-            step = safe_load(folder / "step.pt", map_location="cpu")
         if hasattr(p, "ds_id"):
             for state in STATES:
                 _set_zero3_partition(engine.optimizer, p, values[state], None if state == "fp32" else state)
@@ -243,8 +238,6 @@ def load_into(engine, model, topology, zero_dir: Path, names: dict[str, str], sh
                 lp.data.copy_(fp32.data)
     elif hasattr(opt, "update_lp_params"):  # ZeRO-1/2 and bf16: the same, then gathered
         opt.update_lp_params()
-    if step is not None:
-        adam_step = int(step.item()) if torch.is_tensor(step) else int(step)
     _set_adam_step(inner, adam_step)
 
 
@@ -254,7 +247,7 @@ def _restore_loss_scale(opt, optimizer_state: Path) -> None:
     live = getattr(opt, "loss_scaler", None)
     if live is None or not optimizer_state.is_file():
         return
-    saved = safe_load(optimizer_state, map_location="cpu").get("loss_scaler")
+    saved = safe_load(optimizer_state, map_location="cpu", mmap=True).get("loss_scaler")  # with rank 0's partitions
     for key in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis"):  # DeepSpeed's and furnace's
         value = getattr(saved, key, None)
         if isinstance(value, (int, float)) and hasattr(live, key):
