@@ -108,3 +108,24 @@ def test_every_layout_trains_the_pretrained_model_as_one_process_does(layout, pr
     got = _curve(pretrained, data, tmp_path_factory, layout, LAYOUTS[layout][0], *LAYOUTS[layout][1])
     for step, (a, b) in enumerate(zip(ref, got), 1):
         assert abs(a - b) / abs(a) < 1e-5, (step, a, b)
+
+
+def test_a_checkpoint_missing_a_tensor_or_safetensors_is_refused_naming_it(pretrained, tmp_path):
+    import json
+    import shutil
+
+    lm_dir = tmp_path / "llama"
+    shutil.copytree(pretrained / "llama", lm_dir)
+    index = json.loads((lm_dir / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.2.mlp.up_proj.weight"]
+    (lm_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    lm = llama.skeleton_from_hf(lm_dir)
+    cfg = tiny_cfg()
+    m = FlamingoModel(lm, vision_from_config(cfg.vision), cfg, vocab_size=lm.cfg.vocab_size + 2,
+                      image_token_id=lm.cfg.vocab_size, eoc_token_id=lm.cfg.vocab_size + 1)
+    with pytest.raises(ValueError, match=r"lacks \['model.layers.2.mlp.up_proj.weight'\]"):
+        load_pretrained_lm(m, str(lm_dir))
+    for f in lm_dir.glob("*.safetensors*"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="no safetensors weights in .*streaming needs model.safetensors"):
+        WeightReader(lm_dir)

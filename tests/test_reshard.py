@@ -65,3 +65,20 @@ def test_pipeline_names_cover_every_parameter_once(model):
     mapped = sorted(set(names.values()))
     assert mapped == sorted(n for n, _ in model.named_parameters())
     assert all(k.split(".")[0].isdigit() or k.startswith("tied_modules.embed.") for k in names)
+
+
+def test_a_zero0_checkpoint_that_does_not_fit_the_model_is_refused_in_one_line(model, tmp_path):
+    """A ZeRO-0 optimizer state with other parameter groups than this model's (another model,
+    or DeepSpeed's fused fp16 flat groups) is refused by name, before anything is written."""
+    from furnace.training.checkpoint import CheckpointError
+    from furnace.training.reshard import convert_plain
+
+    tag = tmp_path / "step00000003"
+    tag.mkdir()
+    n = sum(1 for p in model.parameters() if p.requires_grad)
+    for optimizer in ({"state": {}, "param_groups": [{"params": list(range(n - 1))}]},   # one parameter short
+                      {"fp32_groups_flat": [torch.zeros(3)], "state": {}, "param_groups": []}):
+        torch.save({"module": {}, "optimizer": optimizer}, tag / "mp_rank_00_model_states.pt")
+        with pytest.raises(CheckpointError, match="step00000003 holds a ZeRO-0 optimizer state furnace cannot map") as e:
+            convert_plain(tag, tmp_path / "out", model)
+        assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
