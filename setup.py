@@ -23,6 +23,7 @@ setup(
         "torch>=2.4",
         "transformers>=4.45",
         "safetensors>=0.4",
+        "accelerate>=0.34",  # init_empty_weights: models built without weights, then filled
         "numpy>=1.24,<2.4",
         "pyyaml>=6",
         "pillow>=9",

@@ -1,10 +1,13 @@
-"""Consolidate a ZeRO checkpoint into HF-format safetensors.
+"""Consolidate a run's checkpoint into HF-format safetensors, one tensor at a time.
 
-    python -m furnace.export RUN_DIR --out DIR [--tag stepNNNNNNNN]
+    furnace-export RUN_DIR --out DIR [--tag stepNNNNNNNN] [--dtype fp32|bf16|fp16]
 
 writes DIR/flamingo/ (the whole model: safetensors + flamingo.json + tokenizer, reloadable with
 `furnace.model.flamingo_io.load_flamingo`) and DIR/lm/ (the decoder alone with the new token rows
-merged, loadable by transformers' AutoModelForCausalLM, with the tokenizer).
+merged, loadable by transformers' AutoModelForCausalLM, with the tokenizer). Whatever layout
+saved the checkpoint, the model is built without weights and each parameter is read whole
+(`training.consolidate`) and written into the current shard: the process holds one shard, never
+the model.
 """
 from __future__ import annotations
 
@@ -12,24 +15,28 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
-from safetensors.torch import load_file
+import torch
 
 from furnace.config import Config, update
 from furnace.data.tokenizer import load_tokenizer
-from furnace.model import llama
-from furnace.model.flamingo_io import lm_with_new_tokens, load_flamingo_state, parts_from, save_flamingo
+from furnace.model.empty import empty, fill
+from furnace.model.flamingo_io import FLAMINGO_JSON, empty_parts, flamingo_meta, write_lm
+from furnace.model.hf_io import WeightWriter
+from furnace.model.llama import skeleton_from_hf
+from furnace.model.vision import vision_skeleton_from_hf
 from furnace.training.build import build_model
-from furnace.training.checkpoint import (ARCHITECTURE, FULL_MODEL, CheckpointError, checkpoint_dir, choose_resume_tag,
-                                         verify)
-from furnace.training.safe_load import safe_load, safe_torch_load
+from furnace.training.checkpoint import ARCHITECTURE, CheckpointError, checkpoint_dir, choose_resume_tag, verify
+from furnace.training.consolidate import CheckpointWeights
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+def resolve_tag(run_dir, tag: str | None = None) -> str:
+    """`tag`, checked complete, or the newest complete one."""
     if tag is None:
         tag, notes = choose_resume_tag(run_dir, set_aside=False)
         for n in notes:
@@ -41,54 +48,74 @@ def consolidated_state(run_dir, tag: str | None = None) -> tuple[dict, str]:
     if problem is not None:
         raise CheckpointError(f"checkpoint {tag} under {checkpoint_dir(run_dir)} cannot be exported: {problem}; "
                               "leave out --tag for the newest complete one")
-    if (tagdir / FULL_MODEL).exists():  # tensor/pipeline-parallel run: gathered at save time
-        return load_file(str(tagdir / FULL_MODEL)), tag
-    if not list(tagdir.glob("*optim_states.pt")):  # ZeRO-0: the module state is the model, whole
-        module = safe_load(tagdir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
-        return {k: v.float() for k, v in module.items()}, tag
-    with safe_torch_load():  # ZeRO-1/2/3: fp32 masters from the optimizer partitions; zero_to_fp32
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir(run_dir)), tag=tag), tag  # unpickles
+    return tag
 
 
-def load_run_model(run_dir, tag: str | None = None):
-    """The Flamingo of a run at a checkpoint, on the CPU in fp32."""
-    state, tag = consolidated_state(run_dir, tag)
+def empty_run_model(run_dir, tag: str):
+    """(the run's Flamingo without weights, its tokenizer, the config it was saved with)."""
     cfg = Config()
     update(cfg, json.loads((checkpoint_dir(run_dir) / tag / "config.json").read_text()), saved=True)
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
     arch = Path(run_dir) / ARCHITECTURE
     if arch.is_file():  # the shapes only: the weights come from the checkpoint
-        lm, vision = parts_from(json.loads(arch.read_text()), cfg.model.freeze_vision)
+        lm, vision = empty_parts(json.loads(arch.read_text()), cfg.model.freeze_vision)
     else:  # a run from before architecture.json: the pretrained folders it started from
-        lm = vision = None
         for key, path in (("model.lm.path", cfg.model.lm.path), ("model.vision.path", cfg.model.vision.path)):
             if path and not os.path.isdir(path):
                 raise FileNotFoundError(f"{key}={path!r} (the run's starting checkpoint) is gone and {run_dir} has "
                                         f"no {ARCHITECTURE}: restore the folder to export this run")
-    model = build_model(cfg, tokenizer, lm=lm, vision=vision)
-    load_flamingo_state(model, state)
+        lm = skeleton_from_hf(cfg.model.lm.path) if cfg.model.lm.path else None
+        vision = vision_skeleton_from_hf(cfg.model.vision.path, cfg.model.freeze_vision) if cfg.model.vision.path else None
+    with empty():
+        model = build_model(cfg, tokenizer, lm=lm, vision=vision)
+    model.tie_weights()
+    return model, tokenizer, cfg
+
+
+def load_run_model(run_dir, tag: str | None = None):
+    """The Flamingo of a run at a checkpoint, on the CPU in fp32, whole in this process."""
+    tag = resolve_tag(run_dir, tag)
+    model, tokenizer, cfg = empty_run_model(run_dir, tag)
+    work = checkpoint_dir(run_dir) / f".consolidate-{tag}-{os.getpid()}"
+    with CheckpointWeights(run_dir, tag, model, work=work) as weights:
+        fill(model, weights.read, where=f"checkpoint {tag}")
     return model.eval(), tokenizer, cfg, tag
 
 
-def export(run_dir, out, tag: str | None = None) -> dict:
-    model, tokenizer, cfg, tag = load_run_model(run_dir, tag)
+def export(run_dir, out, tag: str | None = None, *, dtype: torch.dtype = torch.float32,
+           max_shard_bytes: int = 5 * 2**30, progress: bool | None = None) -> dict:
+    tag = resolve_tag(run_dir, tag)
+    model, tokenizer, cfg = empty_run_model(run_dir, tag)
     out = Path(out)
+    flamingo, lm = out / "flamingo", out / "lm"
     cfg.model.lm.path = cfg.model.vision.path = None  # the folder holds everything: no pointer back
-    save_flamingo(model, out / "flamingo", dataclasses.asdict(cfg.model))
-    tokenizer.save_pretrained(out / "flamingo")
-    llama.to_hf(lm_with_new_tokens(model), out / "lm")
-    tokenizer.save_pretrained(out / "lm")
-    return {"tag": tag, "flamingo": str(out / "flamingo"), "lm": str(out / "lm")}
+    for d in (flamingo, lm):
+        shutil.rmtree(d, ignore_errors=True)  # no shard of an earlier export left beside the new ones
+    flamingo.mkdir(parents=True)
+    from tqdm import tqdm
+
+    with CheckpointWeights(run_dir, tag, model, work=out / ".convert") as weights, \
+            WeightWriter(flamingo, max_shard_bytes=max_shard_bytes) as writer:
+        for name in tqdm(weights.names(), desc=f"export {tag}", unit="tensor", disable=None if progress is None
+                         else not progress, file=sys.stderr):
+            writer.add(name, weights.read(name).to(dtype))
+    (flamingo / FLAMINGO_JSON).write_text(json.dumps(flamingo_meta(model, dataclasses.asdict(cfg.model)), indent=2))
+    tokenizer.save_pretrained(flamingo)
+    write_lm(flamingo, lm, max_shard_bytes=max_shard_bytes)
+    tokenizer.save_pretrained(lm)
+    return {"tag": tag, "flamingo": str(flamingo), "lm": str(lm)}
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m furnace.export", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="furnace-export", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="the exported weights' dtype")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (the memory export holds)")
     a = p.parse_args(argv)
     try:
-        res = export(a.run_dir, a.out, a.tag)
+        res = export(a.run_dir, a.out, a.tag, dtype=DTYPES[a.dtype], max_shard_bytes=int(a.max_shard_gb * 2**30))
     except (FileNotFoundError, CheckpointError, ValueError) as e:  # ValueError: ConfigError, a damaged config.json
         print(f"furnace export: {e}", file=sys.stderr)
         return 2

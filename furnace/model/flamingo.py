@@ -134,7 +134,10 @@ class NewTokens(nn.Module):
         w = lm.embed_tokens.weight.detach()
         if w.device.type != "meta":  # a decoder filled in later (materialize) calls start_at itself
             self.start_at(w.float().mean(0))
-        if lm.cfg.tie_word_embeddings:
+        self.tie_weights(lm.cfg.tie_word_embeddings)
+
+    def tie_weights(self, tied: bool) -> None:
+        if tied:
             self.head.weight = self.embed.weight
 
     def start_at(self, mean_row: torch.Tensor) -> None:
@@ -197,6 +200,13 @@ class FlamingoModel(nn.Module):
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         return output_logits(h, self.lm.lm_head, None if self.new_tokens is None else self.new_tokens.head)
+
+    def tie_weights(self) -> None:
+        """Tie the tied heads to their embeddings again (a module built under
+        `furnace.model.empty.empty()` gets a new parameter at every assignment)."""
+        self.lm.tie_weights()
+        if self.new_tokens is not None:
+            self.new_tokens.tie_weights(self.lm.cfg.tie_word_embeddings)
 
     def check_media(self, input_ids: torch.Tensor, media_valid: torch.Tensor) -> None:
         check_media(input_ids, media_valid, self.image_token_id)

@@ -1,10 +1,12 @@
 """A whole FlamingoModel as one folder, and its decoder alone as an HF checkpoint.
 
     save_flamingo(model, DIR, model_config)   DIR/flamingo.json + safetensors
-    load_flamingo(DIR) -> FlamingoModel       needs nothing but DIR
-    architecture(model) / parts_from(arch)    the decoder's and tower's HF configs, and the
-                                              (weightless) parts they rebuild
-    lm_with_new_tokens(model) -> Llama        the decoder with the new token rows merged (for llama.to_hf)
+    load_flamingo(DIR) -> FlamingoModel       needs nothing but DIR; built empty, filled tensor by tensor
+    architecture(model) / empty_flamingo      the decoder's and tower's HF configs, and the model
+                                              they describe, without weights
+    write_lm(DIR, OUT)                        the decoder alone (new token rows merged) from a saved
+                                              Flamingo folder, streamed: loadable by transformers
+    lm_with_new_tokens(model) -> Llama        the same from a model in memory (for llama.to_hf)
 """
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ import torch
 from furnace.config import ModelConfig, update
 
 from . import llama
+from .empty import empty, fill
 from .flamingo import FlamingoModel, build_flamingo
-from .hf_io import load_weights, save_weights
+from .hf_io import WeightReader, WeightWriter, write_config
 from .llama import Llama
 from .vision import KINDS, VisionTower
+
+FLAMINGO_JSON = "flamingo.json"
 
 
 def lm_with_new_tokens(model: FlamingoModel) -> Llama:
@@ -52,39 +57,99 @@ def architecture(model: FlamingoModel) -> dict:
             "vision_config": model.vision.model.config.to_dict()}
 
 
-def parts_from(arch: dict, freeze_vision: bool) -> tuple[Llama, VisionTower]:
-    """A decoder and a tower of `architecture`'s shapes (fresh weights: load a state into them)."""
-    lm = Llama(llama.config_from_hf(arch["lm_config"]), hf_config=arch["lm_config"])
+def empty_parts(arch: dict, freeze_vision: bool) -> tuple[Llama, VisionTower]:
+    """A decoder and a tower of `architecture`'s shapes, without weights (fill them in)."""
+    lm = llama.skeleton(llama.config_from_hf(arch["lm_config"]), arch["lm_config"])
     cfg_cls, cls = KINDS[arch["vision_kind"]]
-    return lm, VisionTower(cls(cfg_cls(**arch["vision_config"])), arch["vision_kind"], freeze_vision)
+    with empty():
+        tower = VisionTower(cls(cfg_cls(**arch["vision_config"])), arch["vision_kind"], freeze_vision)
+    return lm, tower
 
 
-def save_flamingo(model: FlamingoModel, path, model_config: dict) -> None:
+def flamingo_meta(model: FlamingoModel, model_config: dict) -> dict:
+    """flamingo.json: furnace's model config, the token ids and the `architecture`."""
+    return {"model": model_config, "vocab_size": model.vocab_size, "image_token_id": model.image_token_id,
+            "eoc_token_id": model.eoc_token_id, **architecture(model)}
+
+
+def save_flamingo(model: FlamingoModel, path, model_config: dict, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """The whole model as one safetensors folder plus what rebuilds it without the original
-    checkpoints: furnace's model config and the `architecture`."""
+    checkpoints (`flamingo_meta`)."""
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
-    (p / "flamingo.json").write_text(json.dumps({
-        "model": model_config, "vocab_size": model.vocab_size, "image_token_id": model.image_token_id,
-        "eoc_token_id": model.eoc_token_id, **architecture(model)}, indent=2))
-    save_weights(flamingo_state_dict(model), p)
+    (p / FLAMINGO_JSON).write_text(json.dumps(flamingo_meta(model, model_config), indent=2))
+    with WeightWriter(p, max_shard_bytes=max_shard_bytes) as w:
+        for k, v in flamingo_state_dict(model).items():
+            w.add(k, v)
 
 
-def load_flamingo(path) -> FlamingoModel:
-    meta = json.loads((Path(path) / "flamingo.json").read_text())
+def read_meta(path) -> tuple[dict, ModelConfig]:
+    f = Path(path) / FLAMINGO_JSON
+    if not f.is_file():
+        raise FileNotFoundError(f"{str(path)!r} holds no {FLAMINGO_JSON}: pass a folder written by furnace-export "
+                                "(OUT/flamingo) or save_flamingo")
+    meta = json.loads(f.read_text())
     mcfg = ModelConfig()
     update(mcfg, meta["model"], "model.", saved=True)
-    lm, vision = parts_from(meta, mcfg.freeze_vision)
-    model = build_flamingo(mcfg, vocab_size=meta["vocab_size"], image_token_id=meta["image_token_id"],
-                           eoc_token_id=meta["eoc_token_id"], lm=lm, vision=vision)
-    load_flamingo_state(model, load_weights(path))
+    return meta, mcfg
+
+
+def empty_flamingo(meta: dict, mcfg: ModelConfig) -> FlamingoModel:
+    """The Flamingo that `flamingo_meta` describes, without weights."""
+    lm, vision = empty_parts(meta, mcfg.freeze_vision)
+    with empty():
+        model = build_flamingo(mcfg, vocab_size=meta["vocab_size"], image_token_id=meta["image_token_id"],
+                               eoc_token_id=meta["eoc_token_id"], lm=lm, vision=vision)
+    model.tie_weights()
     return model
 
 
-def load_flamingo_state(model: FlamingoModel, state: dict[str, torch.Tensor]) -> None:
-    """Strict load that accepts the tied duplicates being absent."""
-    tied = {"lm.lm_head.weight", "new_tokens.head.weight"} if model.lm.cfg.tie_word_embeddings else set()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in tied]
+def check_names(model: FlamingoModel, have, where: str) -> None:
+    """One line when the stored tensors are not this model's (tied duplicates may be absent)."""
+    want = [n for n, _ in model.named_parameters()]
+    keys = set(model.state_dict(keep_vars=True))
+    want += [n for n, _ in model.named_buffers() if n in keys]
+    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(model.state_dict(keep_vars=True)))
     if missing or unexpected:
-        raise ValueError(f"weights do not match this Flamingo: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(f"the weights in {where} do not match this Flamingo: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+
+
+def load_flamingo(path) -> FlamingoModel:
+    """The model of a folder `save_flamingo` or furnace-export wrote, in its stored dtype: built
+    without weights and filled one tensor at a time (no second copy)."""
+    meta, mcfg = read_meta(path)
+    model = empty_flamingo(meta, mcfg)
+    reader = WeightReader(path)
+    check_names(model, reader.names(), str(path))
+    fill(model, reader.read, where=str(path))
+    keys = set(model.state_dict(keep_vars=True))
+    for name, buf in model.named_buffers():
+        if name in keys and name in reader.files:
+            buf.data.copy_(reader.read(name))
+    return model
+
+
+def write_lm(flamingo_dir, out, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """The decoder of a saved Flamingo folder as an HF checkpoint (config.json + safetensors),
+    the new token rows appended to its vocabulary, one tensor at a time."""
+    meta, _ = read_meta(flamingo_dir)
+    src = WeightReader(flamingo_dir)
+    cfg = llama.config_from_hf(meta["lm_config"])
+    extra = meta["vocab_size"] - cfg.vocab_size
+    lm = llama.skeleton(dataclasses.replace(cfg, vocab_size=meta["vocab_size"]), meta["lm_config"])
+    hf = llama.hf_config(lm)
+    dtype = None
+    with WeightWriter(out, max_shard_bytes=max_shard_bytes) as w:
+        for name in src.names():
+            if not name.startswith("lm."):
+                continue
+            leaf = name.removeprefix("lm.")
+            t = src.read(name)
+            new = {"embed_tokens.weight": "new_tokens.embed.weight", "lm_head.weight": "new_tokens.head.weight"}
+            if extra > 0 and leaf in new:
+                t = torch.cat([t, src.read(new[leaf])])
+            w.add(leaf if leaf.startswith("lm_head.") else f"model.{leaf}", t)
+            dtype = t.dtype
+    hf["dtype"] = str(dtype).removeprefix("torch.")
+    write_config(hf, out)

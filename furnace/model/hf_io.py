@@ -58,6 +58,17 @@ class WeightReader:
                                     f"{SAFE_INDEX} (convert .bin checkpoints with transformers' save_pretrained)")
         self._open: dict = {}
 
+    @classmethod
+    def of_file(cls, file: str | os.PathLike) -> "WeightReader":
+        """A reader of one safetensors file."""
+        from safetensors import safe_open
+
+        reader = cls.__new__(cls)
+        with safe_open(str(file), framework="pt") as f:
+            reader.files = {k: Path(file) for k in f.keys()}
+        reader._open = {}
+        return reader
+
     def names(self) -> list[str]:
         return list(self.files)
 
@@ -81,30 +92,64 @@ class WeightReader:
         return sl[start:end] if dim == 0 else sl[:, start:end]
 
 
+class WeightWriter:
+    """Writes tensors into safetensors shards as they come, holding at most one shard in memory:
+    `add` them in order, `close` names the shards (model.safetensors, or model-0000i-of-0000N
+    with an index when there is more than one)."""
+
+    def __init__(self, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self._shard: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._written: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        if self._shard and self._size + n > self.max_shard_bytes:
+            self._flush()
+        self._shard[name] = tensor.detach().contiguous().cpu()
+        self._size += n
+        self.total += n
+
+    def _flush(self) -> None:
+        part = self.path / f".part-{len(self._written):05d}.safetensors"
+        save_file(self._shard, str(part), metadata={"format": "pt"})
+        self._written.append((part, list(self._shard)))
+        self._shard, self._size = {}, 0
+
+    def close(self) -> None:
+        if self._shard or not self._written:
+            self._flush()
+        if len(self._written) == 1:
+            self._written[0][0].replace(self.path / "model.safetensors")
+            return
+        weight_map = {}
+        for i, (part, names) in enumerate(self._written):
+            final = f"model-{i + 1:05d}-of-{len(self._written):05d}.safetensors"
+            part.replace(self.path / final)
+            weight_map.update({k: final for k in names})
+        (self.path / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": self.total},
+                                                        "weight_map": weight_map}, indent=2))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        if kind is None:
+            self.close()
+        else:  # a failed export leaves no shard that looks complete
+            for part, _ in self._written:
+                part.unlink(missing_ok=True)
+
+
 def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """Write safetensors, split into shards with an index when larger than max_shard_bytes."""
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k, v in state.items():
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += n
-    if len(shards) == 1:
-        save_file(shards[0], str(p / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map = {}
-    total = sum(v.numel() * v.element_size() for v in state.values())
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(p / name), metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
-    (p / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    with WeightWriter(path, max_shard_bytes=max_shard_bytes) as w:
+        for k, v in state.items():
+            w.add(k, v)
 
 
 def write_config(cfg: dict, path: str | os.PathLike) -> None:

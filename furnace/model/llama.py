@@ -245,15 +245,19 @@ def hf_config(lm: Llama) -> dict:
     return cfg
 
 
-def skeleton_from_hf(path) -> Llama:
-    """The decoder a local HF checkpoint folder describes, on the meta device: its shape, no
-    weights, nothing drawn from the RNG (`furnace.parallel.materialize` fills it in per rank)."""
-    raw = read_config(path)
-    cfg = config_from_hf(raw, path)
+def skeleton(cfg: LMConfig, hf_config: dict | None = None) -> Llama:
+    """A decoder of `cfg`'s shape on the meta device: no weights, nothing drawn from the RNG
+    (`furnace.parallel.materialize` or `furnace.model.empty` fill it in)."""
     with torch.device("meta"):
-        model = Llama(cfg, hf_config=raw)
+        model = Llama(cfg, hf_config=hf_config)
     model.inv_freq = rope_inv_freq(cfg)  # non-persistent buffer: rebuild it off the meta device
     return model
+
+
+def skeleton_from_hf(path) -> Llama:
+    """The decoder a local HF checkpoint folder describes, as a `skeleton`."""
+    raw = read_config(path)
+    return skeleton(config_from_hf(raw, path), raw)
 
 
 def hf_name(name: str, tied: bool) -> str:

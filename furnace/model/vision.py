@@ -82,6 +82,17 @@ def vision_from_hf(path: str, frozen: bool = True, dtype: torch.dtype = torch.fl
     return VisionTower(model, kind, frozen)
 
 
+def vision_skeleton_from_hf(path: str, frozen: bool = True) -> VisionTower:
+    """The tower a local HF CLIP/SigLIP checkpoint folder describes, its parameters on the meta
+    device (buffers real): `furnace.parallel.materialize` fills it in, reading the weights once."""
+    from .empty import empty
+
+    kind = _kind_of(read_config(path))
+    cfg_cls, cls = KINDS[kind]
+    with empty():
+        return VisionTower(cls(cfg_cls.from_pretrained(path, local_files_only=True)), kind, frozen)
+
+
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     """[grid*grid, dim] fixed 2-D sine-cosine position code, patches in row-major order: a quarter
     of the channels each for sin(x), cos(x), sin(y), cos(y) at geometric frequencies."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from furnace.model.empty import replace_parameters
 from furnace.model.hf_io import WeightReader
 from furnace.model.llama import hf_name
 from furnace.parallel.apply import is_vocab_sharded, tp_split_dim
@@ -37,14 +38,6 @@ def _read_cut(reader: WeightReader, key: str, name: str, shape: torch.Size, rank
         return out
     per = full[dim] // size
     return reader.read(key, dim, rank * per, (rank + 1) * per)
-
-
-def _replace(model: nn.Module, new: dict[int, nn.Parameter]) -> None:
-    """Every reference to an old (meta) parameter, tied ones included, now points at its new one."""
-    for mod in model.modules():
-        for k, p in list(mod._parameters.items()):
-            if p is not None and id(p) in new:
-                mod._parameters[k] = new[id(p)]
 
 
 def lm_modules(model) -> list[tuple[str, nn.Module]]:
@@ -90,7 +83,7 @@ def load_pretrained_lm(model, path: str, topology=None, *, keep=None, partition=
             read += t.numel() * t.element_size()
         if not new:
             continue
-        _replace(model, new)
+        replace_parameters(model, new)
         if partition is not None:  # partition this module now: the next one is read into freed memory
             partition(mod)
     if model.new_tokens is not None:  # the new rows start at the mean of the embedding rows, as from_hf's

@@ -162,6 +162,18 @@ def pipeline_param_names(model) -> dict[str, str]:
     return out
 
 
+def pipeline_layer_files(model) -> dict[str, tuple[int, str]]:
+    """{model parameter name: (pipeline layer index, its name in that layer's state_dict)}: where
+    a pipeline checkpoint's `layer_XX-model_TT-model_states.pt` files hold each parameter (a tied
+    layer is saved where it first appears)."""
+    own = {id(p): n for n, p in model.named_parameters()}
+    out: dict[str, tuple[int, str]] = {}
+    for i, spec in enumerate(_layer_specs(model)):
+        for n, p in spec.build().named_parameters():
+            out.setdefault(own[id(p)], (i, n))
+    return out
+
+
 def stage_parameters(model, topology) -> set[int]:
     """ids of the parameters this rank's pipeline stage will hold, found before the pipeline is
     built (a meta decoder is filled in for its own stage only): DeepSpeed's own balancing of the

@@ -25,14 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from furnace.training.faults import Faults
 from furnace.training.safe_load import allowed_global_names
 
 LATEST = "latest"
 MARKER = "complete.json"
-FULL_MODEL = "full_model.safetensors"
+FULL_MODEL = "full_model.safetensors"  # tp/pp tags of older furnace: the model gathered at save time
 ARCHITECTURE = "architecture.json"  # in the run_dir: the decoder's and tower's HF configs (export needs no folder)
 TAG = re.compile(r"^step\d{8}$")
 log = logging.getLogger("furnace")
@@ -180,11 +179,9 @@ def _agreed(tag: str, what: str):
 
 
 def save_checkpoint(engine, run_dir, step: int, rank_state: dict, config: dict, meta: dict, *, keep: int = 2,
-                    full_state: dict | None = None, faults: Faults | None = None) -> str:
+                    faults: Faults | None = None) -> str:
     """Collective: every rank calls it. Returns the tag. `meta` goes into the marker (layout,
-    tokenizer fingerprint). `full_state` (tensor/pipeline-parallel layouts: the model gathered
-    into one plain state_dict) is written by rank 0 next to DeepSpeed's files, for export.
-    `faults`: the run's fault drills, which may stop rank 0 at a point of the save."""
+    tokenizer fingerprint). `faults`: the run's fault drills, which may stop rank 0 at a point of the save."""
     ckdir = checkpoint_dir(run_dir)
     tag = tag_of(step)
     tagdir = ckdir / tag
@@ -198,8 +195,6 @@ def save_checkpoint(engine, run_dir, step: int, rank_state: dict, config: dict, 
         torch.save(rank_state, tagdir / rank_state_file(rank))
         if rank == 0:
             (tagdir / "config.json").write_text(json.dumps(config, indent=2))
-            if full_state is not None:
-                save_file({k: v.contiguous() for k, v in full_state.items()}, str(tagdir / FULL_MODEL))
     if faults is not None:
         faults.maybe_die(step, "write")
     dist.barrier()

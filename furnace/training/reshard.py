@@ -64,12 +64,25 @@ _CONVERT = ("import json, runpy, sys\n"
             "    conv.main(conv.parse_arguments())\n")
 
 
-def merge_info(vocab_size: int) -> dict:
-    """DeepSpeed's UNIVERSAL_CHECKPOINT_INFO for furnace's plan."""
+def merge_info(vocab_size: int, trained: list[str] | None = None) -> dict:
+    """DeepSpeed's UNIVERSAL_CHECKPOINT_INFO for furnace's plan. `trained`: the saved names of the
+    parameters the optimizer holds; a pattern none of them matches is left out (ds_to_universal
+    refuses unused patterns, e.g. the vocabulary's when the LM is frozen)."""
+    import re
+
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_KEY, UNIVERSAL_CHECKPOINT_VERSION_VALUE
 
+    patterns = PATTERNS if trained is None else {
+        key: [p for p in pats if any(re.match(p, n) for n in trained)] for key, pats in PATTERNS.items()}
     return {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE, "original_vocab_size": vocab_size,
-            **PATTERNS}
+            **patterns}
+
+
+def trained_names(model, saved_pp: int) -> list[str]:
+    """The checkpoint names (`saved_names`) of the parameters the optimizer trains."""
+    if saved_pp > 1:  # every pipeline name of a parameter (a tied layer's included)
+        return [k for k, n in pipeline_param_names(model).items() if model.get_parameter(n).requires_grad]
+    return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
 def saved_names(model, saved_pp: int) -> dict[str, str]:
@@ -82,10 +95,11 @@ def saved_names(model, saved_pp: int) -> dict[str, str]:
     return out
 
 
-def convert(tagdir: Path, out: Path, vocab_size: int) -> None:
+def convert(tagdir: Path, out: Path, model, saved_pp: int) -> None:
     """Rank 0: the tag as one folder per parameter under `out/zero` (fp32 weights, Adam moments)."""
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-c", _CONVERT, json.dumps(merge_info(vocab_size)), "--input_folder", str(tagdir),
+    info = merge_info(model.base_vocab, trained_names(model, saved_pp))
+    cmd = [sys.executable, "-c", _CONVERT, json.dumps(info), "--input_folder", str(tagdir),
            "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", "1",
            "--num_merge_workers", "1"]
     res = subprocess.run(cmd, capture_output=True, text=True)
@@ -98,7 +112,7 @@ def convert(tagdir: Path, out: Path, vocab_size: int) -> None:
 def convert_plain(tagdir: Path, out: Path, model) -> None:
     """Rank 0: a ZeRO-0 tag (tp = pp = 1: one file holds the model and AdamW's state, numbered in
     `named_param_groups` order) in the layout `convert` writes."""
-    sd = safe_load(tagdir / "mp_rank_00_model_states.pt", map_location="cpu")
+    sd = safe_load(tagdir / "mp_rank_00_model_states.pt", map_location="cpu", mmap=True)
     opt = sd.get("optimizer") or {}
     inner = opt.get("optimizer_state_dict", opt)  # fp16/bf16: DeepSpeed's wrapper around AdamW
     masters = opt.get("fp32_groups")  # ... and its fp32 master weights, per group
@@ -119,7 +133,7 @@ def convert_plain(tagdir: Path, out: Path, model) -> None:
                            folder / f"{state}.pt")
 
 
-def _engine_state(tagdir: Path) -> dict:
+def engine_state(tagdir: Path) -> dict:
     """The saved engine's own state (schedule, counters) from rank 0's model-states file."""
     for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
         if (tagdir / name).is_file():
@@ -131,7 +145,7 @@ def _engine_state(tagdir: Path) -> dict:
                           "the layout it was saved with")
 
 
-def _read(folder: Path, state: str, shape) -> torch.Tensor:
+def read_state(folder: Path, state: str, shape) -> torch.Tensor:
     """One state of one parameter, whole. A ZeRO-3 conversion without tensor parallelism writes
     it flat: `shape` is the parameter's as rank 0 saved it (whole, at tp 1)."""
     path = folder / f"{state}.pt"
@@ -216,7 +230,7 @@ def load_into(engine, model, topology, zero_dir: Path, names: dict[str, str], sh
         shape = tuple(getattr(p, "ds_shape", p.shape))
         values = {}
         for state in STATES:
-            full = _read(folder, state, shapes.get(names[name]))
+            full = read_state(folder, state, shapes.get(names[name]))
             local = tp_shard(full, name, tp_rank, tp)
             if tuple(local.shape) != shape:
                 raise CheckpointError(f"{name} is {tuple(full.shape)} in the checkpoint, which does not cut into this "
@@ -265,7 +279,7 @@ def load_resharded(engine, model, topology, run_dir, tag: str) -> None:
     if rank == 0:
         try:
             if any((ckdir / tag).glob("*optim_states.pt")):  # ZeRO-1/2/3 (and bf16) partitions
-                convert(ckdir / tag, out, model.base_vocab)
+                convert(ckdir / tag, out, model, saved_pp)
             else:
                 convert_plain(ckdir / tag, out, model)
         except CheckpointError as e:
@@ -278,7 +292,7 @@ def load_resharded(engine, model, topology, run_dir, tag: str) -> None:
         raise CheckpointError(box[0])
     problem = None
     try:
-        saved = _engine_state(ckdir / tag)
+        saved = engine_state(ckdir / tag)
         load_into(engine, model, topology, out / "zero", saved_names(model, saved_pp), saved["shapes"],
                   (saved["global_steps"] or 0) - (saved["skipped_steps"] or 0))  # overflow steps skip Adam
         if engine.lr_scheduler is not None and saved["lr_scheduler"] is not None:

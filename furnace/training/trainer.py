@@ -203,12 +203,9 @@ class Trainer:
         parts = [None] * self.world
         dist.all_gather_object(parts, self.loader.state_dict())
         state = {"step": self.step, "loader": merge_states(parts), "rng": ckpt.rng_state()}
-        full = None
-        if self.topo.tp > 1 or self.topo.pp > 1:  # export cannot reassemble these offline: gather now
-            full = full_state_dict(self.model, pipe=self.pipe, topology=self.topo)
         tag = ckpt.save_checkpoint(self.engine, self.cfg.train.run_dir, self.step, state,
                                    ckpt.config_snapshot(self.cfg), self.meta, keep=self.cfg.train.keep_checkpoints,
-                                   full_state=full, faults=self.faults)
+                                   faults=self.faults)
         log.warning(f"saved checkpoint {tag}")
 
     def evaluate(self) -> dict:

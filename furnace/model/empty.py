@@ -1,0 +1,45 @@
+"""Models built without weights and filled in tensor by tensor, so that loading never holds a
+freshly drawn copy next to the loaded one.
+
+`empty()` is accelerate's `init_empty_weights`: parameters are made on the meta device, buffers
+(position ids, rotary frequencies) stay real, as a loaded model needs them.
+`fill(model, read)` then replaces every meta parameter by `read(name)`, one at a time.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+
+def empty():
+    """The context to build a module's shape in (parameters on meta, buffers real)."""
+    from accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)
+
+
+def replace_parameters(model: nn.Module, new: dict[int, nn.Parameter]) -> None:
+    """Every reference to an old parameter (by id), tied ones included, now points at its new one."""
+    for mod in model.modules():
+        for k, p in list(mod._parameters.items()):
+            if p is not None and id(p) in new:
+                mod._parameters[k] = new[id(p)]
+
+
+def fill(model: nn.Module, read: Callable[[str], torch.Tensor], *, dtype: torch.dtype | None = None,
+         where: str = "the checkpoint") -> None:
+    """Every meta parameter of `model` from `read(name)` (its name in `model.named_parameters()`;
+    a tied parameter is read once, under its first name), cast to `dtype` when given."""
+    new: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters():
+        if not p.is_meta:
+            continue
+        t = read(name)
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"{name} is {tuple(t.shape)} in {where} but {tuple(p.shape)} in the model it builds")
+        q = nn.Parameter(t if dtype is None else t.to(dtype), requires_grad=p.requires_grad)
+        q.__dict__.update(p.__dict__)
+        new[id(p)] = q
+    replace_parameters(model, new)
