@@ -33,6 +33,7 @@ setup(
         "webdataset>=0.2.86",
         "tokenizers>=0.19",
         "tensorboard>=2.12",
+        "pycocoevalcap>=1.2",  # the COCO caption metrics (BLEU, ROUGE-L, CIDEr; METEOR with Java)
         "triton>=3.0; platform_system == \"Linux\"",
     ],
     extras_require={

@@ -15,7 +15,15 @@ frozen, resampler and xattn blocks trained). Per rank:
     held_gib         peak - before: what building and loading cost this rank
 
 `checkpoint_gib` is the LM's size on disk. Sharded loading (issue #18) aims at held ~ the
-rank's share of the model and optimizer plus one tensor; today every rank holds the whole model.
+rank's share of the model and optimizer plus one tensor.
+
+With `--after`, each layout then goes on as a run would: one training step, greedy captions
+through the model as the ranks hold it (no rank builds a whole copy), a checkpoint, and
+`furnace-export` of it (bf16) in a process of its own:
+
+    peak_rss_after_step_gib / _after_eval_gib / _after_save_gib   each rank's peak so far
+    export.peak_rss_gib, export.s                                  the export process (0.1 GiB shards)
+    export.conversion_peak_rss_gib                                 its ds_to_universal child
 """
 from __future__ import annotations
 
@@ -50,6 +58,7 @@ LAYOUTS = {
     "pp2": (2, ("parallel.pp=2", "parallel.zero_stage=1")),
 }
 GIB = 2 ** 30
+EXPORT_SHARD_GIB = 0.1  # small next to the model, so the export's peak shows what streaming holds
 
 
 def parse_args(argv=None):
@@ -60,7 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=12, help="the LM's decoder layers")
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--after", action="store_true", help="also train a step, evaluate, save and export")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON path rank 0 writes
+    p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)  # where --after saves
     p.add_argument("--models", default=None, help=argparse.SUPPRESS)  # the folder with llama/ and clip/
     p.add_argument("--write-models", default=None, help=argparse.SUPPRESS)  # in a child: its memory goes back
     return p.parse_args(argv)
@@ -99,6 +110,58 @@ def _rss_gib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / GIB
 
 
+def _peak_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def _after_build(run, cfg, run_dir: Path) -> dict:
+    """One training step, greedy captions and a checkpoint, as a run makes them; each rank's
+    peak memory after each."""
+    from furnace.model.flamingo_io import architecture
+    from furnace.parallel.pipeline import batch_to_pipe
+    from furnace.parallel.staged import StagedFlamingo
+    from furnace.tokens import build_labels
+    from furnace.training import checkpoint as ckpt
+
+    model, dev = run.model, run.device
+    b, length = cfg.train.micro_batch_size, cfg.data.max_length
+    torch.manual_seed(0)
+    ids = torch.randint(4, model.base_vocab, (b, length))
+    ids[:, 0] = model.image_token_id
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "images": torch.randn(b, 1, 1, 3, model.vision.image_size, model.vision.image_size),
+             "media_valid": torch.ones(b, 1, dtype=torch.bool)}
+    batch["labels"] = build_labels(ids, batch["attention_mask"], image_token_id=model.image_token_id,
+                                   eoc_token_id=model.eoc_token_id)
+    out = {}
+    if run.pipe is not None:
+        run.engine.train_batch(data_iter=iter([batch_to_pipe(batch)] * run.grad_accum))
+    else:
+        on_dev = {k: v.to(dev) for k, v in batch.items()}
+        for _ in range(run.grad_accum):
+            run.engine.backward(run.engine(on_dev))
+            run.engine.step()
+    out["peak_rss_after_step_gib"] = _peak_gib()
+    runner = StagedFlamingo(model, run.pipe, run.topology) if run.pipe is not None else model
+    synced = run.topology.get_data_parallel_group() if run.pipe is None and cfg.parallel.zero_stage == 3 else None
+    runner.eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        runner.generate(ids[:, :1].to(dev), None, batch["images"].to(dev), batch["media_valid"].to(dev),
+                        max_new_tokens=8, synced_group=synced)
+    out["eval_s"] = time.perf_counter() - t0
+    out["peak_rss_after_eval_gib"] = _peak_gib()
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        run.tokenizer.save_pretrained(run_dir / "tokenizer")
+        (run_dir / ckpt.ARCHITECTURE).write_text(json.dumps(architecture(model)))
+    t0 = time.perf_counter()
+    ckpt.save_checkpoint(run.engine, run_dir, 1, {"step": 1}, ckpt.config_snapshot(cfg), {}, keep=1)
+    out["save_s"] = time.perf_counter() - t0
+    out["peak_rss_after_save_gib"] = _peak_gib()
+    return out
+
+
 def worker(args) -> None:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -111,17 +174,37 @@ def worker(args) -> None:
     before = _rss_gib()
     dist.barrier()
     t0 = time.perf_counter()
-    build(cfg, Topology(tp, pp), loaders=False)
+    run = build(cfg, Topology(tp, pp), loaders=False)
     dist.barrier()
     took = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+    peak = _peak_gib()
     rec = {"rank": rank, "rss_before_gib": before, "peak_rss_gib": peak, "held_gib": peak - before,
            "build_s": took}
+    if args.after:
+        rec.update(_after_build(run, cfg, Path(args.run_dir)))
     out = [None] * world
     dist.all_gather_object(out, rec)
     if rank == 0:
         Path(args.worker).write_text(json.dumps(out))
     dist.barrier()
+
+
+def _export(run_dir: Path, out: Path) -> dict:
+    """furnace-export of the saved run in a process of its own: its peak memory and time."""
+    wrapper = ("import resource, sys\nfrom furnace.export import main\n"
+               "code = main(sys.argv[1:])\n"
+               "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+               " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\nsys.exit(code)\n")
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-c", wrapper, str(run_dir), "--out", str(out), "--dtype", "bf16",
+                          "--max-shard-gb", str(EXPORT_SHARD_GIB)], capture_output=True, text=True, cwd=ROOT)
+    took = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise RuntimeError(f"export failed: {res.stderr[-2000:]}")
+    own, child = (int(x) / 2 ** 20 for x in res.stdout.split("PEAK")[-1].split()[:2])  # KiB
+    size = sum(f.stat().st_size for f in (out / "flamingo").glob("*.safetensors"))
+    return {"peak_rss_gib": own, "conversion_peak_rss_gib": child, "s": took, "flamingo_gib": size / GIB,
+            "max_shard_gib": EXPORT_SHARD_GIB}
 
 
 def main(argv=None) -> int:
@@ -149,7 +232,8 @@ def main(argv=None) -> int:
             with tempfile.TemporaryDirectory() as td:
                 f = Path(td) / "ranks.json"
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                       str(Path(__file__).resolve()), "--worker", str(f), "--models", models]
+                       str(Path(__file__).resolve()), "--worker", str(f), "--models", models,
+                       "--run-dir", str(Path(td) / "run")] + (["--after"] if args.after else [])
                 for s in (*extra, *args.set):
                     cmd += ["--set", s]
                 env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -159,7 +243,8 @@ def main(argv=None) -> int:
                     print(res.stderr[-3000:], file=sys.stderr)
                     return 1
                 ranks = json.loads(f.read_text())
-            results[name] = {"ranks": nproc, "sets": list(extra), "per_rank": ranks,
+                exported = _export(Path(td) / "run", Path(td) / "exported") if args.after else None
+            results[name] = {"ranks": nproc, "sets": list(extra), "per_rank": ranks, "export": exported,
                              "max_peak_rss_gib": max(r["peak_rss_gib"] for r in ranks),
                              "max_held_gib": max(r["held_gib"] for r in ranks),
                              "held_vs_checkpoint": max(r["held_gib"] for r in ranks) / model["checkpoint_gib"],
@@ -167,6 +252,11 @@ def main(argv=None) -> int:
             r = results[name]
             print(f"{name}: {nproc} ranks, peak RSS {r['max_peak_rss_gib']:.2f} GiB a rank (held {r['max_held_gib']:.2f} "
                   f"= {r['held_vs_checkpoint']:.1f}x the checkpoint), build {r['build_s']:.1f} s", flush=True)
+            if exported is not None:
+                r["max_peak_rss_after_save_gib"] = max(x["peak_rss_after_save_gib"] for x in ranks)
+                print(f"  after a step, captions and a save: peak RSS {r['max_peak_rss_after_save_gib']:.2f} GiB a rank; "
+                      f"export {exported['peak_rss_gib']:.2f} GiB peak (conversion {exported['conversion_peak_rss_gib']:.2f}),"
+                      f" {exported['s']:.1f} s", flush=True)
     doc = {"benchmark": "load", "model": model, "overrides": args.set, **run_info(), "layouts": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2))

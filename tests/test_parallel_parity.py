@@ -16,7 +16,7 @@ pytestmark = pytest.mark.multirank
 
 STEPS = 5
 COMMON = (f"train.max_steps={STEPS}", "train.save_every=3", f"train.lr_decay_steps={STEPS}",
-          "model.xattn.gate_init=0.1", "debug.log_gate_grads=true")
+          "model.xattn.gate_init=0.1", "debug.log_gate_grads=true", f"train.eval_every={STEPS}")
 
 
 RUNS: dict = {}  # layout -> run_dir, shared by the parity, resume and export tests
@@ -161,6 +161,24 @@ def test_grad_norm_is_the_single_process_clip_grad_norm_in_every_layout(referenc
     for layout, (nproc, extra) in LAYOUTS.items():
         got = _train(tmp_path_factory, data, layout, nproc, *extra)[0]["grad_norm"]
         assert got == pytest.approx(want, rel=1e-4), layout
+
+
+def test_evaluation_runs_on_each_layouts_own_shards_as_one_process(reference, data, tmp_path_factory):
+    """The held-out evaluation after the last step (through each layout's own tensor-parallel
+    shards, ZeRO-3 partitions or pipeline stages: no rank builds a whole copy) gives the 1-rank
+    run's validation loss and the same captions for the same references."""
+    def evaluation(layout):
+        return json.loads((RUNS[layout] / "eval" / f"step{STEPS:08d}.json").read_text())
+
+    want = evaluation("ref")
+    assert want["val_samples"] > 0 and len(want["samples"]) == want["val_samples"]
+    assert want["scores"]["captions"] == want["val_samples"] and "CIDEr" in want["scores"]  # pycocoevalcap's
+    pairs = sorted((s["reference"], s["prediction"]) for s in want["samples"])
+    for layout in LAYOUTS:
+        _train(tmp_path_factory, data, layout, *LAYOUTS[layout])
+        got = evaluation(layout)
+        assert abs(got["val_loss"] - want["val_loss"]) <= 1e-5 * abs(want["val_loss"]), (layout, got["val_loss"])
+        assert sorted((s["reference"], s["prediction"]) for s in got["samples"]) == pairs, layout
 
 
 def test_export_gathers_shards_and_stages_into_one_model(reference, data, tmp_path_factory, tmp_path):

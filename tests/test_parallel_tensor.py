@@ -48,7 +48,7 @@ def spawn(fns, world=TP) -> dict:
 
 @pytest.fixture(scope="module")
 def failures():
-    return spawn([_layers, _ce, _model, _packed_pipeline])
+    return spawn([_layers, _ce, _model, _packed_pipeline, _zero3_decoding])
 
 
 def check(failures, fn):
@@ -169,7 +169,7 @@ def _model(rank, world):
 
     from furnace.config import load_config
     from furnace.model.flamingo import build_flamingo
-    from furnace.parallel.apply import full_state_dict, parallelize
+    from furnace.parallel.apply import parallelize, tp_shard
     from furnace.parallel.topology import Topology
 
     V, IMG, EOC = 61, 59, 60
@@ -213,12 +213,16 @@ def _model(rank, world):
             x = NormStage(tp)(x)
             logits = EmbedHead(tp).head(x) if tied else HeadStage(tp)(x)
             _close(tp.loss_fn(logits, batch["labels"]), lt.detach(), tol=1e-6, what=f"pipeline layers tied={tied}")
-        # the gathered state is the plain model's
-        state = full_state_dict(tp)
-        ref_state = ref.state_dict()
-        assert set(state) >= set(ref_state), set(ref_state) - set(state)
-        for k, v in ref_state.items():
-            _close(state[k], v, tol=0, what=k)
+        # each rank holds exactly its cut of every parameter
+        own = dict(tp.named_parameters())
+        for k, v in ref.named_parameters():
+            _close(own[k], tp_shard(v.detach(), k, rank, world), tol=0, what=k)
+        # greedy decoding sees the whole vocabulary (gathered): the plain model's tokens
+        with torch.no_grad():
+            prompt, images, valid = ids[:, :4], batch["images"][:, :1], batch["media_valid"][:, :1]
+            want = ref.generate(prompt, None, images, valid, max_new_tokens=6)
+            got = tp.generate(prompt, None, images, valid, max_new_tokens=6)
+        assert torch.equal(want, got), (want, got)
         # gradients of sharded weights are the matching slices of the dense gradients
         w = tp.lm.layers[0].self_attn.q_proj.weight.grad
         _close(w, ref.lm.layers[0].self_attn.q_proj.weight.grad.chunk(world, 0)[rank], what="q_proj grad")
@@ -240,6 +244,7 @@ def _packed_pipeline(rank, world):
     from furnace.data.synthetic import demo_tokenizer
     from furnace.data.text import TextEncoder
     from furnace.parallel.pipeline import batch_to_pipe
+    from furnace.parallel.staged import StagedFlamingo
     from furnace.parallel.topology import Topology
     from furnace.tokens import build_labels
     from furnace.training.build import build, build_model
@@ -278,6 +283,60 @@ def _packed_pipeline(rank, world):
     got = run.engine.eval_batch(iter([batch_to_pipe(batch)]))
     _close(got, want, tol=1e-5, what="packed loss through the pipeline")
     assert abs(float(unsegmented) - float(want)) > 1e-3, "the segments made no difference: were they dropped?"
+    # evaluation runs the stages eagerly (each rank its own): the same loss, the same greedy tokens
+    staged = StagedFlamingo(run.model, run.pipe, run.topology).eval()
+    _close(staged(batch), want, tol=1e-5, what="packed loss through the staged model")
+    a, red = tok.convert_tokens_to_ids(["a", "red"])
+    prompt = torch.tensor([[enc.image_id, a, red], [enc.pad_id, enc.image_id, a]])
+    mask = (prompt != enc.pad_id).long()
+    images, valid = batch["images"][:, :1], batch["media_valid"][:, :1]
+    with torch.no_grad():
+        want_tokens = plain.generate(prompt, mask, images, valid, max_new_tokens=8, pad_token_id=enc.pad_id)
+    got_tokens = staged.generate(prompt, mask, images, valid, max_new_tokens=8, pad_token_id=enc.pad_id)
+    assert torch.equal(got_tokens, want_tokens), (got_tokens, want_tokens)
+    assert not torch.equal(want_tokens[0], want_tokens[1])  # the rows' images and prompts tell
+    with torch.no_grad():
+        want_logits = plain.next_logits(prompt, *plain.media(prompt, images, valid))
+    _close(staged.next_logits(prompt, *staged.media(prompt, images, valid)), want_logits, tol=1e-5,
+           what="next-token logits through the stages")
+
+
+def _zero3_decoding(rank, world):
+    """ZeRO-3 over 2 ranks gathers each module's weights collectively: a rank whose rows are done
+    keeps running forwards until its peer's are, and each gets the plain model's tokens."""
+    from furnace.config import load_config
+    from furnace.data.synthetic import demo_tokenizer
+    from furnace.parallel.topology import Topology
+    from furnace.training.build import build, build_model
+    from furnace.training.distributed import init_distributed
+
+    init_distributed()
+    cfg = load_config("demo", ["parallel.zero_stage=3", "train.micro_batch_size=2", "train.global_batch_size=4",
+                               "train.precision=fp32", "model.xattn.gate_init=0.5"])
+    tok = demo_tokenizer()
+    run = build(cfg, Topology(), loaders=False, tokenizer=tok)
+    torch.manual_seed(cfg.train.seed)
+    plain = build_model(cfg, tok).eval()
+    img = tok.convert_tokens_to_ids("<image>")
+    torch.manual_seed(10 + rank)  # each rank its own rows; rank 0's two are the same, so end together
+    a, red, blue, square = tok.convert_tokens_to_ids(["a", "red", "blue", "square"])
+    prompt = torch.tensor([[img, a, red], [img, a, red]] if rank == 0 else [[img, a, blue], [img, blue, square]])
+    images = torch.randn(1 if rank == 0 else 2, 1, 1, 3, 32, 32).expand(2, -1, -1, -1, -1, -1).contiguous()
+    valid = torch.ones(2, 1, dtype=torch.bool)
+    with torch.no_grad():
+        first = int(plain.generate(prompt, None, images, valid, max_new_tokens=1)[0, 0])
+        eos = first if rank == 0 else None  # rank 0 is done after one token, rank 1 decodes 6
+        want = plain.generate(prompt, None, images, valid, max_new_tokens=6, eos_token_id=eos)
+    run.model.eval()
+    got = run.model.generate(prompt, None, images, valid, max_new_tokens=6, eos_token_id=eos,
+                             synced_group=run.topology.get_data_parallel_group())
+    assert want.shape[1] == (1 if rank == 0 else 6)
+    assert got.shape[1] == 6 and not got[:, want.shape[1]:].any()  # decoded on, padded
+    assert torch.equal(got[:, : want.shape[1]], want), (rank, got, want)
+
+
+def test_zero3_ranks_decode_in_lockstep(failures):
+    check(failures, _zero3_decoding)
 
 
 def test_packed_rows_through_the_pipeline_match_the_plain_model(failures):

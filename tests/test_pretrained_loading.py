@@ -9,7 +9,7 @@ from furnace.model import llama
 from furnace.model.flamingo import FlamingoModel
 from furnace.model.hf_io import WeightReader
 from furnace.model.vision import vision_from_config
-from furnace.parallel.materialize import load_pretrained_lm
+from furnace.parallel.materialize import load_pretrained_lm, load_pretrained_tower
 from test_model_flamingo import tiny_cfg
 from train_utils import lm_tokenizer, metrics, run, train_cmd
 
@@ -48,25 +48,31 @@ def test_reader_reads_blocks_of_rows_and_columns(pretrained):
     assert torch.equal(r.read(key, 1, 64, 128), whole[:, 64:])
 
 
-def test_a_filled_decoder_equals_the_whole_load(pretrained):
-    """One rank, no ZeRO: the meta decoder filled tensor by tensor equals llama.from_hf (whose
-    logits tests/test_model_llama.py checks against transformers'), new rows included."""
+def test_a_filled_decoder_and_tower_equal_the_whole_load(pretrained):
+    """One rank, no ZeRO: the meta decoder and tower filled tensor by tensor equal llama.from_hf
+    (whose logits tests/test_model_llama.py checks against transformers') and transformers'
+    from_pretrained of the tower, new rows included."""
+    from furnace.model.vision import vision_from_hf, vision_skeleton_from_hf
+
     cfg = tiny_cfg()
     vocab = llama.skeleton_from_hf(pretrained / "llama").cfg.vocab_size + 2  # <image>, <|endofchunk|>
     models = []
-    for lm in (llama.from_hf(pretrained / "llama"), llama.skeleton_from_hf(pretrained / "llama")):
+    for lm, tower in ((llama.from_hf(pretrained / "llama"), vision_from_hf(str(pretrained / "clip"))),
+                      (llama.skeleton_from_hf(pretrained / "llama"), vision_skeleton_from_hf(str(pretrained / "clip")))):
         torch.manual_seed(0)
-        m = FlamingoModel(lm, vision_from_config(cfg.vision), cfg, vocab_size=vocab, image_token_id=vocab - 2,
-                          eoc_token_id=vocab - 1)
+        m = FlamingoModel(lm, tower, cfg, vocab_size=vocab, image_token_id=vocab - 2, eoc_token_id=vocab - 1)
         models.append(m)
     whole, filled = models
-    assert all(p.is_meta for p in filled.lm.parameters())
+    assert all(p.is_meta for p in filled.lm.parameters()) and all(p.is_meta for p in filled.vision.parameters())
     read = load_pretrained_lm(filled, str(pretrained / "llama"))
     assert read == sum(p.numel() * 4 for p in whole.lm.parameters())  # every tensor once, nothing more
+    read = load_pretrained_tower(filled, str(pretrained / "clip"))
+    assert read == sum(p.numel() * 4 for p in whole.vision.parameters())
     a, b = whole.state_dict(), filled.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    assert not any(p.requires_grad for p in filled.vision.parameters())  # frozen as configured
 
 
 def test_a_pipeline_stage_fills_only_its_own_modules(pretrained):

@@ -63,13 +63,13 @@ COMMANDS = {
     "python train.py --nproc 2 --set parallel.layout=auto": "train",
     "python benchmarks/memory.py --out benchmarks/results/memory-cpu.json": "run",
     "python benchmarks/launch_forms.py --out benchmarks/results/launch-forms-cpu.json": "benchmark",
-    "python benchmarks/load.py --out benchmarks/results/load-cpu.json": "run",
+    "python benchmarks/load.py --after --out benchmarks/results/load-cpu.json": "run",
 }
 # What a benchmark command gets appended on the CPU to stay short.
 SHORTER = {"benchmarks/dataloader.py": ["--n", "64", "--batches", "2", "--workers", "0"],
            "benchmarks/memory.py": ["--layouts", "dp1"], "benchmarks/launch_forms.py": ["--steps", "6", "--repeats", "1"],
            "benchmarks/throughput.py": ["--warmup", "1", "--steps", "2"],
-           "benchmarks/load.py": ["--layouts", "zero3_dp2", "--hidden", "128", "--layers", "2", "--vocab", "512"]}
+           "benchmarks/load.py": ["--layouts", "zero3_dp2", "--hidden", "128", "--layers", "4", "--vocab", "512"]}
 
 
 def readme_commands() -> list[str]:

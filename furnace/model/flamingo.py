@@ -15,6 +15,7 @@ its own. Nothing per-batch is stored on a module: latents, text_time and caches 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 
@@ -30,7 +31,7 @@ from .layers import run_block
 from .llama import KVCache, Llama
 from .perceiver import PerceiverResampler
 from .vision import VisionTower, vision_from_config, vision_from_hf
-from .xattn import GatedCrossAttentionBlock
+from .xattn import GatedCrossAttentionBlock, MediaKV
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -178,6 +179,8 @@ class FlamingoModel(nn.Module):
         # The loss over the head's logits; tensor parallelism swaps in the vocab-parallel CE
         # (furnace.parallel.apply), which reads this rank's vocabulary slice of the logits.
         self.loss_fn = causal_lm_loss
+        # Decoding needs every row of the vocabulary: tensor parallelism sets a gather here.
+        self.gather_logits = None
         self.lm.requires_grad_(not cfg.freeze_lm)
 
     # -------------------------------------------------------------- pieces
@@ -249,41 +252,68 @@ class FlamingoModel(nn.Module):
 
     # -------------------------------------------------------------- generation
 
+    def media(self, input_ids, images, media_valid):
+        """(latents, media_segment, text_time) for decoding."""
+        return media_context(self.vision, self.perceiver, input_ids, images, media_valid, self.image_token_id)
+
+    def next_logits(self, input_ids, latents, media_segment, text_times, **kw) -> torch.Tensor:
+        """[B, whole vocabulary]: the logits after the last position, gathered under TP."""
+        logits = self.decoder(input_ids, latents, media_segment, text_times, **kw)[:, -1]
+        return logits if self.gather_logits is None else self.gather_logits(logits)
+
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, images=None, media_valid=None, *,
-                 max_new_tokens: int = 20, eos_token_id: int | None = None, pad_token_id: int = 0) -> torch.Tensor:
-        """Greedy decoding with a KV cache; latents and their xattn keys/values are computed once
-        per sample. Prompts may be right- or left-padded (attention_mask); returns [B, new].
-        <image> is never generated: no image could stand behind it."""
-        b = input_ids.shape[0]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        ids, mask = left_align(input_ids, attention_mask, pad_token_id)
-        self.check_media(ids, media_valid)
-        latents, seg, tt = media_context(self.vision, self.perceiver, ids, images, media_valid, self.image_token_id)
-        media_kvs = [blk.attn.media_kv(latents) for blk in self.xattn]
-        caches = [KVCache() for _ in self.lm.layers]
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        kv_seg = mask
-        logits = self.decoder(ids, latents, seg, tt, position_ids=pos, segment_ids=mask, kv_segment_ids=kv_seg,
-                              caches=caches, media_kvs=media_kvs)[:, -1]
-        out = []
-        done = torch.zeros(b, dtype=torch.bool, device=ids.device)
-        one = torch.ones(b, 1, dtype=mask.dtype, device=ids.device)
-        for _ in range(max_new_tokens):
-            logits[:, self.image_token_id] = float("-inf")
-            nxt = logits.argmax(-1).masked_fill(done, pad_token_id)
-            out.append(nxt)
-            if eos_token_id is not None:
-                done |= nxt == eos_token_id
-                if bool(done.all()):
-                    break
-            pos = pos[:, -1:] + 1
-            tt = tt[:, -1:]
-            kv_seg = torch.cat([kv_seg, one], dim=1)
-            logits = self.decoder(nxt[:, None], latents, seg, tt, position_ids=pos, segment_ids=one,
-                                  kv_segment_ids=kv_seg, caches=caches, media_kvs=media_kvs)[:, -1]
-        return torch.stack(out, dim=1)
+    def generate(self, input_ids, attention_mask=None, images=None, media_valid=None, **kw) -> torch.Tensor:
+        """Greedy decoding (`greedy_decode`) with this model."""
+        return greedy_decode(self, input_ids, attention_mask, images, media_valid, **kw)
+
+
+@torch.no_grad()
+def greedy_decode(model, input_ids, attention_mask=None, images=None, media_valid=None, *, max_new_tokens: int = 20,
+                  eos_token_id: int | None = None, pad_token_id: int = 0, synced_group=None) -> torch.Tensor:
+    """Greedy decoding with a KV cache; latents and their xattn keys/values are computed once
+    per sample. Prompts may be right- or left-padded (attention_mask); returns [B, new].
+    <image> is never generated: no image could stand behind it. `model`: a FlamingoModel, or
+    anything with its `check_media`, `media`, `next_logits` and `image_token_id` (a pipeline's
+    stages run eagerly). `synced_group`: ranks that must run the same number of forwards (ZeRO-3
+    gathers weights collectively): decoding goes on until every one of them is done."""
+    b = input_ids.shape[0]
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    ids, mask = left_align(input_ids, attention_mask, pad_token_id)
+    model.check_media(ids, media_valid)
+    latents, seg, tt = model.media(ids, images, media_valid)
+    caches = {"caches": collections.defaultdict(KVCache), "media_kvs": collections.defaultdict(MediaKV)}
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    kv_seg = mask
+    logits = model.next_logits(ids, latents, seg, tt, position_ids=pos, segment_ids=mask, kv_segment_ids=kv_seg,
+                               **caches)
+    out = []
+    done = torch.zeros(b, dtype=torch.bool, device=ids.device)
+    one = torch.ones(b, 1, dtype=mask.dtype, device=ids.device)
+    for _ in range(max_new_tokens):
+        logits[:, model.image_token_id] = float("-inf")
+        nxt = logits.argmax(-1).masked_fill(done, pad_token_id)
+        out.append(nxt)
+        if eos_token_id is not None:
+            done |= nxt == eos_token_id
+        if (eos_token_id is not None or synced_group is not None) and all_done(done, synced_group):
+            break
+        pos = pos[:, -1:] + 1
+        tt = tt[:, -1:]
+        kv_seg = torch.cat([kv_seg, one], dim=1)
+        logits = model.next_logits(nxt[:, None], latents, seg, tt, position_ids=pos, segment_ids=one,
+                                   kv_segment_ids=kv_seg, **caches)
+    return torch.stack(out, dim=1)
+
+
+def all_done(done: torch.Tensor, group=None) -> bool:
+    """Every row finished, on this rank and, with `group`, on every rank of it (one host sync)."""
+    left = (~done).sum().reshape(1)  # on the rows' device: NCCL reduces device tensors only
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(left, group=group)
+    return int(left.item()) == 0
 
 
 def left_align(input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int):

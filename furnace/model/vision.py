@@ -8,6 +8,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, 
 from furnace.config import VisionConfig
 from furnace.data.images import IMAGE_STATS
 
+from .empty import empty
 from .hf_io import read_config
 
 KINDS = {"clip": (CLIPVisionConfig, CLIPVisionModel), "siglip": (SiglipVisionConfig, SiglipVisionModel)}
@@ -85,8 +86,6 @@ def vision_from_hf(path: str, frozen: bool = True, dtype: torch.dtype = torch.fl
 def vision_skeleton_from_hf(path: str, frozen: bool = True) -> VisionTower:
     """The tower a local HF CLIP/SigLIP checkpoint folder describes, its parameters on the meta
     device (buffers real): `furnace.parallel.materialize` fills it in, reading the weights once."""
-    from .empty import empty
-
     kind = _kind_of(read_config(path))
     cfg_cls, cls = KINDS[kind]
     with empty():

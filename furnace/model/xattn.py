@@ -11,10 +11,11 @@ from .layers import FeedForward, merge_heads, split_heads
 
 
 class MediaKV:
-    """Keys/values of the latents for one xattn block, computed once per sample when decoding."""
+    """Keys/values of the latents for one xattn block when decoding: filled by the block's first
+    forward, reused by the next tokens' (inside the forward, so ZeRO-3 has the weights gathered)."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
-        self.k, self.v = k, v
+    def __init__(self):
+        self.k = self.v = None
 
 
 class CrossAttention(nn.Module):
@@ -27,15 +28,18 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(dim_visual, heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
 
-    def media_kv(self, latents: torch.Tensor) -> MediaKV:
-        return MediaKV(split_heads(self.to_k(latents), self.dim_head), split_heads(self.to_v(latents), self.dim_head))
+    def media_kv(self, latents: torch.Tensor, cache: MediaKV | None = None) -> MediaKV:
+        kv = MediaKV() if cache is None else cache
+        if kv.k is None:
+            kv.k, kv.v = split_heads(self.to_k(latents), self.dim_head), split_heads(self.to_v(latents), self.dim_head)
+        return kv
 
     def forward(self, x, latents, text_time, media_segment, media_kv: MediaKV | None = None):
         """x [B, L, dim]; latents [B, T*n, dv]; text_time [B, L]; media_segment [B, T*n] = image
         index + 1 (-1 for padding media). Token i sees latent j iff text_time[i] == media_segment[j],
         so tokens before the first image (text_time 0) see nothing and get exactly 0."""
         q = split_heads(self.to_q(self.norm(x)), self.dim_head)
-        kv = media_kv if media_kv is not None else self.media_kv(latents)
+        kv = self.media_kv(latents, media_kv)
         out = attention(q, kv.k, kv.v, q_segment=text_time, kv_segment=media_segment)
         return self.to_out(merge_heads(out))
 

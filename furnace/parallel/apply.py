@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, VocabParallelLMLoss,
-                     mark_sharded, shard_cols, shard_rows, vocab_range)
+from .tensor import (ColumnParallelLinear, GatherVocabLogits, RowParallelLinear, VocabParallelEmbedding,
+                     VocabParallelLMLoss, mark_sharded, shard_cols, shard_rows, vocab_range)
 
 
 # Leaf module names that parallelize() shards (the plan in the docstring).
@@ -144,67 +144,5 @@ def parallelize(model, topology, *, partition=None) -> nn.Module:
     _swap(lm, "lm_head", lambda head: _vocab_head(head, tied, group), partition)
     n_new = 0 if model.new_tokens is None else model.new_tokens.count
     model.loss_fn = VocabParallelLMLoss(model.base_vocab, n_new, group)
+    model.gather_logits = GatherVocabLogits(model.base_vocab, n_new, group)
     return model
-
-
-# ------------------------------------------------------------------ gathering back to one model
-
-def _gather_dim(t: torch.Tensor, dim: int, group) -> torch.Tensor:
-    n = dist.get_world_size(group)
-    parts = [torch.empty_like(t) for _ in range(n)]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
-def full_state_dict(model, *, pipe=None, topology=None) -> dict[str, torch.Tensor]:
-    """The plain (unsharded) model's state_dict from a tensor-parallel, ZeRO-3 partitioned or
-    pipelined one: ZeRO-3 gathers each parameter over data-parallel peers, tensor-parallel
-    shards are all-gathered (vocabulary padding trimmed), and with `pipe` (the PipelineModule
-    built over `model`) each parameter comes from the first stage that holds it. Collective over
-    all ranks; every rank gets the whole state on the CPU."""
-    import deepspeed
-
-    group = getattr(model, "tp_group", None)
-    mods = dict(model.named_modules())
-    owner = None
-    if pipe is not None:
-        owned = {id(p) for p in pipe.parameters()}
-        mine = [n for n, p in model.named_parameters(remove_duplicate=False) if id(p) in owned]
-        pp_group = topology.get_pipe_parallel_group()
-        everyone: list = [None] * topology.pp
-        dist.all_gather_object(everyone, mine, group=pp_group)
-        owner = {}
-        for stage, names in enumerate(everyone):
-            for n in names:
-                owner.setdefault(n, stage)
-    out: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.is_meta:  # another pipeline stage's part of a pretrained decoder: the broadcast fills it
-            t = torch.empty(p.shape, dtype=p.dtype)
-        else:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                t = p.data.detach().clone()
-        shape = getattr(p, "ds_shape", None)
-        if shape is not None:
-            t = t.view(shape)
-        if group is not None and getattr(p, "tensor_model_parallel", False):
-            t = _gather_dim(t, p.partition_dim, group)
-            mod = mods[name.rsplit(".", 1)[0]]
-            vocab = getattr(mod, "vocab_size", None) or getattr(mod, "num_embeddings", None)
-            if vocab is not None and p.partition_dim == 0:
-                n = dist.get_world_size(group)
-                per = vocab_range(vocab, 0, n)[2]
-                t = torch.cat([t[i * per: min((i + 1) * per, vocab)] for i in range(n)])
-        if owner is not None:
-            if name not in owner:
-                raise RuntimeError(f"parameter {name} is on no pipeline stage")
-            c = topology.coord
-            src = topology.rank_of(owner[name], c.dp, c.tp)
-            t = t.contiguous()
-            dist.broadcast(t, src=src, group=topology.get_pipe_parallel_group())
-        out[name] = t.cpu()
-    keys = set(model.state_dict().keys())  # persistent buffers only, tied names included
-    for name, b in model.named_buffers():
-        if name in keys:
-            out[name] = b.detach().cpu()
-    return out

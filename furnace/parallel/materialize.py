@@ -1,14 +1,15 @@
-"""Filling in a pretrained decoder that was built on the meta device (its shape only), so that no
-rank ever holds the whole LM.
+"""Filling in a pretrained decoder and vision tower that were built without weights (their shapes
+only), so that no rank ever holds the whole LM.
 
-`build` makes the FlamingoModel with a meta LM (`llama.skeleton_from_hf`), applies tensor
-parallelism to it (the meta parameters take their tensor-parallel shapes) and calls
-`load_pretrained_lm`. Module by module (the embedding, each decoder layer, the norm, the head),
-each rank allocates the parameters it keeps and reads into them only its tensor-parallel rows or
-columns of each checkpoint tensor (safetensors slices: nothing else of the file is read); under
-ZeRO-3 the module is then partitioned over the data-parallel group at once
-(`deepspeed.zero.Init(module=...)`), so a rank holds its partitions plus one module's
-tensor-parallel part; under pipeline parallelism a rank fills only its stage's modules and the
+`build` makes the FlamingoModel with a meta LM (`llama.skeleton_from_hf`) and tower
+(`vision.vision_skeleton_from_hf`), applies tensor parallelism to it (the meta parameters take
+their tensor-parallel shapes) and calls `load_pretrained_lm` and `load_pretrained_tower`. Piece by
+piece (the embedding, each decoder layer, the norm, the head; each encoder block of the tower,
+then the rest of it), each rank allocates the parameters it keeps and reads into them only its
+tensor-parallel rows or columns of each checkpoint tensor (safetensors slices: nothing else of the
+file is read); under ZeRO-3 the piece is then partitioned over the data-parallel group at once
+(`deepspeed.zero.Init(module=...)`), so a rank holds its partitions plus one piece's
+tensor-parallel part; under pipeline parallelism a rank fills only its stage's pieces and the
 others stay on the meta device.
 """
 from __future__ import annotations
@@ -48,31 +49,24 @@ def lm_modules(model) -> list[tuple[str, nn.Module]]:
     return pieces + [("lm.norm.", lm.norm), ("lm.lm_head.", lm.lm_head)]
 
 
-def load_pretrained_lm(model, path: str, topology=None, *, keep=None, partition=None,
-                       dtype: torch.dtype = torch.float32, device=None) -> int:
-    """Fills model.lm's meta parameters from the checkpoint at `path`, in `dtype` on `device`
-    (the CPU by default; under ZeRO-3 where `zero3.zero3_placement` put the rest of the model).
-    `partition(module)` (ZeRO-3, collective) partitions each module as soon as it is read;
-    `keep(param) -> bool` limits the reading to what this rank holds (a pipeline stage's), the
-    rest staying on the meta device; `topology` None: one process. Returns the bytes read."""
-    device = torch.device("cpu") if device is None else device
-    reader = WeightReader(path)
-    missing = {hf_name(n.removeprefix("lm."), model.lm.cfg.tie_word_embeddings)
-               for n, _ in model.lm.named_parameters(prefix="lm")} - set(reader.names())
+def _fill(model, pieces, path: str, reader: WeightReader, key_of, rank: int, size: int, *, keep, partition,
+          dtype, device) -> int:
+    """Each piece's meta parameters read (this rank's tensor-parallel cut) and, under ZeRO-3,
+    partitioned before the next piece is read. Returns the bytes read."""
+    missing = sorted({key_of(prefix + leaf) for prefix, mod in pieces for leaf, _ in mod.named_parameters()}
+                     - set(reader.names()))
     if missing:
-        raise ValueError(f"checkpoint {path!r} lacks {sorted(missing)[:5]} that a {model.lm.cfg.model_type} decoder "
-                         "of its config.json needs")
-    rank, size = (0, 1) if topology is None else (topology.coord.tp, topology.tp)
+        raise ValueError(f"checkpoint {path!r} lacks {missing[:5]} that the model of its config.json needs")
     done: set[int] = set()
     read = 0
-    for prefix, mod in lm_modules(model):
+    for prefix, mod in pieces:
         new: dict[int, nn.Parameter] = {}
         for leaf, p in mod.named_parameters():
             if id(p) in done or not p.is_meta or (keep is not None and not keep(p)):
                 continue
             done.add(id(p))
             name = prefix + leaf
-            key = hf_name(name.removeprefix("lm."), model.lm.cfg.tie_word_embeddings)
+            key = key_of(name)
             t = _read_cut(reader, key, name, p.shape, rank, size)
             if tuple(t.shape) != tuple(p.shape):
                 raise ValueError(f"{key} in {path!r} is {tuple(reader.shape(key))}, which does not give this rank's "
@@ -84,9 +78,45 @@ def load_pretrained_lm(model, path: str, topology=None, *, keep=None, partition=
         if not new:
             continue
         replace_parameters(model, new)
-        if partition is not None:  # partition this module now: the next one is read into freed memory
+        if partition is not None:  # partition this piece now: the next one is read into freed memory
             partition(mod)
+    return read
+
+
+def load_pretrained_lm(model, path: str, topology=None, *, keep=None, partition=None,
+                       dtype: torch.dtype = torch.float32, device=None) -> int:
+    """Fills model.lm's meta parameters from the checkpoint at `path`, in `dtype` on `device`
+    (the CPU by default; under ZeRO-3 where `zero3.zero3_placement` put the rest of the model).
+    `partition(module)` (ZeRO-3, collective) partitions each module as soon as it is read;
+    `keep(param) -> bool` limits the reading to what this rank holds (a pipeline stage's), the
+    rest staying on the meta device; `topology` None: one process. Returns the bytes read."""
+    device = torch.device("cpu") if device is None else device
+    reader = WeightReader(path)
+    rank, size = (0, 1) if topology is None else (topology.coord.tp, topology.tp)
+    tied = model.lm.cfg.tie_word_embeddings
+    read = _fill(model, lm_modules(model), path, reader, lambda name: hf_name(name.removeprefix("lm."), tied),
+                 rank, size, keep=keep, partition=partition, dtype=dtype, device=device)
     if model.new_tokens is not None:  # the new rows start at the mean of the embedding rows, as from_hf's
         key = hf_name("embed_tokens.weight", False)
         model.new_tokens.start_at(reader.read(key).float().mean(0))
     return read
+
+
+def tower_modules(model) -> list[tuple[str, nn.Module]]:
+    """The vision tower in the pieces it is filled in: each block of its encoder, then the rest."""
+    pieces = []
+    for name, mod in model.vision.named_modules(prefix="vision"):
+        if isinstance(mod, nn.ModuleList):
+            pieces += [(f"{name}.{i}.", item) for i, item in enumerate(mod)]
+    return pieces + [("vision.", model.vision)]
+
+
+def load_pretrained_tower(model, path: str, *, keep=None, partition=None, dtype: torch.dtype = torch.float32,
+                          device=None) -> int:
+    """Fills model.vision's meta parameters (a tower built by `vision.vision_skeleton_from_hf`)
+    from the HF CLIP/SigLIP checkpoint at `path` (a vision model or a whole CLIP/SigLIP: its
+    `vision_model.*` tensors), block by block, as `load_pretrained_lm` does the decoder. The
+    tower is replicated over tensor parallelism: every rank reads it whole."""
+    device = torch.device("cpu") if device is None else device
+    return _fill(model, tower_modules(model), path, WeightReader(path), lambda name: name.removeprefix("vision.model."),
+                 0, 1, keep=keep, partition=partition, dtype=dtype, device=device)

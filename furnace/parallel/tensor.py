@@ -328,3 +328,17 @@ class VocabParallelLMLoss:
                                                group=self.group, extra_logits=extra, extra_start=self.base_vocab,
                                                ignore_index=ignore_index)
         return per_tok.sum() / (target != ignore_index).sum().clamp(min=1)
+
+
+class GatherVocabLogits:
+    """For decoding: [..., local base vocab (padded) + new tokens] -> [..., base vocab + new
+    tokens], every rank the whole row (the padding rows dropped)."""
+
+    def __init__(self, base_vocab: int, n_new: int, group):
+        self.group = group
+        self.per_rank = vocab_range(base_vocab, _rank(group), _size(group))[2]
+        self.base_vocab = base_vocab
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        local, extra = logits[..., : self.per_rank], logits[..., self.per_rank:]
+        return torch.cat([_gather_last(local, self.group)[..., : self.base_vocab], extra], dim=-1)

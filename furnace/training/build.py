@@ -26,9 +26,9 @@ from furnace.data.synthetic import demo_tokenizer
 from furnace.data.tokenizer import load_tokenizer, tokenizer_dir
 from furnace.model.flamingo import FlamingoModel, build_flamingo
 from furnace.model.llama import skeleton_from_hf
-from furnace.model.vision import config_of
+from furnace.model.vision import config_of, vision_skeleton_from_hf
 from furnace.parallel.apply import parallelize
-from furnace.parallel.materialize import load_pretrained_lm
+from furnace.parallel.materialize import load_pretrained_lm, load_pretrained_tower
 from furnace.parallel.pipeline import flamingo_pipeline, stage_parameters
 from furnace.parallel.topology import Topology
 from furnace.parallel.zero3 import partitioner, zero3_placement
@@ -108,13 +108,14 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
     if tokenizer is None:
         tokenizer = build_tokenizer(cfg, loaders=loaders)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    # A pretrained LM is built as its shape only and filled in below, each rank reading only what
-    # it keeps (furnace.parallel.materialize). Under ZeRO-3 the resampler and xattn blocks are
-    # partitioned as they are drawn, the rest is drawn whole from the seed.
-    lm_path = cfg.model.lm.path
+    # A pretrained LM and tower are built as their shapes only and filled in below, each rank
+    # reading only what it keeps (furnace.parallel.materialize). Under ZeRO-3 the resampler and
+    # xattn blocks are partitioned as they are drawn, the rest is drawn whole from the seed.
+    lm_path, tower_path = cfg.model.lm.path, cfg.model.vision.path
     zero3 = eng.build_ds_config(cfg, dp, grad_accum) if cfg.parallel.zero_stage == 3 and topology.pp == 1 else None
     partition = partitioner(zero3, topology) if zero3 is not None else None
     model = build_model(cfg, tokenizer, lm=skeleton_from_hf(lm_path) if lm_path else None,
+                        vision=vision_skeleton_from_hf(tower_path, cfg.model.freeze_vision) if tower_path else None,
                         drawn_in=partition or contextlib.nullcontext)
     if cfg.data.max_length == 0:  # from the data, within the LM's positions
         cfg.data.max_length = longest_sample(cfg.data, tokenizer, cap=model.lm.cfg.max_position_embeddings)
@@ -123,10 +124,12 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
     dtype, device = zero3_placement(model, zero3) if zero3 is not None else (torch.float32, None)
     if topology.tp > 1:
         parallelize(model, topology, partition=partition)  # this rank's shards of the full, seeded weights
+    stage = stage_parameters(model, topology) if topology.pp > 1 and (lm_path or tower_path) else None
+    keep = None if stage is None else (lambda p: id(p) in stage)
     if lm_path:
-        stage = stage_parameters(model, topology) if topology.pp > 1 else None
-        load_pretrained_lm(model, lm_path, topology, keep=None if stage is None else (lambda p: id(p) in stage),
-                           partition=partition, dtype=dtype, device=device)
+        load_pretrained_lm(model, lm_path, topology, keep=keep, partition=partition, dtype=dtype, device=device)
+    if tower_path:
+        load_pretrained_tower(model, tower_path, keep=keep, partition=partition, dtype=dtype, device=device)
     pipe = flamingo_pipeline(model, topology) if topology.pp > 1 else None
     engine, _ = eng.initialize(cfg, pipe if pipe is not None else model, topology, dp, grad_accum)
     train_loader = None

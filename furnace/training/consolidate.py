@@ -78,8 +78,10 @@ class CheckpointWeights:
             return self._legacy.read(name).float()
         if self._zero_dir is not None and (self._zero_dir / self._names[name]).is_dir():
             return read_state(self._zero_dir / self._names[name], "fp32", self._shapes.get(self._names[name])).float()
-        parts = [self._module_part(name, t) for t in range(self.tp)]
-        return self._join(name, parts).float()
+        try:
+            return self._join(name, [self._module_part(name, t) for t in range(self.tp)]).float()
+        finally:  # unmap the files: the pages read stay resident while a file is mapped
+            self._files.clear()
 
     # ---------------------------------------------------------------- module-state files
 
@@ -88,7 +90,7 @@ class CheckpointWeights:
             if not path.is_file():
                 raise CheckpointError(f"checkpoint {self.tagdir.name} lacks {path.name}, which holds part of the "
                                       "model: it is damaged; export an older tag (--tag)")
-            self._files[path] = safe_load(path, map_location="cpu", mmap=True)  # mapped: one tensor is read
+            self._files[path] = safe_load(path, map_location="cpu", mmap=True)  # mapped: only what is used is read
         return self._files[path]
 
     def _module_part(self, name: str, t: int) -> torch.Tensor:

@@ -23,14 +23,15 @@ from tqdm import tqdm
 from furnace.config import ConfigError, split_sources
 from furnace.data.streams import merge_states
 from furnace.model.flamingo_io import architecture
-from furnace.parallel.apply import full_state_dict
+from furnace.parallel.staged import StagedFlamingo
 from furnace.parallel.pipeline import batch_to_pipe
 from furnace.parallel.topology import Topology
 from furnace.training import checkpoint as ckpt
-from furnace.training.build import build, build_model
+from furnace.training.build import build
 from furnace.training.distributed import all_reduce_host, init_distributed
 from furnace.training.engine import current_loss_scale, total_grad_norm
-from furnace.training.evaluate import caption_accuracy, evaluate_local, refresh_replica, summarize
+from furnace.training.caption_scores import caption_scores
+from furnace.training.evaluate import caption_accuracy, evaluate_local, summarize
 from furnace.training.faults import Faults
 from furnace.training.gate_grads import GateGrads
 from furnace.system import usable_cores
@@ -53,7 +54,6 @@ class Trainer:
         self.cfg = cfg
         self.stop = stop if stop is not None else StopRequest()
         self.lock: RunDirLock | None = None
-        self.replica = None  # plain copy of the model for evaluation (built on first use)
 
     # -------------------------------------------------------------- setup
 
@@ -209,18 +209,22 @@ class Trainer:
         log.warning(f"saved checkpoint {tag}")
 
     def evaluate(self) -> dict:
-        if self.replica is None:
-            self.replica = build_model(self.cfg, self.tokenizer).to(self.device)
-        if self.pipe is not None:  # gather the stages (and tp shards) into the plain replica
-            self.replica.load_state_dict(full_state_dict(self.model, pipe=self.pipe, topology=self.topo), strict=False)
-        else:
-            refresh_replica(self.replica, self.engine.module)
+        """Validation loss and captions through the training model itself (its TP shards, ZeRO-3
+        partitions, pipeline stage): no rank builds a copy of the whole model."""
+        staged = self.pipe is not None
+        runner = StagedFlamingo(self.model, self.pipe, self.topo) if staged else self.model
+        # ZeRO-3 gathers each module's weights with every dp peer: they stop decoding together
+        synced = self.topo.get_data_parallel_group() if self.cfg.parallel.zero_stage == 3 and not staged else None
         val = self.components.val_loader(batch_size=4 * self.cfg.train.micro_batch_size)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.train.precision, torch.float32)
-        with torch.autocast(self.device.type if hasattr(self.device, "type") else "cpu", dtype=dtype,
-                            enabled=dtype != torch.float32):
-            stats, examples = evaluate_local(self.replica, val, self.tokenizer, device=self.device,
-                                             max_new_tokens=self.cfg.data.max_length, accuracy_fn=caption_accuracy)
+        try:
+            with torch.autocast(self.device.type if hasattr(self.device, "type") else "cpu", dtype=dtype,
+                                enabled=dtype != torch.float32):
+                stats, examples = evaluate_local(runner, val, self.tokenizer, device=self.device,
+                                                 max_new_tokens=self.cfg.data.max_length, accuracy_fn=caption_accuracy,
+                                                 synced_group=synced)
+        finally:
+            runner.train()
         self.val_skipped = val.skipped
         return summarize(stats, examples, self.topo.get_data_parallel_group())
 
@@ -327,7 +331,8 @@ class Trainer:
             last_eval = self._eval_and_log()
         if self.rank == 0 and last_eval is not None:
             print(f"held-out caption accuracy: {last_eval['caption_accuracy']:.3f} "
-                  f"({last_eval['val_samples']} samples), val loss {last_eval['val_loss']:.4f}", flush=True)
+                  f"({last_eval['val_samples']} samples), CIDEr {last_eval['cider']:.3f}, BLEU-4 "
+                  f"{last_eval['bleu4']:.3f}, val loss {last_eval['val_loss']:.4f}", flush=True)
         self.writer.close()
         dist.barrier()
         return 0
@@ -338,6 +343,17 @@ class Trainer:
             log.warning(f"the validation set ({self.cfg.data.val_shards}) gave no usable sample (skipped on rank "
                         f"{self.rank}: {self.val_skipped}); val loss and caption accuracy are NaN: fix data.val_shards")
         rec = {"step": self.step, "eval/val_loss": res["val_loss"], "eval/caption_accuracy": res["caption_accuracy"]}
+        if self.rank == 0:  # the field's caption metrics, and every caption next to its reference
+            pairs = res["examples"]
+            scores = caption_scores({i: p for i, (p, _) in enumerate(pairs)}, {i: [r] for i, (_, r) in enumerate(pairs)})
+            res.update(cider=scores.get("CIDEr", float("nan")), bleu4=scores.get("BLEU-4", float("nan")))
+            rec.update({"eval/cider": res["cider"], "eval/bleu4": res["bleu4"]})
+            out = Path(self.cfg.train.run_dir) / "eval" / f"step{self.step:08d}.json"
+            out.parent.mkdir(exist_ok=True)
+            samples = [{"prediction": p, "reference": r} for p, r in pairs]
+            out.write_text(json.dumps({**{k.removeprefix("eval/"): v for k, v in rec.items()},
+                                       "val_samples": res["val_samples"], "scores": scores, "samples": samples},
+                                      indent=1))
         self.writer.write(rec)
         log.warning(f"eval at step {self.step}: val loss {res['val_loss']:.4f}, caption accuracy "
                     f"{res['caption_accuracy']:.3f}; e.g. {res['examples'][:2]}")
