@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from furnace.config import load_config
-from furnace.model.flamingo import build_flamingo, left_align, media_segments
+from furnace.model.decoding import left_align
+from furnace.model.flamingo import build_flamingo, media_segments
 from furnace.model.flamingo_io import lm_with_new_tokens
 from furnace.tokens import IGNORE_INDEX, build_labels, text_time
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.multirank
 STEPS = 5
 COMMON = (f"train.max_steps={STEPS}", "train.save_every=3", f"train.lr_decay_steps={STEPS}",
           "model.xattn.gate_init=0.1", "debug.log_gate_grads=true", f"train.eval_every={STEPS}")
-
+NO_EVAL = "train.eval_every=0"  # resumed runs: the curve is the point, the evaluation is checked once per layout
 
 RUNS: dict = {}  # layout -> run_dir, shared by the parity, resume and export tests
 
@@ -95,7 +95,7 @@ def test_resume_under_the_same_layout_is_exact(layout, reference, data, tmp_path
     nproc, extra = LAYOUTS[layout]
     full = _train(tmp_path_factory, data, layout, nproc, *extra)
     run_dir = _back_at_step_3(layout, tmp_path)
-    res = run(train_cmd(run_dir, data, *COMMON, *extra, nproc=nproc))
+    res = run(train_cmd(run_dir, data, *COMMON, *extra, NO_EVAL, nproc=nproc))
     assert res.returncode == 0, res.stderr[-4000:]
     assert "resumed from step00000003" in res.stderr
     got = {m["step"]: m for m in metrics(run_dir) if "loss" in m}
@@ -124,7 +124,7 @@ def test_resume_on_another_layout_continues_the_curve(layout, nproc, new, refere
     stream continues (canonical streams) where the old layout left it."""
     _train(tmp_path_factory, data, layout, LAYOUTS[layout][0], *LAYOUTS[layout][1])
     run_dir = _back_at_step_3(layout, tmp_path)
-    res = run(train_cmd(run_dir, data, *COMMON, *new, nproc=nproc))
+    res = run(train_cmd(run_dir, data, *COMMON, *new, NO_EVAL, nproc=nproc))
     assert res.returncode == 0, res.stderr[-4000:]
     assert "on a new layout" in res.stderr and "resumed from step00000003" in res.stderr
     assert not (run_dir / "checkpoints" / "universal").exists()
@@ -191,6 +191,8 @@ def test_export_gathers_shards_and_stages_into_one_model(reference, data, tmp_pa
     assert "ref" in RUNS
     ref = load_flamingo(export(RUNS["ref"], tmp_path / "ref")["flamingo"]).state_dict()
     for layout in LAYOUTS:
+        if layout in ("dp2_zero3_per_module", "pp2_zero1_checkpointed"):  # the files of dp2_zero3 / pp2_zero1
+            continue
         nproc, extra = LAYOUTS[layout]
         _train(tmp_path_factory, data, layout, nproc, *extra)
         res = export(RUNS[layout], tmp_path / layout)

@@ -48,6 +48,8 @@ COMMANDS = {
     "--set data.train_weights=0.7,0.3 --set train.run_dir=runs/mix": "finetune",
     "furnace-export runs/finetune --out exported": "run",
     "furnace-generate --model exported/flamingo --image photo.jpg": "run",
+    "furnace-generate --model exported/flamingo --image photo.jpg --num-beams 3": "run",
+    "furnace-generate --model exported/flamingo --image photo.jpg --sample --top-p 0.9 --seed 0": "run",
     'furnace-generate --model exported/flamingo --image a.jpg --image b.jpg --prompt '
     '"<image>a red circle<|endofchunk|><image>"': "run",
     "python benchmarks/throughput.py --preset flamingo-1b --synthetic-data --steps 20 --out "

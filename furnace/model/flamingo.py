@@ -15,7 +15,6 @@ its own. Nothing per-batch is stored on a module: latents, text_time and caches 
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 
@@ -26,12 +25,12 @@ import torch.nn.functional as F
 from furnace.config import ModelConfig
 from furnace.tokens import IGNORE_INDEX, IMAGE_TOKEN, build_labels, positions, text_time
 
-from . import llama
+from . import decoding, llama
 from .layers import run_block
 from .llama import KVCache, Llama
 from .perceiver import PerceiverResampler
 from .vision import VisionTower, vision_from_config, vision_from_hf
-from .xattn import GatedCrossAttentionBlock, MediaKV
+from .xattn import GatedCrossAttentionBlock
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -263,67 +262,8 @@ class FlamingoModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, images=None, media_valid=None, **kw) -> torch.Tensor:
-        """Greedy decoding (`greedy_decode`) with this model."""
-        return greedy_decode(self, input_ids, attention_mask, images, media_valid, **kw)
-
-
-@torch.no_grad()
-def greedy_decode(model, input_ids, attention_mask=None, images=None, media_valid=None, *, max_new_tokens: int = 20,
-                  eos_token_id: int | None = None, pad_token_id: int = 0, synced_group=None) -> torch.Tensor:
-    """Greedy decoding with a KV cache; latents and their xattn keys/values are computed once
-    per sample. Prompts may be right- or left-padded (attention_mask); returns [B, new].
-    <image> is never generated: no image could stand behind it. `model`: a FlamingoModel, or
-    anything with its `check_media`, `media`, `next_logits` and `image_token_id` (a pipeline's
-    stages run eagerly). `synced_group`: ranks that must run the same number of forwards (ZeRO-3
-    gathers weights collectively): decoding goes on until every one of them is done."""
-    b = input_ids.shape[0]
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    ids, mask = left_align(input_ids, attention_mask, pad_token_id)
-    model.check_media(ids, media_valid)
-    latents, seg, tt = model.media(ids, images, media_valid)
-    caches = {"caches": collections.defaultdict(KVCache), "media_kvs": collections.defaultdict(MediaKV)}
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
-    kv_seg = mask
-    logits = model.next_logits(ids, latents, seg, tt, position_ids=pos, segment_ids=mask, kv_segment_ids=kv_seg,
-                               **caches)
-    out = []
-    done = torch.zeros(b, dtype=torch.bool, device=ids.device)
-    one = torch.ones(b, 1, dtype=mask.dtype, device=ids.device)
-    for _ in range(max_new_tokens):
-        logits[:, model.image_token_id] = float("-inf")
-        nxt = logits.argmax(-1).masked_fill(done, pad_token_id)
-        out.append(nxt)
-        if eos_token_id is not None:
-            done |= nxt == eos_token_id
-        if (eos_token_id is not None or synced_group is not None) and all_done(done, synced_group):
-            break
-        pos = pos[:, -1:] + 1
-        tt = tt[:, -1:]
-        kv_seg = torch.cat([kv_seg, one], dim=1)
-        logits = model.next_logits(nxt[:, None], latents, seg, tt, position_ids=pos, segment_ids=one,
-                                   kv_segment_ids=kv_seg, **caches)
-    return torch.stack(out, dim=1)
-
-
-def all_done(done: torch.Tensor, group=None) -> bool:
-    """Every row finished, on this rank and, with `group`, on every rank of it (one host sync)."""
-    left = (~done).sum().reshape(1)  # on the rows' device: NCCL reduces device tensors only
-    if group is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(left, group=group)
-    return int(left.item()) == 0
-
-
-def left_align(input_ids: torch.Tensor, mask: torch.Tensor, pad_id: int):
-    """Move each row's real tokens to the right end (left padding) so decoding appends in step."""
-    lengths = mask.sum(1)
-    l = input_ids.shape[1]
-    order = torch.argsort(mask, dim=1, stable=True)  # pads (0) first, real tokens keep their order
-    ids = torch.gather(input_ids, 1, order)
-    new_mask = (torch.arange(l, device=ids.device)[None, :] >= (l - lengths)[:, None]).to(mask.dtype)
-    return ids.masked_fill(new_mask == 0, pad_id), new_mask
+        """Greedy decoding, sampling or beam search with this model (`decoding.generate`)."""
+        return decoding.generate(self, input_ids, attention_mask, images, media_valid, **kw)
 
 
 # ------------------------------------------------------------------ building from the config

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from furnace.model.flamingo import check_media, decoder_block, greedy_decode, media_segments
+from furnace.model.decoding import generate
+from furnace.model.flamingo import check_media, decoder_block, media_segments
 from furnace.model.layers import run_block
 from furnace.tokens import positions, text_time
 
@@ -122,4 +123,4 @@ class StagedFlamingo:
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, images=None, media_valid=None, **kw) -> torch.Tensor:
-        return greedy_decode(self, input_ids, attention_mask, images, media_valid, **kw)
+        return generate(self, input_ids, attention_mask, images, media_valid, **kw)

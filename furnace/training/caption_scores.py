@@ -9,8 +9,11 @@ first use; nothing is downloaded here, so it is listed under `skipped`.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
+import sys
 
 _PUNCTUATION = re.compile(r"[^\w\s]")
 
@@ -19,13 +22,28 @@ def _simple_tokens(text: str) -> str:
     return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
 
 
+@contextlib.contextmanager
+def _stderr_quiet():
+    """File descriptor 2 (a child process's stderr too) to /dev/null for the block."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
 def _tokenize(captions: dict) -> tuple[dict, str]:
     """{id: [caption, ...]} -> the same, tokenized; and which tokenizer did it."""
     if shutil.which("java"):
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
         try:
-            return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()}), "ptb"
+            with _stderr_quiet():  # the Java tokenizer reports its speed on the terminal
+                return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()}), "ptb"
         except OSError:  # pycocoevalcap writes its temporary file beside the jar: a read-only install
             pass
     return {k: [_simple_tokens(c) for c in v] for k, v in captions.items()}, "simple"
