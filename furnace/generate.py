@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
     p.add_argument("--seed", type=int, default=None, help="the same samples every time")
     a = p.parse_args(argv)
-    for flag, value, ok in (("--num-beams", a.num_beams, a.num_beams >= 1),
+    for flag, value, ok in (("--max-new-tokens", a.max_new_tokens, a.max_new_tokens >= 1),
+                            ("--num-beams", a.num_beams, a.num_beams >= 1),
                             ("--temperature", a.temperature, a.temperature > 0), ("--top-k", a.top_k, a.top_k >= 0),
                             ("--top-p", a.top_p, 0 < a.top_p <= 1),
                             ("--repetition-penalty", a.repetition_penalty, a.repetition_penalty > 0)):

@@ -9,6 +9,12 @@ os.environ.setdefault("FURNACE_ATTN_AUTOTUNE", "0")
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # The CPU runs the Triton kernels' tests in the interpreter, which must be chosen before anything
+    # imports triton (its own tl.* helpers are decorated then): a test module collected earlier
+    # that imports the model would otherwise fix the compiled mode for the whole session.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -101,7 +101,9 @@ def test_logits_shaping_matches_transformers_processors():
         assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)], atol=1e-6), kw
 
 
-def test_beam_search_with_sampling_is_refused(setup):
+def test_beam_search_with_sampling_or_no_new_token_is_refused(setup):
     model, batch = setup
     with pytest.raises(ValueError, match="beam search with sampling"):
         generate(model, batch["input_ids"], None, batch["images"], batch["media_valid"], num_beams=2, do_sample=True)
+    with pytest.raises(ValueError, match="at least 1 new token"):
+        generate(model, batch["input_ids"], None, batch["images"], batch["media_valid"], max_new_tokens=0)

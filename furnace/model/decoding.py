@@ -106,6 +106,8 @@ def generate(model, input_ids, attention_mask=None, images=None, media_valid=Non
     Greedy by default; `do_sample` draws from the shaped distribution (with `generator`, the
     same draws every time); `num_beams` > 1 runs beam search (scores: summed log-probabilities
     over length ** `length_penalty`)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: decoding needs at least 1 new token")
     if num_beams > 1:
         if do_sample:
             raise ValueError("beam search with sampling is not supported: use num_beams=1 or do_sample=False")
