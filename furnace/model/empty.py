@@ -20,6 +20,18 @@ def empty():
     return init_empty_weights(include_buffers=False)
 
 
+def persistent_buffers(model: nn.Module) -> list[str]:
+    """The names of the buffers a state_dict of `model` holds (not the non-persistent ones)."""
+    keys = set(model.state_dict(keep_vars=True))
+    return [n for n, _ in model.named_buffers() if n in keys]
+
+
+def stored_names(model: nn.Module) -> list[str]:
+    """What a weights file of `model` holds, in model order: each parameter once (a tied one under
+    its first name) and the persistent buffers."""
+    return [n for n, _ in model.named_parameters()] + persistent_buffers(model)
+
+
 def replace_parameters(model: nn.Module, new: dict[int, nn.Parameter]) -> None:
     """Every reference to an old parameter (by id), tied ones included, now points at its new one."""
     for mod in model.modules():

@@ -19,7 +19,7 @@ import torch
 from furnace.config import ModelConfig, update
 
 from . import llama
-from .empty import empty, fill
+from .empty import empty, fill, persistent_buffers, stored_names
 from .flamingo import FlamingoModel, build_flamingo
 from .hf_io import WeightReader, WeightWriter, write_config
 from .llama import Llama
@@ -106,10 +106,8 @@ def empty_flamingo(meta: dict, mcfg: ModelConfig) -> FlamingoModel:
 
 def check_names(model: FlamingoModel, have, where: str) -> None:
     """One line when the stored tensors are not this model's (tied duplicates may be absent)."""
-    want = [n for n, _ in model.named_parameters()]
-    keys = set(model.state_dict(keep_vars=True))
-    want += [n for n, _ in model.named_buffers() if n in keys]
-    missing, unexpected = sorted(set(want) - set(have)), sorted(set(have) - set(model.state_dict(keep_vars=True)))
+    missing = sorted(set(stored_names(model)) - set(have))
+    unexpected = sorted(set(have) - set(model.state_dict(keep_vars=True)))
     if missing or unexpected:
         raise ValueError(f"the weights in {where} do not match this Flamingo: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
@@ -123,10 +121,8 @@ def load_flamingo(path) -> FlamingoModel:
     reader = WeightReader(path)
     check_names(model, reader.names(), str(path))
     fill(model, reader.read, where=str(path))
-    keys = set(model.state_dict(keep_vars=True))
-    for name, buf in model.named_buffers():
-        if name in keys and name in reader.files:
-            buf.data.copy_(reader.read(name))
+    for name in persistent_buffers(model):
+        model.get_buffer(name).data.copy_(reader.read(name))
     return model
 
 

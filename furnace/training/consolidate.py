@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from furnace.model.empty import persistent_buffers, stored_names
 from furnace.model.hf_io import WeightReader
 from furnace.parallel.apply import is_vocab_sharded, tp_split_dim
 from furnace.parallel.pipeline import pipeline_layer_files
@@ -38,6 +39,7 @@ class CheckpointWeights:
         self.tp, self.pp, self.zero = saved.get("tp", 1), saved.get("pp", 1), saved.get("zero_stage", 0)
         self.work = Path(work)
         self._files: dict[Path, dict] = {}
+        self._buffers = set(persistent_buffers(model))  # built with the model: not in the checkpoint
         self._legacy = WeightReader.of_file(self.tagdir / FULL_MODEL) if (self.tagdir / FULL_MODEL).is_file() else None
         self._zero_dir = None
         if self._legacy is not None:
@@ -63,16 +65,12 @@ class CheckpointWeights:
             shutil.rmtree(self.work, ignore_errors=True)
 
     def names(self) -> list[str]:
-        """The model's parameter names (tied ones once) and persistent buffers, in model order."""
-        return [n for n, _ in self.model.named_parameters()] + self._buffers()
-
-    def _buffers(self) -> list[str]:
-        keys = set(self.model.state_dict(keep_vars=True))
-        return [n for n, _ in self.model.named_buffers() if n in keys]
+        """What the model's weights file holds (`empty.stored_names`), in model order."""
+        return stored_names(self.model)
 
     def read(self, name: str) -> torch.Tensor:
-        """Parameter `name`, whole, in fp32."""
-        if name in self._buffers():
+        """Parameter (or persistent buffer) `name`, whole, in fp32."""
+        if name in self._buffers:
             return self.model.get_buffer(name).detach().float()
         if self._legacy is not None:
             return self._legacy.read(name).float()
