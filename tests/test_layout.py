@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Layer of each first-party package; a module may import its own layer and the ones below.
 LAYERS = {"furnace.config": 0, "furnace.tokens": 0, "furnace.presets": 0, "furnace.system": 0, "furnace.data": 1, "furnace.model": 2,
           "furnace.parallel": 3, "furnace.training": 4, "furnace.export": 5,
-          "furnace.generate": 5, "furnace.plan": 5}
+          "furnace.generate": 5, "furnace.plan": 5, "furnace.eval": 5, "furnace.evaluate": 5}
 KERNELS_MAY_IMPORT = {"torch", "triton"}
 
 

@@ -12,6 +12,7 @@ FLOP model (matmuls only; norms, softmax and elementwise work are ignored):
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -226,11 +227,14 @@ def run_info(argv: list[str] | None = None) -> dict:
     """What every benchmark JSON records: device, library versions, the command line, the time,
     and the machine's load (numbers taken on a shared machine say so)."""
     versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for name in ("triton", "deepspeed", "transformers", "webdataset", "tokenizers", "numpy", "PIL"):
+    # read from the installed metadata: importing DeepSpeed only to print its version costs seconds
+    for key, dist in (("triton", "triton"), ("deepspeed", "deepspeed"), ("transformers", "transformers"),
+                      ("webdataset", "webdataset"), ("tokenizers", "tokenizers"), ("numpy", "numpy"),
+                      ("pil", "pillow"), ("pycocoevalcap", "pycocoevalcap")):
         try:
-            versions[name.lower()] = __import__(name).__version__
-        except Exception:  # not installed here
-            versions[name.lower()] = None
+            versions[key] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:  # not installed here
+            versions[key] = None
     cpu = {"model": _cpu_model(), "logical_cores": os.cpu_count(),
            "usable_cores": usable_cores(),
            "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}

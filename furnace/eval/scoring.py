@@ -1,0 +1,107 @@
+"""What the evaluation asks of a model: text generated after a prompt with images, and the
+log-likelihood of candidate continuations (captions, class names) after one.
+
+Works on a FlamingoModel in this process (loaded whole: `furnace.model.flamingo_io`, or a
+run's checkpoint through `furnace.export.load_run_model`). A prompt's images are encoded once
+however many continuations are scored against it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from furnace.data.images import decode_image, normalize
+from furnace.data.text import TextEncoder
+from furnace.tokens import text_time
+
+
+class UnreadableImage(ValueError):
+    pass
+
+
+class ModelScorer:
+    def __init__(self, model, tokenizer, device, *, max_images: int = 64):
+        self.model, self.device = model, torch.device(device)
+        self.text = TextEncoder(tokenizer, max_length=0, max_images=max_images)
+        self.pad_id = tokenizer.pad_token_id or 0
+        self._prefix_len = len(self.text.prompt(""))  # the BOS the tokenizer puts before a prompt
+        self.size = model.vision.image_size
+        self.mean, self.std = model.vision.image_stats
+        self._pixels: dict = {}
+        self.dtype = next(model.parameters()).dtype
+
+    # ---------------------------------------------------------------- inputs
+
+    def pixels(self, image) -> torch.Tensor:
+        """uint8 [H, W, 3] of an image file or encoded bytes; raises UnreadableImage."""
+        key = image if isinstance(image, Path) else None
+        if key is not None and key in self._pixels:
+            return self._pixels[key]
+        try:
+            data = image.read_bytes() if isinstance(image, Path) else image
+            px = torch.from_numpy(decode_image(data, self.size).copy())
+        except Exception as e:  # PIL's many errors on damaged or foreign bytes; OSError on a file
+            raise UnreadableImage(f"{image if key else 'a shard image'}: {type(e).__name__}") from None
+        if key is not None:
+            if len(self._pixels) > 4096:  # demonstrations repeat: keep a bounded set decoded
+                self._pixels.clear()
+            self._pixels[key] = px
+        return px
+
+    def images(self, rows: list[list]) -> torch.Tensor:
+        """[B, T, 1, C, H, W] normalised, from each row's T images."""
+        px = torch.stack([torch.stack([self.pixels(im) for im in row]) for row in rows])
+        return normalize(px, self.mean, self.std)[:, :, None].to(self.device, self.dtype)
+
+    def _ids(self, texts: list[str], prefix: bool = True):
+        """Right-padded ids and mask of texts (each <image>/<|endofchunk|> as its token)."""
+        rows = [self.text.prompt(t)[0 if prefix else self._prefix_len:] for t in texts]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return ids, mask
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], images: list[list], *, max_new_tokens: int, **decoding) -> list[str]:
+        """The text each prompt continues with (cut at <|endofchunk|>)."""
+        ids, mask = self._ids(prompts)
+        pix = self.images(images)
+        valid = torch.ones(pix.shape[:2], dtype=torch.bool, device=self.device)
+        out = self.model.generate(ids.to(self.device), mask.to(self.device), pix, valid, max_new_tokens=max_new_tokens,
+                                  eos_token_id=self.model.eoc_token_id, pad_token_id=self.pad_id, **decoding)
+        return [self.text.decode(row) for row in out.cpu()]
+
+    # ---------------------------------------------------------------- likelihood
+
+    @torch.no_grad()
+    def loglik(self, prompt: str, images: list, continuations: list[str], *, batch_size: int = 16,
+               reduce: str = "mean") -> torch.Tensor:
+        """[K] log p(continuation | prompt, images) of each continuation: summed over its tokens
+        (`reduce="sum"`) or their mean (`"mean"`, the default: no bias toward short candidates)."""
+        model = self.model
+        p_ids, _ = self._ids([prompt])
+        p_len = p_ids.shape[1]
+        pix = self.images([images])
+        valid = torch.ones(pix.shape[:2], dtype=torch.bool, device=self.device)
+        latents, seg, _ = model.media(p_ids.to(self.device), pix, valid)
+        out = []
+        for start in range(0, len(continuations), batch_size):
+            chunk = continuations[start: start + batch_size]
+            c_ids, c_mask = self._ids(chunk, prefix=False)
+            k = len(chunk)
+            ids = torch.cat([p_ids.expand(k, -1), c_ids], dim=1).to(self.device)
+            logits = model.decoder(ids, latents.expand(k, -1, -1), seg.expand(k, -1),
+                                   text_time(ids, model.image_token_id))
+            # the logits before each continuation token predict it
+            logp = logits[:, p_len - 1: -1].float().log_softmax(-1)
+            tok = logp.gather(-1, c_ids.to(self.device)[..., None]).squeeze(-1)
+            m = c_mask.to(self.device, tok.dtype)
+            total = (tok * m).sum(1)
+            out.append(total / m.sum(1).clamp(min=1) if reduce == "mean" else total)
+        return torch.cat(out).cpu()

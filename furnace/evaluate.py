@@ -1,0 +1,262 @@
+"""Evaluate a model with the field's metrics: captioning (COCO / Flickr30k style), VQAv2,
+image-text retrieval and zero-shot classification, 0- or few-shot.
+
+    furnace-eval caption   --model M --annotations captions.json --images DIR   [--shards 'val-{0..3}.tar']
+    furnace-eval vqa       --model M --questions q.json --annotations a.json --images DIR
+    furnace-eval retrieval --model M --annotations captions.json --images DIR
+    furnace-eval classify  --model M --images ROOT [--class-names names.json]
+      [--shots 0 4 8] [--seed 0] [--demo-...] [--template T] [--batch-size 8] [--limit N] [--out DIR]
+      [--num-beams K] [--quantize int8] [--dtype bf16]
+
+M is an exported model folder (furnace-export's OUT/flamingo) or a training run directory (its
+newest complete checkpoint, or --tag). Launched on several ranks (`torchrun --nproc_per_node N
+-m furnace.evaluate ...`), each rank loads the model and scores its share of the set; rank 0
+gathers, scores and writes OUT/report.json (device, versions, command, settings, scores per
+shot count, what was skipped, every sample's output) and, for captioning and VQA, the
+predictions in the official results format beside the references they were scored against.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from furnace.eval import prompts, sets
+from furnace.eval.scoring import ModelScorer
+from furnace.eval.tasks import Settings, outputs, score
+
+TASKS = ("caption", "vqa", "retrieval", "classify")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_NEW_TOKENS = {"caption": 20, "vqa": 5}
+
+
+def load_model(path, tag: str | None = None):
+    """(model, tokenizer, description) from an exported folder or a run directory."""
+    path = Path(path)
+    if (path / "flamingo.json").is_file():
+        from furnace.data.tokenizer import load_tokenizer
+        from furnace.model.flamingo_io import load_flamingo
+
+        return load_flamingo(path), load_tokenizer(path), {"model": str(path)}
+    if (path / "checkpoints").is_dir():
+        from furnace.export import load_run_model
+
+        model, tokenizer, _, tag = load_run_model(path, tag)
+        return model, tokenizer, {"model": str(path), "tag": tag}
+    raise FileNotFoundError(f"{str(path)!r} is neither an exported model (no flamingo.json) nor a run directory "
+                            "(no checkpoints/): pass furnace-export's OUT/flamingo or a train.run_dir")
+
+
+def read_set(task: str, a, demo: bool = False):
+    """(items, class names, skipped counts) of the evaluated set, or of the demonstration pool."""
+    get = (lambda k: getattr(a, f"demo_{k}")) if demo else (lambda k: getattr(a, k))
+    flag = "--demo-" if demo else "--"
+    skipped: collections.Counter = collections.Counter()
+    names: list = []
+    if task in ("caption", "retrieval"):
+        if get("shards"):
+            items = sets.caption_shards(get("shards"), skipped)
+        elif get("annotations") and get("images"):
+            items = sets.coco_captions(get("annotations"), get("images"), skipped)
+        else:
+            raise sets.EvalSetError(f"{task} reads {flag}annotations (COCO captions JSON) with {flag}images, "
+                                    f"or {flag}shards")
+    elif task == "vqa":
+        if not (get("questions") and get("annotations") and get("images")):
+            raise sets.EvalSetError(f"vqa reads {flag}questions, {flag}annotations (VQAv2 JSON) and {flag}images")
+        items = sets.vqa(get("questions"), get("annotations"), get("images"), skipped)
+    else:
+        if not get("images"):
+            raise sets.EvalSetError(f"classify reads {flag}images ROOT with one subfolder of images per class")
+        items, names = sets.image_folder(get("images"), a.class_names)
+    return items, names, skipped
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="furnace-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--model", required=True, help="an exported model folder or a training run directory")
+    p.add_argument("--tag", default=None, help="a run directory's checkpoint (default: the newest complete one)")
+    for prefix in ("", "demo-"):
+        what = "the demonstrations' " if prefix else ""
+        p.add_argument(f"--{prefix}annotations", help=f"{what}COCO captions JSON (caption, retrieval) or VQAv2 "
+                       "annotations JSON (vqa)")
+        p.add_argument(f"--{prefix}images", help=f"{what}image folder (classify: one subfolder per class)")
+        p.add_argument(f"--{prefix}shards", help=f"{what}webdataset caption shards, e.g. 'val-{{000000..000003}}.tar'")
+        p.add_argument(f"--{prefix}questions", help=f"{what}VQAv2 questions JSON")
+    p.add_argument("--class-names", help="classify: JSON list (sorted-subfolder order) or object of class names")
+    p.add_argument("--shots", type=int, nargs="+", default=[0], help="demonstrations per query, e.g. 0 4 8 16 32")
+    p.add_argument("--seed", type=int, default=0, help="draws the demonstrations")
+    p.add_argument("--template", default=None, help="one example, its answer field last (default: open_flamingo's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="the first N items of the set only")
+    p.add_argument("--score", choices=("mean", "sum"), default="mean",
+                   help="retrieval/classify: a candidate's per-token mean log-prob, or the sum")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 20 (caption), 5 (vqa)")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--no-meteor", action="store_true", help="skip METEOR (a Java program) even with Java present")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="weight-only quantised LM linears (torchao)")
+    p.add_argument("--device", default=None, help="default: this rank's GPU when there is one, else the CPU")
+    p.add_argument("--out", default=None, help="the report's folder (default: RUN/eval/TASK-TAG for a run, "
+                   "else ./eval-TASK)")
+    return p
+
+
+def _check(p, a) -> None:
+    for flag, ok in (("--shots", all(s >= 0 for s in a.shots)), ("--batch-size", a.batch_size >= 1),
+                     ("--limit", a.limit is None or a.limit >= 1), ("--num-beams", a.num_beams >= 1),
+                     ("--max-new-tokens", a.max_new_tokens is None or a.max_new_tokens >= 1),
+                     ("--repetition-penalty", a.repetition_penalty > 0)):
+        if not ok:
+            p.error(f"{flag} is out of range")
+    if a.task == "retrieval" and any(a.shots):
+        p.error("retrieval ranks zero-shot only: leave out --shots")
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def evaluate(a, rank: int = 0, world: int = 1) -> dict | None:
+    """Runs the evaluation `a` (parsed flags) on this rank; rank 0 returns the report."""
+    started = time.time()
+    items, names, skipped = read_set(a.task, a)
+    if a.limit:
+        items = items[: a.limit]
+    if not items:
+        raise sets.EvalSetError(f"the {a.task} set holds no readable item ({dict(skipped)})")
+    pool_is_set = not any(getattr(a, f"demo_{k}") for k in ("annotations", "images", "shards", "questions"))
+    pool = items if pool_is_set else read_set(a.task, a, demo=True)[0]
+    template = a.template or prompts.TEMPLATES["caption" if a.task == "retrieval" else a.task]
+    prompts.check_template(template, a.task)
+
+    device = a.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, source = load_model(a.model, a.tag)
+    model = model.to(device, DTYPES[a.dtype]).eval()
+    quantized = None
+    if a.quantize != "none":
+        from furnace.model.quantize import quantize_lm
+
+        quantized = quantize_lm(model, a.quantize)
+    scorer = ModelScorer(model, tokenizer, device)
+    share = list(range(rank, len(items), world))
+    decoding = {"num_beams": a.num_beams, "length_penalty": a.length_penalty,
+                "repetition_penalty": a.repetition_penalty}
+    from tqdm import tqdm
+
+    results, samples = {}, {}
+    for shots in a.shots:
+        s = Settings(task=a.task, template=template, shots=shots, seed=a.seed, batch_size=a.batch_size,
+                     max_new_tokens=a.max_new_tokens or MAX_NEW_TOKENS.get(a.task, 20), decoding=decoding,
+                     reduce=a.score, class_names=names)
+        counts: collections.Counter = collections.Counter()
+        with tqdm(total=len(share), desc=f"{a.task} {shots}-shot", unit="item", file=sys.stderr,
+                  disable=True if rank else None) as bar:
+            rows = outputs(s, scorer, items, share, pool, pool_is_set, counts, progress=bar)
+        everyone = _gather((rows, dict(counts)), world)
+        if rank == 0:
+            rows = sorted((r for share_rows, _ in everyone for r in share_rows), key=lambda r: r["index"])
+            total = collections.Counter(skipped)
+            for _, c in everyone:
+                total.update(c)
+            results[str(shots)] = {**score(s, items, rows, meteor=not a.no_meteor), "skipped_items": dict(total)}
+            samples[str(shots)] = rows
+    if rank != 0:
+        return None
+    from furnace.training.metrics import run_info
+
+    info = run_info()
+    info["command"] = " ".join(["furnace-eval", *sys.argv[1:]]) if sys.argv[0].endswith("furnace-eval") else info["command"]
+    return {"task": a.task, **source, **info, "world_size": world, "dtype": a.dtype, "quantized": quantized,
+            "settings": {"template": template, "shots": a.shots, "seed": a.seed, "batch_size": a.batch_size,
+                         "max_new_tokens": a.max_new_tokens or MAX_NEW_TOKENS.get(a.task),
+                         "decoding": decoding, "score": a.score, "limit": a.limit,
+                         "demonstrations": "the evaluated set, never the query itself" if pool_is_set else "--demo-* set"},
+            "classes": names or None, "items": len(items), "seconds": round(time.time() - started, 2),
+            "results": results, "samples": samples}
+
+
+def write_report(report: dict, items: list | None, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if report["task"] == "caption":  # COCO results + the references they were scored against
+        for shots, rows in report["samples"].items():
+            (out / f"predictions-{shots}shot.json").write_text(json.dumps(
+                [{"image_id": r["id"], "caption": r["prediction"]} for r in rows], indent=1))
+            ids = [r["id"] for r in rows]
+            (out / f"references-{shots}shot.json").write_text(json.dumps({
+                "info": {"description": "the references furnace-eval scored against"}, "licenses": [], "type": "captions",
+                "images": [{"id": i} for i in ids],
+                "annotations": [{"image_id": r["id"], "id": n, "caption": c} for n, (r, c) in enumerate(
+                    (r, c) for r in rows for c in r["references"])]}, indent=1))
+    elif report["task"] == "vqa":  # the VQAv2 results format
+        for shots, rows in report["samples"].items():
+            (out / f"predictions-{shots}shot.json").write_text(json.dumps(
+                [{"question_id": r["id"], "answer": r["prediction"]} for r in rows], indent=1))
+
+
+def summary(report: dict) -> str:
+    lines = []
+    for shots, res in report["results"].items():
+        flat = {}
+        for k, v in res.items():
+            if isinstance(v, dict) and k not in ("skipped", "skipped_items", "by_answer_type"):
+                flat.update({f"{k} {kk}": vv for kk, vv in v.items()})
+            elif isinstance(v, float):
+                flat[k] = v
+        scores = "  ".join(f"{k} {v:.4f}" for k, v in flat.items())
+        skipped = f"  (items skipped: {res['skipped_items']})" if res.get("skipped_items") else ""
+        lines.append(f"{report['task']} {shots}-shot: {scores}{skipped}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = parser()
+    a = p.parse_args(argv)
+    _check(p, a)
+    rank, world = _distributed()
+    try:
+        report = evaluate(a, rank, world)
+    except (FileNotFoundError, ValueError) as e:  # EvalSetError, a bad template, too few demonstrations
+        print(f"furnace-eval: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    if report is not None:
+        out = Path(a.out) if a.out else (Path(a.model) / "eval" / f"{a.task}-{report['tag']}" if "tag" in report
+                                         else Path(f"eval-{a.task}"))
+        write_report(report, None, out)
+        print(summary(report))
+        print(f"report: {out / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
