@@ -37,7 +37,9 @@ setup(
         "triton>=3.0; platform_system == \"Linux\"",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # bitsandbytes also in "test", so CI runs tests/test_quantize.py instead of skipping it
+        "test": ["pytest>=7", "bitsandbytes>=0.48"],
+        "quantize": ["bitsandbytes>=0.48"],  # int8 / NF4 decoding, --quantize (furnace.model.quantize)
     },
     entry_points={
         "console_scripts": [
@@ -45,6 +47,7 @@ setup(
             "furnace-train=furnace.training.launch:main",
             "furnace-export=furnace.export:main",
             "furnace-generate=furnace.generate:main",
+            "furnace-eval=furnace.evaluate:main",
             "furnace-plan=furnace.plan:main",
         ]
     },

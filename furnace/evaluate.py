@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -30,8 +28,14 @@ import torch
 import torch.distributed as dist
 
 from furnace.eval import prompts, sets
+from furnace.data.tokenizer import load_tokenizer
 from furnace.eval.scoring import ModelScorer
 from furnace.eval.tasks import Settings, outputs, score
+from furnace.export import load_run_model
+from furnace.model.flamingo_io import load_flamingo
+from furnace.model.quantize import quantize_lm
+from furnace.training.distributed import join_launched_group
+from furnace.training.metrics import run_info
 
 TASKS = ("caption", "vqa", "retrieval", "classify")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,13 +46,8 @@ def load_model(path, tag: str | None = None):
     """(model, tokenizer, description) from an exported folder or a run directory."""
     path = Path(path)
     if (path / "flamingo.json").is_file():
-        from furnace.data.tokenizer import load_tokenizer
-        from furnace.model.flamingo_io import load_flamingo
-
         return load_flamingo(path), load_tokenizer(path), {"model": str(path)}
     if (path / "checkpoints").is_dir():
-        from furnace.export import load_run_model
-
         model, tokenizer, _, tag = load_run_model(path, tag)
         return model, tokenizer, {"model": str(path), "tag": tag}
     raise FileNotFoundError(f"{str(path)!r} is neither an exported model (no flamingo.json) nor a run directory "
@@ -107,7 +106,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (a Java program) even with Java present")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
-                   help="weight-only quantised LM linears (torchao)")
+                   help="the LM's linear weights in int8 (LLM.int8()) or 4-bit NF4, by bitsandbytes")
     p.add_argument("--device", default=None, help="default: this rank's GPU when there is one, else the CPU")
     p.add_argument("--out", default=None, help="the report's folder (default: RUN/eval/TASK-TAG for a run, "
                    "else ./eval-TASK)")
@@ -123,16 +122,6 @@ def _check(p, a) -> None:
             p.error(f"{flag} is out of range")
     if a.task == "retrieval" and any(a.shots):
         p.error("retrieval ranks zero-shot only: leave out --shots")
-
-
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def _gather(obj, world: int) -> list:
@@ -161,8 +150,6 @@ def evaluate(a, rank: int = 0, world: int = 1) -> dict | None:
     model = model.to(device, DTYPES[a.dtype]).eval()
     quantized = None
     if a.quantize != "none":
-        from furnace.model.quantize import quantize_lm
-
         quantized = quantize_lm(model, a.quantize)
     scorer = ModelScorer(model, tokenizer, device)
     share = list(range(rank, len(items), world))
@@ -189,8 +176,6 @@ def evaluate(a, rank: int = 0, world: int = 1) -> dict | None:
             samples[str(shots)] = rows
     if rank != 0:
         return None
-    from furnace.training.metrics import run_info
-
     info = run_info()
     info["command"] = " ".join(["furnace-eval", *sys.argv[1:]]) if sys.argv[0].endswith("furnace-eval") else info["command"]
     return {"task": a.task, **source, **info, "world_size": world, "dtype": a.dtype, "quantized": quantized,
@@ -240,7 +225,7 @@ def main(argv=None) -> int:
     p = parser()
     a = p.parse_args(argv)
     _check(p, a)
-    rank, world = _distributed()
+    rank, world = join_launched_group()
     try:
         report = evaluate(a, rank, world)
     except (FileNotFoundError, ValueError) as e:  # EvalSetError, a bad template, too few demonstrations

@@ -2,11 +2,14 @@
 
     furnace-generate --model OUT/flamingo --image a.jpg [--image b.jpg] [--prompt "<image>"] [--max-new-tokens 20]
                      [--num-beams 3 [--length-penalty 1.0]] [--sample [--temperature T] [--top-k K] [--top-p P]
-                     [--seed S]] [--repetition-penalty R]
+                     [--seed S]] [--repetition-penalty R] [--stop STR] [--quantize int8|int4] [--dtype bf16]
 
 Every `<image>` in the prompt takes the next --image, in order (one prompt; the default is
 `<image>`, a caption). Greedy decoding with a KV cache by default, beam search or sampling when
-asked, on the GPU when there is one; decoding stops at <|endofchunk|>. Prints the generated text.
+asked, on the GPU when there is one; decoding stops at <|endofchunk|> or a --stop string.
+Launched on N ranks (`torchrun --nproc_per_node N -m furnace.generate ...`) the model is split
+tensor-parallel over them, each rank reading only its cut of each tensor, and the vocabulary's
+logits are gathered for every token. Prints the generated text (rank 0).
 """
 from __future__ import annotations
 
@@ -20,33 +23,53 @@ from furnace.data.images import decode_image, normalize
 from furnace.data.text import TextEncoder
 from furnace.data.tokenizer import load_tokenizer
 from furnace.model.flamingo_io import load_flamingo
+from furnace.model.quantize import quantize_lm
+from furnace.parallel.materialize import load_flamingo_sharded
+from furnace.parallel.topology import Topology
+from furnace.training.distributed import join_launched_group
 from furnace.tokens import IMAGE_TOKEN
 
 
-def generate(model_dir, images: list[str], prompt: str = IMAGE_TOKEN, max_new_tokens: int = 20,
-             device: str | None = None, seed: int | None = None, **decoding) -> str:
-    """`decoding`: `furnace.model.decoding.generate`'s options (num_beams, do_sample, ...)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+def load(model_dir, device, rank: int = 0, world: int = 1):
+    """(the model, whole or this rank's tensor-parallel part, on `device`; its tokenizer)."""
     if not (Path(model_dir) / "flamingo.json").is_file():
         raise FileNotFoundError(f"{str(model_dir)!r} holds no flamingo.json: pass the flamingo/ folder that "
                                 "furnace-export wrote")
-    model = load_flamingo(model_dir).eval().to(device)
-    tokenizer = load_tokenizer(model_dir)
+    if world > 1:
+        model = load_flamingo_sharded(model_dir, Topology(tp=world), device=torch.device(device))
+    else:
+        model = load_flamingo(model_dir).to(device)
+    return model.eval(), load_tokenizer(model_dir)
+
+
+def generate(model_dir, images: list[str], prompt: str = IMAGE_TOKEN, max_new_tokens: int = 20,
+             device: str | None = None, seed: int | None = None, stop: list[str] = (), quantize: str = "none",
+             dtype: torch.dtype | None = None, world: tuple[int, int] = (0, 1), **decoding) -> str:
+    """`decoding`: `furnace.model.decoding.generate`'s options (num_beams, do_sample, ...);
+    `world`: (rank, size) of the tensor-parallel group the model is split over."""
+    device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     if prompt.count(IMAGE_TOKEN) != len(images):
         raise ValueError(f"the prompt holds {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} but {len(images)} --image "
                          f"were given; give one --image per {IMAGE_TOKEN}")
+    model, tokenizer = load(model_dir, device, *world)
+    if dtype is not None:
+        model = model.to(dtype)
+    if quantize != "none":
+        quantize_lm(model, quantize)
     text = TextEncoder(tokenizer, max_length=0, max_images=len(images))
     ids = text.prompt(prompt)
     size = model.vision.image_size
     mean, std = model.vision.image_stats
     pixels = torch.stack([torch.from_numpy(_read(p, size)) for p in images])
-    batch_images = normalize(pixels, mean, std)[None, :, None].to(device)  # [1, T, 1, C, H, W]
+    param_dtype = next(model.perceiver.parameters()).dtype
+    batch_images = normalize(pixels, mean, std)[None, :, None].to(device, param_dtype)  # [1, T, 1, C, H, W]
     valid = torch.ones(1, len(images), dtype=torch.bool, device=device)
     generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
     out = model.generate(torch.tensor([ids], device=device), None, batch_images, valid,
                          max_new_tokens=max_new_tokens, eos_token_id=model.eoc_token_id,
-                         pad_token_id=tokenizer.pad_token_id or 0, generator=generator, **decoding)
-    return text.decode(out[0].cpu())
+                         pad_token_id=tokenizer.pad_token_id or 0, generator=generator,
+                         stop=text.stop_check(stop) if stop else None, **decoding)
+    return text.cut_at(text.decode(out[0].cpu()), stop)
 
 
 def _read(path: str, size: int):
@@ -74,6 +97,10 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=1.0, help="sample within this probability mass (nucleus)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
     p.add_argument("--seed", type=int, default=None, help="the same samples every time")
+    p.add_argument("--stop", action="append", default=[], help="end the text where this string appears (repeatable)")
+    p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                   help="the LM's linear weights in int8 (LLM.int8()) or 4-bit NF4, by bitsandbytes")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: as stored")
     a = p.parse_args(argv)
     for flag, value, ok in (("--max-new-tokens", a.max_new_tokens, a.max_new_tokens >= 1),
                             ("--num-beams", a.num_beams, a.num_beams >= 1),
@@ -82,13 +109,23 @@ def main(argv=None) -> int:
                             ("--repetition-penalty", a.repetition_penalty, a.repetition_penalty > 0)):
         if not ok:
             p.error(f"{flag}={value} is out of range")
+    if a.num_beams > 1 and a.sample:
+        p.error("--num-beams with --sample: beam search takes the likeliest tokens; choose one")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(a.dtype)
+    rank, world = join_launched_group()
     try:
-        print(generate(a.model, a.image, a.prompt, a.max_new_tokens, seed=a.seed, num_beams=a.num_beams,
-                       length_penalty=a.length_penalty, do_sample=a.sample, temperature=a.temperature, top_k=a.top_k,
-                       top_p=a.top_p, repetition_penalty=a.repetition_penalty))
+        text = generate(a.model, a.image, a.prompt, a.max_new_tokens, seed=a.seed, stop=a.stop, quantize=a.quantize,
+                        dtype=dtype, world=(rank, world), num_beams=a.num_beams, length_penalty=a.length_penalty,
+                        do_sample=a.sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                        repetition_penalty=a.repetition_penalty)
     except (FileNotFoundError, ValueError) as e:
         print(f"furnace-generate: {e}", file=sys.stderr)
         return 2
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        print(text)
     return 0
 
 

@@ -107,3 +107,15 @@ def test_beam_search_with_sampling_or_no_new_token_is_refused(setup):
         generate(model, batch["input_ids"], None, batch["images"], batch["media_valid"], num_beams=2, do_sample=True)
     with pytest.raises(ValueError, match="at least 1 new token"):
         generate(model, batch["input_ids"], None, batch["images"], batch["media_valid"], max_new_tokens=0)
+
+
+def test_a_stop_check_ends_each_row_where_it_says(setup):
+    """`stop` marks rows done (then padded); the others run on to max_new_tokens."""
+    model, _ = setup
+    batch = make_batch([[1, IMG, 2, 3], [IMG, 5]], t_img=1)
+    args = (batch["input_ids"], batch["attention_mask"], batch["images"], batch["media_valid"])
+    free = model.generate(*args, max_new_tokens=5, pad_token_id=0)
+    stopped = model.generate(*args, max_new_tokens=5, pad_token_id=0,
+                             stop=lambda new: (torch.arange(new.shape[0]) == 0) & (new.shape[1] >= 2))
+    assert torch.equal(stopped[0, :2], free[0, :2]) and not stopped[0, 2:].any()
+    assert torch.equal(stopped[1], free[1])

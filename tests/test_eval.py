@@ -234,3 +234,24 @@ def test_bad_sets_and_flags_fail_in_one_line_or_are_counted(evalset, tmp_path, c
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["results"]["0"]["skipped_items"] == {"missing_image": 1, "unreadable_image": 1}
     assert rep["results"]["0"]["captions"] == 8
+
+
+def test_generate_on_two_tensor_parallel_ranks_equals_one_process(evalset):
+    """furnace-generate under torchrun: each rank reads its cut of each tensor, the logits are
+    gathered; greedy and beam-search text equal one process's, and --stop cuts the text."""
+    from furnace.generate import generate
+
+    w = evalset
+    images = [str(w / "images" / f"COCO_val2014_{i:012d}.png") for i in (1, 2)]
+    prompt = "<image>Output:a red circle<|endofchunk|><image>Output:"
+    for beams in (1, 3):
+        want = generate(w / "model", images, prompt, max_new_tokens=6, num_beams=beams)
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "furnace.generate", "--model", str(w / "model"), "--image", images[0], "--image",
+                              images[1], "--prompt", prompt, "--max-new-tokens", "6", "--num-beams", str(beams)],
+                             env=env(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stdout.splitlines() == [want], (res.stdout, want)
+    word = want.split()[1]
+    cut = generate(w / "model", images, prompt, max_new_tokens=6, stop=[word])
+    assert cut == want[: want.index(word)].strip()

@@ -10,6 +10,7 @@ control id.
 """
 from __future__ import annotations
 
+import torch
 from tokenizers import Tokenizer
 
 from furnace.data.tokenizer import special_ids
@@ -114,6 +115,18 @@ class TextEncoder:
         start = ids.index(self.image_id) + 1
         end = ids.index(self.eoc_id, start) if self.eoc_id in ids[start:] else len(ids)
         return self.decode(ids[start:end])
+
+    def stop_check(self, strings):
+        """`stop` for decoding: [B, t] new tokens -> [B] bool, each row done once its text holds
+        one of `strings`."""
+        def stopped(new):
+            return torch.tensor([any(x in self.decode(row) for x in strings) for row in new.cpu()])
+        return stopped
+
+    @staticmethod
+    def cut_at(text: str, strings) -> str:
+        """`text` up to the first of `strings` in it."""
+        return min((text[: text.index(x)] for x in strings if x in text), key=len, default=text).strip()
 
     def decode(self, ids) -> str:
         """Generated ids -> text, cut at the first <|endofchunk|> / eos / pad."""

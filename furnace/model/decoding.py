@@ -101,11 +101,12 @@ def generate(model, input_ids, attention_mask=None, images=None, media_valid=Non
              eos_token_id: int | None = None, pad_token_id: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
-             synced_group=None) -> torch.Tensor:
+             stop=None, synced_group=None) -> torch.Tensor:
     """[B, new tokens]; rows that end early are padded with `pad_token_id` after their EOS.
     Greedy by default; `do_sample` draws from the shaped distribution (with `generator`, the
     same draws every time); `num_beams` > 1 runs beam search (scores: summed log-probabilities
-    over length ** `length_penalty`)."""
+    over length ** `length_penalty`). `stop(new tokens [B, t]) -> [B] bool`: rows that are done
+    (a stop string written), checked after every token of greedy and sampled decoding."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: decoding needs at least 1 new token")
     if num_beams > 1:
@@ -133,7 +134,9 @@ def generate(model, input_ids, attention_mask=None, images=None, media_valid=Non
         seen = torch.cat([seen, nxt[:, None]], dim=1)
         if eos_token_id is not None:
             done |= nxt == eos_token_id
-        if (eos_token_id is not None or synced_group is not None) and all_done(done, synced_group):
+        if stop is not None:
+            done |= stop(torch.stack(out, dim=1)).to(done.device)
+        if (eos_token_id is not None or stop is not None or synced_group is not None) and all_done(done, synced_group):
             break
         logits = state.next(nxt)
     return torch.stack(out, dim=1)

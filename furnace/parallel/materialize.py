@@ -17,10 +17,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from furnace.model.empty import replace_parameters
+from furnace.model.empty import persistent_buffers, replace_parameters
+from furnace.model.flamingo_io import check_names, empty_flamingo, read_meta
 from furnace.model.hf_io import WeightReader
 from furnace.model.llama import hf_name
-from furnace.parallel.apply import is_vocab_sharded, tp_split_dim
+from furnace.parallel.apply import is_vocab_sharded, parallelize, tp_split_dim
 from furnace.parallel.tensor import vocab_range
 
 
@@ -33,9 +34,10 @@ def _read_cut(reader: WeightReader, key: str, name: str, shape: torch.Size, rank
     full = reader.shape(key)
     if is_vocab_sharded(name):
         start, end, per = vocab_range(full[0], rank, size)
-        out = torch.zeros(shape, dtype=torch.float32)
-        if end > start:
-            out[: end - start] = reader.read(key, 0, start, end)
+        part = reader.read(key, 0, start, end) if end > start else None
+        out = torch.zeros(shape, dtype=torch.float32 if part is None else part.dtype)
+        if part is not None:
+            out[: end - start] = part
         return out
     per = full[dim] // size
     return reader.read(key, dim, rank * per, (rank + 1) * per)
@@ -120,3 +122,19 @@ def load_pretrained_tower(model, path: str, *, keep=None, partition=None, dtype:
     device = torch.device("cpu") if device is None else device
     return _fill(model, tower_modules(model), path, WeightReader(path), lambda name: name.removeprefix("vision.model."),
                  0, 1, keep=keep, partition=partition, dtype=dtype, device=device)
+
+
+def load_flamingo_sharded(path, topology, *, device=None):
+    """A folder `furnace-export` (or `save_flamingo`) wrote, built without weights, made
+    tensor-parallel, and filled with only this rank's cut of each tensor (safetensors slices), in
+    its stored dtype: a rank never holds the whole decoder. Returns the FlamingoModel."""
+    device = torch.device("cpu") if device is None else device
+    meta, mcfg = read_meta(path)
+    model = parallelize(empty_flamingo(meta, mcfg), topology)
+    reader = WeightReader(path)
+    check_names(model, reader.names(), str(path))
+    _fill(model, [("", model)], str(path), reader, lambda name: name, topology.coord.tp, topology.tp, keep=None,
+          partition=None, dtype=None, device=device)
+    for name in persistent_buffers(model):
+        model.get_buffer(name).data.copy_(reader.read(name))
+    return model.to(device)

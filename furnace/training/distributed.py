@@ -57,6 +57,20 @@ def init_distributed(timeout: datetime.timedelta | None = None) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kw)
 
 
+def join_launched_group() -> tuple[int, int]:
+    """(rank, world size) of a process a launcher started (torchrun, deepspeed: RANK, WORLD_SIZE,
+    MASTER_ADDR in the environment), its torch.distributed group made (NCCL on this rank's GPU,
+    gloo on CPU hosts); (0, 1) and no group for a plain `python` start. For the tools that
+    need no DeepSpeed engine (evaluation, generation)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def all_reduce_host(t: torch.Tensor, group=None) -> torch.Tensor:
     """Sums a small CPU tensor (step stats, eval counts) over `group` in place. NCCL reduces
     only device tensors, so under it the tensor makes a round trip through this rank's GPU."""
