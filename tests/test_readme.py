@@ -47,6 +47,21 @@ COMMANDS = {
     '--set "data.train_shards=data/mine/train-{000000..000000}.tar;data/docs/docs-{000000..000000}.tar" '
     "--set data.train_weights=0.7,0.3 --set train.run_dir=runs/mix": "finetune",
     "furnace-export runs/finetune --out exported": "run",
+    "furnace-generate --model exported/flamingo --image photo.jpg --quantize int8": "run",
+    "torchrun --standalone --nproc_per_node 2 -m furnace.generate --model exported/flamingo --image photo.jpg": "run",
+    "furnace-eval caption --model exported/flamingo --annotations captions.json --images images/ --shots 0 4": "run",
+    "torchrun --standalone --nproc_per_node 2 -m furnace.evaluate caption --model exported/flamingo --annotations "
+    "captions.json --images images/": "run",
+    "furnace-eval vqa --model exported/flamingo --questions questions.json --annotations answers.json --images images/":
+        "run",
+    "furnace-eval retrieval --model exported/flamingo --annotations captions.json --images images/": "run",
+    "furnace-eval classify --model exported/flamingo --images classes/": "run",
+    'furnace-eval caption --model runs/demo --shards data/demo/val-000000.tar --template '
+    '"<image>{caption}<|endofchunk|>"': "run",
+    'furnace-eval retrieval --model runs/demo --shards data/demo/val-000000.tar --template '
+    '"<image>{caption}<|endofchunk|>" --limit 200': "run",
+    'python benchmarks/generate.py --model runs/demo --shards data/demo/val-000000.tar --template '
+    '"<image>{caption}<|endofchunk|>" --out benchmarks/results/generate-cpu.json': "run",
     "furnace-generate --model exported/flamingo --image photo.jpg": "run",
     "furnace-generate --model exported/flamingo --image photo.jpg --num-beams 3": "run",
     "furnace-generate --model exported/flamingo --image photo.jpg --sample --top-p 0.9 --seed 0": "run",
@@ -71,7 +86,9 @@ COMMANDS = {
 SHORTER = {"benchmarks/dataloader.py": ["--n", "64", "--batches", "2", "--workers", "0"],
            "benchmarks/memory.py": ["--layouts", "dp1"], "benchmarks/launch_forms.py": ["--steps", "6", "--repeats", "1"],
            "benchmarks/throughput.py": ["--warmup", "1", "--steps", "2"],
-           "benchmarks/load.py": ["--layouts", "zero3_dp2", "--hidden", "128", "--layers", "4", "--vocab", "512"]}
+           "benchmarks/load.py": ["--layouts", "zero3_dp2", "--hidden", "128", "--layers", "4", "--vocab", "512"],
+           "benchmarks/generate.py": ["--limit", "8", "--modes", "fp32,int8"], "furnace-eval": ["--limit", "6"],
+           "furnace.evaluate": ["--limit", "6"]}
 
 
 def readme_commands() -> list[str]:
@@ -124,6 +141,18 @@ def work(tmp_path_factory, data):
     (w / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
     (w / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     (w / "docs.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    # VQAv2 files for those images, and a class folder per shape
+    qs = [{"question_id": i, "image_id": i, "question": "what shape is it?"} for i in range(12)]
+    qa = [{"question_id": i, "answer_type": "other", "answers": [{"answer": a["caption"].split()[2]}] * 10}
+          for i, a in enumerate(anns)]
+    (w / "questions.json").write_text(json.dumps({"questions": qs}))
+    (w / "answers.json").write_text(json.dumps({"annotations": qa}))
+    for i, a in enumerate(anns):
+        (w / "classes" / a["caption"].split()[2]).mkdir(parents=True, exist_ok=True)
+        (w / "classes" / a["caption"].split()[2] / f"{i}.png").symlink_to(w / "images" / f"{i}.png")
+    # the demo's data where the README looks for it (its run: the first README command)
+    (w / "data").mkdir()
+    (w / "data" / "demo").symlink_to(data["dir"])
     for name in ("photo.jpg", "a.jpg", "b.jpg"):
         Image.open(w / "images" / "0.png").convert("RGB").save(w / name)
     return w
@@ -135,7 +164,7 @@ def argv_of(command: str, work: Path) -> list[str]:
         argv[0] = sys.executable
     elif argv[0] in ("torchrun",):
         argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
-    elif argv[0] in ("deepspeed", "furnace-shards", "furnace-export", "furnace-generate"):
+    elif argv[0] in ("deepspeed", "furnace-shards", "furnace-export", "furnace-generate", "furnace-eval"):
         argv[0] = str(Path(sys.executable).parent / argv[0])
     return argv
 
@@ -146,7 +175,11 @@ def sets(*items: str) -> list[str]:
 
 FINETUNE_COCO = next(c for c, how in COMMANDS.items() if how == "finetune")
 # What a command needs to have run before it, in the README's own order.
-NEEDS = {"furnace-export": FINETUNE_COCO, "furnace-generate": "furnace-export runs/finetune --out exported",
+DEMO = next(iter(COMMANDS))  # the first command trains the demo, into runs/demo as the README says
+EXPORTED = "furnace-export runs/finetune --out exported"
+NEEDS = {"furnace-export": FINETUNE_COCO, "furnace-generate": EXPORTED, "furnace-eval caption --model runs/demo": DEMO,
+         "furnace-eval retrieval --model runs/demo": DEMO, "python benchmarks/generate.py": DEMO,
+         "furnace-eval": EXPORTED, "torchrun --standalone --nproc_per_node 2 -m furnace.": EXPORTED,
          "python train.py --config finetune": "furnace-shards"}
 DONE: set[str] = set()
 
@@ -175,7 +208,7 @@ def _run(command: str, work: Path, data: dict) -> list[int]:
             continue  # .ci/run installs exactly so, in a fresh environment
         argv = argv_of(part, work)
         if how == "train":
-            run_dir = work / "runs" / f"r{len(DONE)}"
+            run_dir = work / "runs" / ("demo" if command == DEMO else f"r{len(DONE)}")
             argv += sets(*DEMO_SIZED, *tiny_data, *STEPS, "train.save_every=0", f"train.run_dir={run_dir}")
         elif how == "finetune":
             argv += sets(*SMALL_FINETUNE, *STEPS)
