@@ -1,6 +1,7 @@
-"""Caption images (or continue a prompt about them) with a model exported by `furnace.export`.
+"""Caption images (or continue a prompt about them) with a model exported by `furnace.export`,
+or a training run's newest complete checkpoint.
 
-    furnace-generate --model OUT/flamingo --image a.jpg [--image b.jpg] [--prompt "<image>"] [--max-new-tokens 20]
+    furnace-generate --model OUT/flamingo|RUN_DIR --image a.jpg [--image b.jpg] [--prompt "<image>"] [--max-new-tokens 20]
                      [--num-beams 3 [--length-penalty 1.0]] [--sample [--temperature T] [--top-k K] [--top-p P]
                      [--seed S]] [--repetition-penalty R] [--stop STR] [--quantize int8|int4] [--dtype bf16]
 
@@ -23,7 +24,9 @@ from furnace.data.images import decode_image, normalize
 from furnace.data.text import TextEncoder
 from furnace.data.tokenizer import load_tokenizer
 from furnace.model.flamingo_io import load_flamingo
+from furnace.export import load_run_model
 from furnace.model.quantize import quantize_lm
+from furnace.parallel.apply import parallelize
 from furnace.parallel.materialize import load_flamingo_sharded
 from furnace.parallel.topology import Topology
 from furnace.training.distributed import join_launched_group
@@ -31,15 +34,23 @@ from furnace.tokens import IMAGE_TOKEN
 
 
 def load(model_dir, device, rank: int = 0, world: int = 1):
-    """(the model, whole or this rank's tensor-parallel part, on `device`; its tokenizer)."""
-    if not (Path(model_dir) / "flamingo.json").is_file():
-        raise FileNotFoundError(f"{str(model_dir)!r} holds no flamingo.json: pass the flamingo/ folder that "
-                                "furnace-export wrote")
-    if world > 1:
-        model = load_flamingo_sharded(model_dir, Topology(tp=world), device=torch.device(device))
-    else:
-        model = load_flamingo(model_dir).to(device)
-    return model.eval(), load_tokenizer(model_dir)
+    """(the model, whole or this rank's tensor-parallel part, on `device`; its tokenizer) from an
+    exported folder (each rank reads only its cut of each tensor) or a training run directory
+    (its newest complete checkpoint, consolidated in each process, then cut)."""
+    path = Path(model_dir)
+    if (path / "flamingo.json").is_file():
+        if world > 1:
+            model = load_flamingo_sharded(path, Topology(tp=world), device=torch.device(device))
+        else:
+            model = load_flamingo(path).to(device)
+        return model.eval(), load_tokenizer(path)
+    if (path / "checkpoints").is_dir():
+        model, tokenizer, _, _ = load_run_model(path)
+        if world > 1:
+            model = parallelize(model, Topology(tp=world))
+        return model.to(device).eval(), tokenizer
+    raise FileNotFoundError(f"{str(path)!r} is neither an exported model (no flamingo.json) nor a run directory "
+                            "(no checkpoints/): pass furnace-export's OUT/flamingo or a train.run_dir")
 
 
 def generate(model_dir, images: list[str], prompt: str = IMAGE_TOKEN, max_new_tokens: int = 20,
@@ -85,7 +96,7 @@ def _read(path: str, size: int):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="furnace-generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="an exported model folder (OUT/flamingo)")
+    p.add_argument("--model", required=True, help="an exported model folder (OUT/flamingo) or a training run directory")
     p.add_argument("--image", action="append", default=[], required=True, help="an image file (repeatable)")
     p.add_argument("--prompt", default=IMAGE_TOKEN, help=f"text with one {IMAGE_TOKEN} per image")
     p.add_argument("--max-new-tokens", type=int, default=20)

@@ -255,3 +255,21 @@ def test_generate_on_two_tensor_parallel_ranks_equals_one_process(evalset):
     word = want.split()[1]
     cut = generate(w / "model", images, prompt, max_new_tokens=6, stop=[word])
     assert cut == want[: want.index(word)].strip()
+
+
+def test_generate_from_a_run_directory_on_two_tensor_parallel_ranks(full_run, data):
+    """A training run's newest checkpoint, consolidated in each process and cut tensor-parallel:
+    the text equals one process's."""
+    from furnace.generate import generate
+
+    image = Path(data["dir"]) / "photo.png"
+    if not image.is_file():
+        from furnace.data.synthetic import draw_sample, sample_rng
+
+        draw_sample(sample_rng(0, "photo", 0), 32)[0].save(image)
+    want = generate(full_run, [str(image)], max_new_tokens=5)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "furnace.generate", "--model", str(full_run), "--image", str(image),
+                          "--max-new-tokens", "5"], env=env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.splitlines() == [want], (res.stdout, want)
