@@ -38,7 +38,9 @@ setup(
     ],
     extras_require={
         # bitsandbytes also in "test", so CI runs tests/test_quantize.py instead of skipping it
-        "test": ["pytest>=7", "bitsandbytes>=0.48"],
+        # einops/einops-exts: open_flamingo's helpers.py, which tests/test_open_flamingo.py runs
+        # from its wheel (open_flamingo itself pins torch==2.0.1, so it is never installed)
+        "test": ["pytest>=7", "bitsandbytes>=0.48", "einops>=0.6", "einops-exts>=0.0.4"],
         "quantize": ["bitsandbytes>=0.48"],  # int8 / NF4 decoding, --quantize (furnace.model.quantize)
     },
     entry_points={
