@@ -13,7 +13,10 @@ step (phases are separated by device synchronisation, which the split costs a li
 Data: the real loader on the synthetic shards (built if missing) or `--synthetic-data` random
 tensors, which removes the loader from the measurement.
 
-Setup is the trainer's own builder (`furnace.training.build.build`).
+Setup is the trainer's own builder (`furnace.training.build.build`). A preset shaped like a
+pretrained LM (model.lm.vocab_size set) gets a tokenizer like that LM's (`lm_like_tokenizer`):
+<image> and <|endofchunk|> are new trainable rows of its vocabulary, as in a user's run, so
+gradients reach the decoder layers before the first xattn block.
 
 FLOPs: `furnace.training.metrics.flamingo_flops_per_sample` (its docstring has the formula): frozen parts
 count forward plus activation-gradient backward only (no weight-gradient GEMMs); a frozen vision
@@ -27,6 +30,7 @@ import gc
 import json
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -37,6 +41,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from furnace.config import ConfigError, load_config, validate  # noqa: E402
+from furnace.data.synthetic import vocabulary  # noqa: E402
+from furnace.data.tokenizer import load_tokenizer, save_tokenizer  # noqa: E402
 from furnace.parallel.topology import Topology  # noqa: E402
 from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN, build_labels  # noqa: E402
 from furnace.training.build import build  # noqa: E402
@@ -109,6 +115,30 @@ def synthetic_batches(cfg, tokenizer, vocab: int, image_size: int, n: int = 4):
         yield from batches
 
 
+def lm_like_tokenizer(cfg):
+    """For a preset shaped like a pretrained LM (model.lm.vocab_size set, neither data.tokenizer
+    nor model.lm.path given), a stand-in for that LM's tokenizer: lm.vocab_size word-level rows
+    (the synthetic captions' words, then filler), without <image> and <|endofchunk|>, loaded as
+    a user's tokenizer folder is, which adds those two as new rows. None otherwise: the
+    trainer's own choice (the demo's tokenizer sizes its LM)."""
+    n = cfg.model.lm.vocab_size
+    if not n or cfg.data.tokenizer or cfg.model.lm.path:
+        return None
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<unk>", "<s>", "</s>", *sorted({w.lower() for w in vocabulary()})]
+    words += [f"<filler{i}>" for i in range(n - len(words))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>")
+    with tempfile.TemporaryDirectory() as d:
+        save_tokenizer(tok, d)
+        return load_tokenizer(d)
+
+
 def run_variant(name: str, cfg, args, world: int) -> dict:
     rank = dist.get_rank()
     dp = validate(cfg, world, check_paths=True)
@@ -123,7 +153,7 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
         if not get_accelerator().is_fp16_supported():
             return {"variant": name, "skipped": "DeepSpeed does not support fp16 on this device"}
     run = build(cfg, Topology(cfg.parallel.tp, cfg.parallel.pp), loaders=not args.synthetic_data,
-                progress=rank == 0)
+                progress=rank == 0, tokenizer=lm_like_tokenizer(cfg))
     model, engine, device, gas = run.model, run.engine, run.device, run.grad_accum
     fp = {}  # FLOPs per sample by (tokens, images)
 
@@ -219,6 +249,9 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
         "time_split_s_per_step": {k: sum(r[k] for r in records) / len(records)
                                   for k in ("data", "forward", "backward", "step")},
         "train_flops_per_sample": run.flops["train"],
+        # the FLOP model depends on it: new rows put the first decoder layers on the gradient path
+        "tokenizer": {"size": len(run.tokenizer),
+                      "new_token_rows": 0 if model.new_tokens is None else model.new_tokens.count},
         "layout": {"world": world, "dp": dp, "tp": cfg.parallel.tp, "pp": cfg.parallel.pp,
                    "zero_stage": cfg.parallel.zero_stage, "grad_accum": gas,
                    "micro_batch": cfg.train.micro_batch_size, "global_batch": cfg.train.global_batch_size},

@@ -1,13 +1,19 @@
 """FLOP model, MFU, throughput meter and metric writers (JSONL + TensorBoard).
 
-FLOP model (matmuls only; norms, softmax and elementwise work are ignored):
+FLOP model (matmuls only; norms, softmax and elementwise work are ignored), counting what runs:
   forward        = 2 x (multiply-adds) of every linear layer and attention product;
   backward       = 2 x forward for a matmul whose weight trains (activation + weight gradient),
                    1 x forward for a frozen matmul that gradients still flow through
                    (activation gradient only, no weight-gradient GEMM),
-                   0 for work upstream of every trainable parameter (a frozen vision tower).
+                   0 for work upstream of every trainable parameter: a frozen vision tower, and
+                   the decoder layers before the first xattn block when neither they, the LM's
+                   embedding nor new token rows train (autograd never runs them backward).
+  A trained vision tower's patch embedding gets its weight gradient only (pixels need none).
+  The head: activation gradient over the whole vocabulary; weight gradient for the rows that
+  train (the LM's head unless frozen; new token rows, tied to their trainable embedding or not).
   Attention products (QK^T, PV) have no weights: 2 x forward in backward when on the gradient path.
   Causal self-attention counts half the L x L products; xattn counts each token x its image's latents.
+  Model FLOPs: activation-checkpointing recompute is not counted.
 """
 from __future__ import annotations
 
@@ -78,29 +84,55 @@ def flamingo_flops_per_sample(model, shape: StepShape) -> dict:
     fwd: dict[str, float] = {}
     bwd: dict[str, float] = {}
 
-    # vision tower (per frame)
+    def part(name: str, lin: float, att: float, trains: bool, on_path: bool) -> None:
+        """Linear work `lin` and attention products `att`; backward per the module docstring."""
+        fwd[name] = lin + att
+        bwd[name] = ((2 if trains else 1) * lin + 2 * att) if on_path else 0.0
+
+    # vision tower (per frame); its patch embedding is added below (weight gradient only)
     vf, vt = _linear_params(vis.model)
-    v_fwd = T * F * (2 * vtok * (vf + vt) + 4 * vtok * vtok * dv * vcfg.num_hidden_layers
-                     + 2 * patches * 3 * vcfg.patch_size ** 2 * dv)
-    fwd["vision"] = v_fwd
-    bwd["vision"] = 0.0 if vis.frozen else 2 * v_fwd
+    v_trains = not vis.frozen
+    part("vision", T * F * 2 * vtok * (vf + vt), T * F * 4 * vtok * vtok * dv * vcfg.num_hidden_layers,
+         v_trains, v_trains)
+    v_patch = T * F * 2 * patches * 3 * vcfg.patch_size ** 2 * dv
+    fwd["vision"] += v_patch
+    bwd["vision"] += v_patch if v_trains else 0.0
 
     # perceiver resampler (always trains in Flamingo; count as trainable when any weight is)
     pf, pt = _linear_params(model.perceiver)
     depth = len(model.perceiver.layers)
     inner = model.perceiver.layers[0][0].to_q.out_features if depth else 0
-    s = F * vtok
+    s = F * (vtok if vis.features == "hidden" else patches)  # the tokens the tower hands on
     kv_w = 2 * dv * inner                                   # to_k + to_v: see S media + n latents
     other_w = (pf + pt) / max(depth, 1) - kv_w              # to_q, to_out, ff: see n latents
     p_lin = depth * (2 * n * other_w + 2 * (s + n) * kv_w)
     p_att = 4 * n * (s + n) * inner * depth
-    fwd["perceiver"] = T * (p_lin + p_att)
-    p_train = pt > 0
-    bwd["perceiver"] = T * (2 * p_lin + 2 * p_att) if p_train else 0.0
+    p_path = pt > 0 or v_trains
+    part("perceiver", T * p_lin, T * p_att, pt > 0, p_path)
+
+    # decoder layers before the first xattn block (xattn_index: the k-th layer's, k = every) see
+    # no media: only the LM's embedding, new token rows or their own weights put them on the
+    # gradient path
+    attn_dim = a.num_heads * a.attention_head_dim()
+    blocks = len(model.xattn)
+    n_early = model.xattn_every - 1 if blocks else a.num_layers
+    new = model.new_tokens
+
+    def layers(name: str, group, on_path: bool) -> bool:
+        """Every linear here sees the L tokens: each weight's own gradient counts (LoRA adapters)."""
+        f, t = _linear_params(group)
+        att = 4 * L * L * attn_dim * len(group) * 0.5  # causal: half of the L x L products
+        fwd[name] = 2 * L * (f + t) + att
+        bwd[name] = 2 * L * (f + 2 * t) + 2 * att if on_path or t else 0.0
+        return t > 0
+
+    e_trains = any(p.requires_grad for p in lm.layers[:n_early].parameters())
+    upstream = (lm.embed_tokens.weight.requires_grad or e_trains
+                or (new is not None and new.embed.weight.requires_grad))
+    layers("decoder_before_xattn", lm.layers[:n_early], upstream)
 
     # gated xattn blocks
     xf, xt = _linear_params(model.xattn)
-    blocks = len(model.xattn)
     if blocks:
         xin = model.xattn[0].attn.to_q.out_features
         kv = 2 * dv * xin
@@ -109,20 +141,20 @@ def flamingo_flops_per_sample(model, shape: StepShape) -> dict:
         x_att = blocks * 4 * L * n * xin
     else:
         x_lin = x_att = 0.0
-    fwd["xattn"] = x_lin + x_att
-    bwd["xattn"] = 2 * (x_lin + x_att) if xt else (x_lin + x_att)
+    x_path = xt > 0 or p_path or upstream
+    part("xattn", x_lin, x_att, xt > 0, x_path)
 
-    # decoder layers and head
-    lf, lt = _linear_params(lm.layers)
-    attn_dim = a.num_heads * a.attention_head_dim()
-    dec_lin = 2 * L * (lf + lt)
-    dec_att = 4 * L * L * attn_dim * a.num_layers * 0.5
-    head = 2 * L * d * model.vocab_size
-    fwd["decoder"] = dec_lin + dec_att + head
-    lm_trains = lt > 0
-    # Gradients reach every decoder layer once anything upstream trains (new token rows, xattn).
-    on_path = lm_trains or xt > 0 or model.new_tokens is not None
-    bwd["decoder"] = (2 * (dec_lin + dec_att + head) if lm_trains else (dec_lin + dec_att + head)) if on_path else 0.0
+    # decoder layers from the first xattn block on
+    on_path = layers("decoder", lm.layers[n_early:], x_path) or x_path
+
+    # head: activation gradient over every row; weight gradient for the rows that train (the
+    # new rows' head is a Linear of its own, or their trainable embedding when tied)
+    head_row = 2 * L * d
+    fwd["head"] = head_row * model.vocab_size
+    bwd["head"] = 0.0
+    if on_path:
+        bwd["head"] = head_row * (model.vocab_size + model.base_vocab * lm.lm_head.weight.requires_grad
+                                  + (new.count * new.head.weight.requires_grad if new is not None else 0))
     total_fwd = sum(fwd.values())
     return {"forward": total_fwd, "train": total_fwd + sum(bwd.values()), "forward_by_part": fwd,
             "backward_by_part": bwd}

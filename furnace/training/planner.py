@@ -16,7 +16,7 @@ Memory per GPU is split as DeepSpeed holds it:
                   the CUDA context and allocator
 
 Step time: FLOPs (`metrics.flamingo_flops_per_sample`, the same model as the logged MFU) at an
-efficiency measured on an H100 (flamingo-1b: 30% MFU at micro-batch 32, 17% at 16, 10.5% at 8), checkpointing's extra forward, the pipeline bubble,
+efficiency measured on an H100 (flamingo-1b: 29% MFU at micro-batch 32, 16% at 16, 10% at 8), checkpointing's extra forward, the pipeline bubble,
 and communication at nominal bandwidths (NVLink inside a node, InfiniBand between nodes).
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ GB = 1e9
 ADAM_BYTES = 12             # fp32 master + two fp32 moments per trainable parameter
 FIXED_BYTES = 1.0 * GB      # CUDA context, cuBLAS workspace, allocator slack
 BUCKET_ELEMENTS = 50e6      # reduce / prefetch buckets of ds_configs/*.json
-H100_MFU_AT_32 = 0.30       # benchmarks/results/throughput-h100.json (flamingo-1b, micro-batch 32)
+H100_MFU_AT_32 = 0.29       # benchmarks/results/throughput-h100.json mfu_recomputed (flamingo-1b, mb 32)
 
 
 @dataclass
