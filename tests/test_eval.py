@@ -273,3 +273,52 @@ def test_generate_from_a_run_directory_on_two_tensor_parallel_ranks(full_run, da
                           "--max-new-tokens", "5"], env=env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.splitlines() == [want], (res.stdout, want)
+
+
+class _KnowingScorer:
+    """A scorer that knows the answer: a caption scores 0 after the image it was written for and
+    -1 after any other (the image's number is in its file name, the caption's in its text)."""
+
+    def pixels(self, image):
+        return None
+
+    def loglik(self, prompt, images, continuations, **kw):
+        own = int(images[-1].stem.split("_")[-1])
+        return torch.tensor([0.0 if c.split()[0] == f"img{own}" else -1.0 for c in continuations])
+
+
+def test_retrieval_finds_what_a_knowing_model_knows(tmp_path):
+    """The retrieval path (the set read, every caption a candidate of every image, outputs
+    gathered in order, R@K both ways) on a set whose answer is known: all found at rank 1; with
+    two images' captions swapped in the annotations, exactly those are missed, at known ranks."""
+    import collections
+
+    from furnace.eval import sets
+    from furnace.eval.tasks import Settings, likelihood_outputs, score
+
+    (tmp_path / "images").mkdir()
+    for i in range(6):
+        (tmp_path / "images" / f"COCO_{i:012d}.png").write_bytes(b"")
+    caps = {i: [f"img{i} a caption", f"img{i} another"] for i in range(6)}
+    for swapped in (False, True):
+        if swapped:
+            caps[0], caps[1] = caps[1], caps[0]
+        coco = {"images": [{"id": i, "file_name": f"COCO_{i:012d}.png"} for i in range(6)],
+                "annotations": [{"image_id": i, "caption": c} for i in range(6) for c in caps[i]]}
+        (tmp_path / "c.json").write_text(json.dumps(coco))
+        items = sets.coco_captions(tmp_path / "c.json", tmp_path / "images", collections.Counter())
+        s = Settings(task="retrieval", template="<image>Output:{caption}<|endofchunk|>")
+        # two "ranks", each its share, gathered in any order
+        rows = [r for rank in (1, 0) for r in likelihood_outputs(s, _KnowingScorer(), items, list(range(rank, 6, 2)),
+                                                                 items, True, collections.Counter())]
+        res = score(s, items, rows)
+        if not swapped:
+            assert res["image_to_text"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0}
+            assert res["text_to_image"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0}
+        else:
+            # a swapped image's own captions score -1 like the 8 others of other images, behind the
+            # two that name it: rank 10 (ties count against); a swapped caption's own image ties
+            # with the 4 others behind the image it names: rank 5
+            assert res["image_to_text"] == {"R@1": pytest.approx(4 / 6), "R@5": pytest.approx(4 / 6),
+                                            "R@10": pytest.approx(4 / 6)}
+            assert res["text_to_image"] == {"R@1": pytest.approx(8 / 12), "R@5": pytest.approx(8 / 12), "R@10": 1.0}
