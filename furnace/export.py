@@ -1,10 +1,12 @@
 """Consolidate a run's checkpoint into HF-format safetensors, one tensor at a time.
 
-    furnace-export RUN_DIR --out DIR [--tag stepNNNNNNNN] [--dtype fp32|bf16|fp16]
+    furnace-export RUN_DIR --out DIR [--tag stepNNNNNNNN] [--dtype fp32|bf16|fp16] [--lora merge|peft]
 
 writes DIR/flamingo/ (the whole model: safetensors + flamingo.json + tokenizer, reloadable with
 `furnace.model.flamingo_io.load_flamingo`) and DIR/lm/ (the decoder alone with the new token rows
-merged, loadable by transformers' AutoModelForCausalLM, with the tokenizer). Whatever layout
+merged, loadable by transformers' AutoModelForCausalLM, with the tokenizer). A run with LoRA
+adapters (model.lora) gets them merged into DIR/lm's weights, or with --lora peft DIR/lm holds the
+base weights and DIR/lora/ a peft adapter folder (`peft.PeftModel.from_pretrained(lm, DIR/lora)`). Whatever layout
 saved the checkpoint, the model is built without weights and each parameter is read whole
 (`training.consolidate`) and written into the current shard: the process holds one shard, never
 the model.
@@ -24,7 +26,8 @@ import torch
 from furnace.config import Config, update
 from furnace.data.tokenizer import load_tokenizer
 from furnace.model.empty import empty, fill
-from furnace.model.flamingo_io import FLAMINGO_JSON, empty_parts, flamingo_meta, write_lm
+from furnace.model.flamingo_io import (FLAMINGO_JSON, LORA_EXPORTS, empty_parts, flamingo_meta, write_lm,
+                                       write_peft_adapter)
 from furnace.model.hf_io import WeightWriter
 from furnace.model.llama import skeleton_from_hf
 from furnace.model.vision import vision_skeleton_from_hf
@@ -83,13 +86,18 @@ def load_run_model(run_dir, tag: str | None = None):
 
 
 def export(run_dir, out, tag: str | None = None, *, dtype: torch.dtype = torch.float32,
-           max_shard_bytes: int = 5 * 2**30, progress: bool | None = None) -> dict:
+           max_shard_bytes: int = 5 * 2**30, progress: bool | None = None, lora: str = "merge") -> dict:
+    """`lora`: "merge" folds LoRA adapters into out/lm's weights; "peft" writes them to out/lora."""
+    if lora not in LORA_EXPORTS:
+        raise ValueError(f"lora={lora!r}: choose one of {', '.join(LORA_EXPORTS)}")
     tag = resolve_tag(run_dir, tag)
     model, tokenizer, cfg = empty_run_model(run_dir, tag)
+    if lora == "peft" and cfg.model.lora.rank == 0:
+        raise ValueError(f"--lora peft: checkpoint {tag} has no LoRA adapters (model.lora.rank=0); leave out --lora")
     out = Path(out)
-    flamingo, lm = out / "flamingo", out / "lm"
+    flamingo, lm, adapter = out / "flamingo", out / "lm", out / "lora"
     cfg.model.lm.path = cfg.model.vision.path = None  # the folder holds everything: no pointer back
-    for d in (flamingo, lm):
+    for d in (flamingo, lm, adapter):
         shutil.rmtree(d, ignore_errors=True)  # no shard of an earlier export left beside the new ones
     flamingo.mkdir(parents=True)
     from tqdm import tqdm
@@ -101,9 +109,13 @@ def export(run_dir, out, tag: str | None = None, *, dtype: torch.dtype = torch.f
             writer.add(name, weights.read(name).to(dtype))
     (flamingo / FLAMINGO_JSON).write_text(json.dumps(flamingo_meta(model, dataclasses.asdict(cfg.model)), indent=2))
     tokenizer.save_pretrained(flamingo)
-    write_lm(flamingo, lm, max_shard_bytes=max_shard_bytes)
+    write_lm(flamingo, lm, max_shard_bytes=max_shard_bytes, lora=lora)
     tokenizer.save_pretrained(lm)
-    return {"tag": tag, "flamingo": str(flamingo), "lm": str(lm)}
+    res = {"tag": tag, "flamingo": str(flamingo), "lm": str(lm)}
+    if lora == "peft":
+        write_peft_adapter(flamingo, adapter, base_model=str(lm.resolve()))
+        res["lora"] = str(adapter)
+    return res
 
 
 def main(argv=None) -> int:
@@ -113,13 +125,17 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the newest complete one)")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="the exported weights' dtype")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size (the memory export holds)")
+    p.add_argument("--lora", default="merge", choices=LORA_EXPORTS,
+                   help="LoRA adapters: merged into OUT/lm's weights, or a peft adapter folder OUT/lora over them")
     a = p.parse_args(argv)
     try:
-        res = export(a.run_dir, a.out, a.tag, dtype=DTYPES[a.dtype], max_shard_bytes=int(a.max_shard_gb * 2**30))
+        res = export(a.run_dir, a.out, a.tag, dtype=DTYPES[a.dtype], max_shard_bytes=int(a.max_shard_gb * 2**30),
+                     lora=a.lora)
     except (FileNotFoundError, CheckpointError, ValueError) as e:  # ValueError: ConfigError, a damaged config.json
         print(f"furnace export: {e}", file=sys.stderr)
         return 2
-    print(f"exported {res['tag']}: whole model -> {res['flamingo']}, LM alone -> {res['lm']}")
+    print(f"exported {res['tag']}: whole model -> {res['flamingo']}, LM alone -> {res['lm']}"
+          + (f", its LoRA adapters (peft) -> {res['lora']}" if "lora" in res else ""))
     return 0
 
 

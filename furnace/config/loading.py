@@ -118,6 +118,12 @@ def _coerce(value, tp, key: str):
         if not isinstance(value, dict):
             refuse("a mapping")
         return value
+    if typing.get_origin(tp) is list:  # list[str]: a YAML list, or `--set key=a,b`
+        if isinstance(value, str):
+            value = [x.strip() for x in value.split(",") if x.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) for x in value):
+            refuse("a list of names", "; e.g. --set " + key + "=q,v")
+        return list(value)
     return value
 
 

@@ -48,6 +48,10 @@ class VisionConfig:
     num_layers: int = 2                # >= 1
     num_heads: int = 4                 # >= 1
     sincos_positions: bool = True      # from scratch: start the position rows at a 2-D sin-cos code
+    # What the resampler reads (also with `path`): hidden = every token of the last layer, as HF
+    # returns it; patches = CLIP's patch tokens before its final norm (open_flamingo's features);
+    # patches_normed = after it (open_clip >= 2.23's output_tokens). CLIP towers only, but hidden.
+    features: str = "hidden"
 
 
 @dataclass
@@ -71,16 +75,38 @@ class XAttnConfig:
     gate_init: float = 0.0             # finite
 
 
+# The decoder layer's linear layers LoRA can adapt, by short name: (parent module, HF leaf name).
+LORA_TARGETS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
+                "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
+                "down": ("mlp", "down_proj")}
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on the frozen LM's linear layers (y = W x + alpha/rank * B A x), trained
+    with the resampler and the xattn blocks; needs model.freeze_lm."""
+    rank: int = 0                      # >= 0; 0 = no adapters
+    alpha: float = 16.0                # finite, > 0; the update is scaled by alpha / rank
+    dropout: float = 0.0               # 0 <= dropout < 1, on the adapters' input
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])  # distinct names of LORA_TARGETS
+
+
 @dataclass
 class ModelConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
     xattn: XAttnConfig = field(default_factory=XAttnConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     freeze_lm: bool = True
     freeze_vision: bool = True
     activation_checkpointing: bool = False
     attention_backend: str = "auto"    # auto | triton | reference
+    # A pretrained Flamingo to start from: a furnace export folder (OUT/flamingo) or open_flamingo's
+    # checkpoint.pt. Its resampler, xattn blocks and new token rows (open_flamingo: its embedding
+    # rows) replace the drawn ones, and it decides their shapes; the LM and tower still come from
+    # model.lm.path / model.vision.path. None = draw them.
+    start_from: str | None = None
 
 
 @dataclass
@@ -93,7 +119,11 @@ class DataConfig:
     # set's (data.synthetic_dir); a from-scratch LM on your data needs one.
     tokenizer: str | None = None
     max_length: int = 64               # >= 4 tokens a row; 0 = the longest of the first 1000 samples (<= LM positions)
-    max_images: int = 1                # >= 1 per sample
+    max_images: int = 1                # >= 1 per sample (and per row when packing)
+    # Training rows hold several samples back to back, up to max_length tokens and max_images
+    # images (segment ids keep their attention, positions and images apart; the loss is the
+    # unpacked one): short captions stop being mostly padding.
+    pack: bool = False
     num_workers: int = 1               # >= 0; 0 = decode in the training process
     # The training order is a function of (seed, sources, weights) through this many canonical
     # streams, whatever the cluster shape; the data-parallel size must divide it (docs/data.md).

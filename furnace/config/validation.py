@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 
 from furnace.config.loading import as_float, field_types, split_optional
-from furnace.config.tree import Config, ConfigError
+from furnace.config.tree import LORA_TARGETS, Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -127,6 +127,7 @@ RULES: dict[str, Rule] = {
     "model.lm.sliding_window": _optional(_ge(1, 4096)),
     "model.lm.model_type": _one_of("llama", "mistral", "qwen2"),
     "model.vision.path": _PATH,
+    "model.start_from": _optional(_nonempty("/path/to/exported/flamingo")),
     "model.vision.kind": _one_of("clip", "siglip"),
     "model.vision.image_size": _ge(1, 224),
     "model.vision.patch_size": _ge(1, 14),
@@ -135,6 +136,7 @@ RULES: dict[str, Rule] = {
     "model.vision.num_layers": _ge(1, 2),
     "model.vision.num_heads": _ge(1, 4),
     "model.vision.sincos_positions": _BOOL,
+    "model.vision.features": _one_of("hidden", "patches", "patches_normed"),
     "model.perceiver.num_latents": _ge(1, 64),
     "model.perceiver.depth": _ge(1, 6),
     "model.perceiver.heads": _ge(1, 8),
@@ -146,6 +148,11 @@ RULES: dict[str, Rule] = {
     "model.xattn.dim_head": _ge(1, 64),
     "model.xattn.ff_mult": _ge(1, 4),
     "model.xattn.gate_init": _finite(0.0),
+    "model.lora.rank": _ge(0, 8),
+    "model.lora.alpha": _finite(16.0, gt=0),
+    "model.lora.dropout": Rule(lambda v: 0 <= v < 1, "at least 0 and below 1", 0.05),
+    "model.lora.targets": Rule(lambda v: bool(v) and len(set(v)) == len(v) and set(v) <= set(LORA_TARGETS),
+                               f"a non-empty list of distinct names from {', '.join(LORA_TARGETS)}", "q,k,v,o"),
     "model.freeze_lm": _BOOL,
     "model.freeze_vision": _BOOL,
     "model.activation_checkpointing": _BOOL,
@@ -157,6 +164,7 @@ RULES: dict[str, Rule] = {
     "data.tokenizer": _PATH,
     "data.max_length": Rule(lambda v: v == 0 or v >= 4, "0 (read off the training data) or >= 4", 64),
     "data.max_images": _ge(1, 1),
+    "data.pack": _BOOL,
     "data.num_workers": _ge(0, 1),
     "data.canonical_streams": _ge(1, 64),
     "data.shuffle_buffer": _ge(0, 128),
@@ -202,7 +210,8 @@ RULES: dict[str, Rule] = {
                          f"a comma list of kind@step[:rank] with kind {' | '.join(FAULT_KINDS)}", "nan@2:1"),
 }
 
-_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+               list: "a list of names"}
 
 
 def _type_ok(v, tp) -> bool:
@@ -215,6 +224,8 @@ def _type_ok(v, tp) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
     if tp is float:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if typing.get_origin(tp) is list:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
     return isinstance(v, tp) if isinstance(tp, type) else True
 
 
@@ -237,7 +248,8 @@ def _fail(key: str, value, need: str, example) -> typing.NoReturn:
 def _skipped(cfg: Config, key: str) -> bool:
     """Shape keys a pretrained checkpoint replaces (its own config.json decides them)."""
     return ((key.startswith("model.lm.") and key != "model.lm.path" and cfg.model.lm.path is not None)
-            or (key.startswith("model.vision.") and key != "model.vision.path" and cfg.model.vision.path is not None))
+            or (key.startswith("model.vision.") and key not in ("model.vision.path", "model.vision.features")
+                and cfg.model.vision.path is not None))
 
 
 def check_keys(cfg: Config) -> None:
@@ -247,14 +259,14 @@ def check_keys(cfg: Config) -> None:
         rule = RULES[key]
         if not _type_ok(value, tp):
             inner, optional = split_optional(tp)
-            _fail(key, value, ("none or " if optional else "")
-                  + _TYPE_WORDS.get(inner, getattr(inner, "__name__", str(inner))), rule.example)
+            word = _TYPE_WORDS.get(typing.get_origin(inner) or inner, getattr(inner, "__name__", str(inner)))
+            _fail(key, value, ("none or " if optional else "") + word, rule.example)
         if not _skipped(cfg, key) and not rule.ok(value):
             _fail(key, value, rule.need, rule.example)
 
 
 def _check_model(cfg: Config) -> None:
-    lm, vis, data = cfg.model.lm, cfg.model.vision, cfg.data
+    m, lm, vis, data = cfg.model, cfg.model.lm, cfg.model.vision, cfg.data
     if lm.path is None:  # num_kv_heads, num_heads >= 1 are checked already: the modulos are safe
         if lm.num_heads % lm.num_kv_heads:
             raise ConfigError(f"model.lm.num_kv_heads must divide model.lm.num_heads={lm.num_heads}; got "
@@ -277,7 +289,15 @@ def _check_model(cfg: Config) -> None:
         if lm.sliding_window is not None and lm.sliding_window < data.max_length:
             raise ConfigError(f"model.lm.sliding_window={lm.sliding_window} is shorter than data.max_length="
                               f"{data.max_length}; e.g. --set data.max_length={lm.sliding_window}")
+    if m.lora.rank > 0 and not m.freeze_lm:
+        # The adapters add a low-rank update to a frozen LM; a trained LM needs none (and would
+        # learn the same update twice).
+        raise ConfigError(f"model.lora.rank={m.lora.rank} adapts a frozen LM but model.freeze_lm=false trains the "
+                          "whole LM: set --set model.freeze_lm=true (with model.lm.path), or model.lora.rank=0")
     if vis.path is None:
+        if vis.features != "hidden" and vis.kind != "clip":
+            raise ConfigError(f"model.vision.features={vis.features} drops CLIP's class token but model.vision.kind="
+                              f"{vis.kind} has none: --set model.vision.features=hidden")
         if vis.image_size % vis.patch_size:
             raise ConfigError(f"model.vision.image_size={vis.image_size} must be a multiple of model.vision.patch_size="
                               f"{vis.patch_size}; e.g. --set model.vision.image_size="
@@ -384,6 +404,10 @@ def validate(cfg: Config, world_size: int, *, check_paths: bool = True) -> int:
             if path is not None and not os.path.isdir(path):
                 raise ConfigError(f"{key}={path!r} is not a directory; it must point at a local HF checkpoint "
                                   f"(nothing is downloaded), e.g. --set {key}=/path/to/local/hf_dir")
+        start = cfg.model.start_from
+        if start is not None and not (os.path.isfile(os.path.join(start, "flamingo.json")) or os.path.isfile(start)):
+            raise ConfigError(f"model.start_from={start!r} is neither a furnace export folder (with flamingo.json) nor "
+                              "an open_flamingo checkpoint.pt file; e.g. --set model.start_from=exported/flamingo")
         _check_pretrained(cfg)
     return dp
 
@@ -431,11 +455,18 @@ def _check_pretrained(cfg: Config) -> None:
             raise ConfigError(f"model.xattn.every={m.xattn.every} places no xattn block in the checkpoint's {layers} "
                               f"layers (model.lm.path); e.g. --set model.xattn.every={layers}")
     if m.vision.path is not None:
-        hf = _hf_config("model.vision.path", m.vision.path)
-        kind = str(hf.get("model_type") or (hf.get("vision_config") or {}).get("model_type") or "")
+        if os.path.isfile(os.path.join(m.vision.path, "open_clip_config.json")) and \
+                not os.path.isfile(os.path.join(m.vision.path, "config.json")):
+            kind = "clip"  # an open_clip ViT, read as an HF CLIP tower (furnace.model.open_clip_io)
+        else:
+            hf = _hf_config("model.vision.path", m.vision.path)
+            kind = str(hf.get("model_type") or (hf.get("vision_config") or {}).get("model_type") or "")
         if not kind.startswith(VISION_TYPES):
             raise ConfigError(f"model.vision.path={m.vision.path!r} is a {kind!r} checkpoint; furnace's towers are "
-                              "CLIP and SigLIP vision models: point model.vision.path at one of those")
+                              "CLIP and SigLIP vision models (or open_clip ViTs): point model.vision.path at one of those")
+        if m.vision.features != "hidden" and not kind.startswith("clip"):
+            raise ConfigError(f"model.vision.features={m.vision.features} drops CLIP's class token but "
+                              f"model.vision.path={m.vision.path!r} is a {kind} tower: --set model.vision.features=hidden")
 
 
 def check_trainable(cfg: Config) -> None:

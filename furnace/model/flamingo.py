@@ -28,6 +28,7 @@ from furnace.tokens import IGNORE_INDEX, IMAGE_TOKEN, build_labels, positions, t
 from . import decoding, llama
 from .layers import run_block
 from .llama import KVCache, Llama
+from .lora import add_lora
 from .perceiver import PerceiverResampler
 from .vision import VisionTower, vision_from_config, vision_from_hf
 from .xattn import GatedCrossAttentionBlock
@@ -86,11 +87,12 @@ def encode_media(vision: VisionTower, perceiver: PerceiverResampler, images: tor
 
 
 def media_context(vision: VisionTower, perceiver: PerceiverResampler, input_ids: torch.Tensor,
-                  images: torch.Tensor, media_valid: torch.Tensor, image_token_id: int):
-    """What every xattn block reads: (latents [B, T*n, dv], media_segment [B, T*n], text_time [B, L])."""
+                  images: torch.Tensor, media_valid: torch.Tensor, image_token_id: int, segment_ids=None):
+    """What every xattn block reads: (latents [B, T*n, dv], media_segment [B, T*n], text_time [B, L]);
+    `segment_ids`: a packed row's samples (each sees only its own images)."""
     latents = encode_media(vision, perceiver, images, media_valid)
     seg = media_segments(media_valid, latents.shape[2])
-    return latents.flatten(1, 2), seg, text_time(input_ids, image_token_id)
+    return latents.flatten(1, 2), seg, text_time(input_ids, image_token_id, segment_ids)
 
 
 def embed_tokens(input_ids: torch.Tensor, embed: nn.Module, new_embed: nn.Module | None, base_vocab: int):
@@ -149,12 +151,13 @@ class NewTokens(nn.Module):
 
 
 class FlamingoModel(nn.Module):
-    """`cfg` supplies the resampler, the xattn blocks, freezing and activation checkpointing;
-    `lm` and `vision` are built (or loaded) already. `vocab_size`: the tokenizer's."""
+    """`cfg` supplies the resampler, the xattn blocks, the LM's LoRA adapters, freezing and
+    activation checkpointing; `lm` and `vision` are built (or loaded) already. `vocab_size`: the
+    tokenizer's."""
 
     def __init__(self, lm: Llama, vision: VisionTower, cfg: ModelConfig, *, vocab_size: int, image_token_id: int,
                  eoc_token_id: int, drawn_in=contextlib.nullcontext):
-        """`drawn_in()`: the context the resampler and xattn blocks are built in (each draws and
+        """`drawn_in()`: the context the resampler, xattn blocks and adapters are built in (each draws and
         initialises its own weights in its constructor, so a context that takes them over module
         by module, such as ZeRO-3's partitioning, sees the same numbers)."""
         super().__init__()
@@ -181,6 +184,8 @@ class FlamingoModel(nn.Module):
         # Decoding needs every row of the vocabulary: tensor parallelism sets a gather here.
         self.gather_logits = None
         self.lm.requires_grad_(not cfg.freeze_lm)
+        # After everything else is drawn: the other weights are those of the same run without LoRA.
+        add_lora(self.lm, cfg.lora, drawn_in)
 
     # -------------------------------------------------------------- pieces
 
@@ -238,7 +243,7 @@ class FlamingoModel(nn.Module):
         input_ids, media_valid = batch["input_ids"], batch["media_valid"]
         self.check_media(input_ids, media_valid)
         latents, seg, tt = media_context(self.vision, self.perceiver, input_ids, batch["images"], media_valid,
-                                         self.image_token_id)
+                                         self.image_token_id, batch.get("segment_ids"))
         return self.decoder(input_ids, latents, seg, tt, position_ids=batch.get("position_ids"),
                             segment_ids=batch.get("segment_ids"))
 
@@ -280,6 +285,7 @@ def build_flamingo(cfg: ModelConfig, *, vocab_size: int, image_token_id: int, eo
     if vision is None:
         vision = (vision_from_hf(cfg.vision.path, frozen=cfg.freeze_vision) if cfg.vision.path
                   else vision_from_config(cfg.vision, frozen=cfg.freeze_vision))
+    vision.features = cfg.vision.features
     return FlamingoModel(lm, vision, cfg, vocab_size=vocab_size, image_token_id=image_token_id,
                          eoc_token_id=eoc_token_id, drawn_in=drawn_in)
 

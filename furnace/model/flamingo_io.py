@@ -4,8 +4,9 @@
     load_flamingo(DIR) -> FlamingoModel       needs nothing but DIR; built empty, filled tensor by tensor
     architecture(model) / empty_flamingo      the decoder's and tower's HF configs, and the model
                                               they describe, without weights
-    write_lm(DIR, OUT)                        the decoder alone (new token rows merged) from a saved
-                                              Flamingo folder, streamed: loadable by transformers
+    write_lm(DIR, OUT)                        the decoder alone (new token rows and LoRA merged) from a
+                                              saved Flamingo folder, streamed: loadable by transformers
+    write_peft_adapter(DIR, OUT, BASE)        its LoRA adapters as a peft folder (over write_lm(lora="peft"))
     lm_with_new_tokens(model) -> Llama        the same from a model in memory (for llama.to_hf)
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from furnace.config import ModelConfig, update
 
@@ -23,9 +25,12 @@ from .empty import empty, fill, persistent_buffers, stored_names
 from .flamingo import FlamingoModel, build_flamingo
 from .hf_io import WeightReader, WeightWriter, write_config
 from .llama import Llama
+from .lora import (ADAPTERS, PEFT_CONFIG, PEFT_WEIGHTS, is_adapter, merge, merged_state_dict, peft_config, peft_name,
+                   scaling)
 from .vision import KINDS, VisionTower
 
 FLAMINGO_JSON = "flamingo.json"
+LORA_EXPORTS = ("merge", "peft")  # what write_lm does with LoRA adapters
 
 
 def lm_with_new_tokens(model: FlamingoModel) -> Llama:
@@ -33,7 +38,7 @@ def lm_with_new_tokens(model: FlamingoModel) -> Llama:
     if model.new_tokens is None:
         return model.lm
     lm = Llama(dataclasses.replace(model.lm.cfg, vocab_size=model.vocab_size), hf_config=model.lm.hf_config)
-    state = dict(model.lm.state_dict())
+    state = merged_state_dict(model.lm)  # LoRA adapters folded into their weights
     state["embed_tokens.weight"] = torch.cat([state["embed_tokens.weight"], model.new_tokens.embed.weight.detach()])
     state["lm_head.weight"] = torch.cat([state["lm_head.weight"], model.new_tokens.head.weight.detach()])
     lm.load_state_dict(state)
@@ -126,11 +131,16 @@ def load_flamingo(path) -> FlamingoModel:
     return model
 
 
-def write_lm(flamingo_dir, out, *, max_shard_bytes: int = 5 * 2**30) -> None:
+def write_lm(flamingo_dir, out, *, max_shard_bytes: int = 5 * 2**30, lora: str = "merge") -> None:
     """The decoder of a saved Flamingo folder as an HF checkpoint (config.json + safetensors),
-    the new token rows appended to its vocabulary, one tensor at a time."""
-    meta, _ = read_meta(flamingo_dir)
+    the new token rows appended to its vocabulary, one tensor at a time. LoRA adapters, if any:
+    lora="merge" folds them into their weights (a plain decoder), "peft" leaves the base weights
+    as they are (`write_peft_adapter` writes the adapters)."""
+    if lora not in LORA_EXPORTS:
+        raise ValueError(f"lora={lora!r}: choose one of {', '.join(LORA_EXPORTS)}")
+    meta, mcfg = read_meta(flamingo_dir)
     src = WeightReader(flamingo_dir)
+    stored = set(src.names())
     cfg = llama.config_from_hf(meta["lm_config"])
     extra = meta["vocab_size"] - cfg.vocab_size
     lm = llama.skeleton(dataclasses.replace(cfg, vocab_size=meta["vocab_size"]), meta["lm_config"])
@@ -138,10 +148,13 @@ def write_lm(flamingo_dir, out, *, max_shard_bytes: int = 5 * 2**30) -> None:
     dtype = None
     with WeightWriter(out, max_shard_bytes=max_shard_bytes) as w:
         for name in src.names():
-            if not name.startswith("lm."):
+            if not name.startswith("lm.") or is_adapter(name):
                 continue
             leaf = name.removeprefix("lm.")
             t = src.read(name)
+            a, b = (name.removesuffix("weight") + f"{x}.weight" for x in ADAPTERS)
+            if lora == "merge" and a in stored:
+                t = merge(t, src.read(a), src.read(b), scaling(mcfg.lora))
             new = {"embed_tokens.weight": "new_tokens.embed.weight", "lm_head.weight": "new_tokens.head.weight"}
             if extra > 0 and leaf in new:
                 t = torch.cat([t, src.read(new[leaf])])
@@ -149,3 +162,21 @@ def write_lm(flamingo_dir, out, *, max_shard_bytes: int = 5 * 2**30) -> None:
             dtype = t.dtype
     hf["dtype"] = str(dtype).removeprefix("torch.")
     write_config(hf, out)
+
+
+def write_peft_adapter(flamingo_dir, out, base_model: str) -> None:
+    """The LoRA adapters of a saved Flamingo folder as a peft adapter folder (adapter_config.json +
+    adapter_model.safetensors) over the decoder that `write_lm(..., lora="peft")` wrote at
+    `base_model`: `peft.PeftModel.from_pretrained(that decoder, out)` applies them."""
+    meta, mcfg = read_meta(flamingo_dir)
+    if mcfg.lora.rank == 0:
+        raise ValueError(f"{str(flamingo_dir)!r} has no LoRA adapters (model.lora.rank=0): export the plain LM "
+                         "(leave out --lora peft)")
+    src = WeightReader(flamingo_dir)
+    # Held together (peft reads one file): rank x (in + out) numbers per adapted linear, small.
+    tensors = {peft_name(name): src.read(name).contiguous() for name in src.names()
+               if name.startswith("lm.") and is_adapter(name)}
+    p = Path(out)
+    p.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(p / PEFT_WEIGHTS), metadata={"format": "pt"})
+    (p / PEFT_CONFIG).write_text(json.dumps(peft_config(mcfg.lora, base_model), indent=2))

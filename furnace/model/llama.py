@@ -18,6 +18,7 @@ from furnace_kernels import attention
 
 from .hf_io import load_weights, read_config, save_weights, write_config
 from .layers import RMSNorm, merge_heads, run_block, split_heads
+from .lora import merged_state_dict
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -284,7 +285,7 @@ def from_hf(path, dtype: torch.dtype = torch.float32) -> Llama:
 
 def hf_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in merged_state_dict(model).items():  # LoRA folded in: HF's plain decoder
         if k == "lm_head.weight" and model.cfg.tie_word_embeddings:
             continue  # HF stores a tied head once, as the embedding
         out[k if k.startswith("lm_head.") else f"model.{k}"] = v

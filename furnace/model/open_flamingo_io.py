@@ -30,7 +30,8 @@ from .empty import empty, fill
 from .flamingo import FlamingoModel, build_flamingo
 from .hf_io import WeightReader
 from .layers import FeedForward
-from .vision import config_of, vision_skeleton_from_hf
+from .lora import LoraLinear
+from .vision import config_of, tower_reader, vision_skeleton_from_hf
 
 FF_INDEX = {"norm": "0", "fc1": "1", "fc2": "3"}  # nn.Sequential(LayerNorm, Linear, GELU, Linear)
 KV = ("to_k", "to_v")                             # halves of open_flamingo's to_kv, in its order
@@ -239,7 +240,7 @@ def load_open_flamingo(checkpoint, cfg: ModelConfig, tokenizer, *, lm_path=None,
                                eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN))
     model.tie_weights()
     ours = furnace_tensors(state, model, where)
-    lm_reader, tower_reader = WeightReader(lm_path), WeightReader(vision_path)
+    lm_reader, tower_weights = WeightReader(lm_path), tower_reader(vision_path)
     tied = lm.cfg.tie_word_embeddings
 
     def read(name: str) -> torch.Tensor:
@@ -251,7 +252,7 @@ def load_open_flamingo(checkpoint, cfg: ModelConfig, tokenizer, *, lm_path=None,
             base = ours.get("lm.embed_tokens.weight")
             base = lm_reader.read(llama.hf_name("embed_tokens.weight", tied)) if base is None else base
             return base.float().mean(0).expand(model.new_tokens.count, -1).clone()
-        return tower_reader.read(name.removeprefix("vision.model."))
+        return tower_weights.read(name.removeprefix("vision.model."))
 
     fill(model, read, dtype=dtype, where=where)
     cfg.perceiver, cfg.xattn = resolved.perceiver, resolved.xattn
@@ -274,6 +275,9 @@ def to_open_flamingo(model: FlamingoModel, path) -> None:
     order; the decoder's other weights stay in its HF folder. Non-zero frame embeddings (furnace
     trains them) are written too, but open_flamingo's Flamingo builds its resampler without them:
     build it with max_num_frames there, or strict=False drops them."""
+    if any(isinstance(m, LoraLinear) for m in model.lm.modules()):  # they would be dropped silently
+        raise ValueError("open_flamingo's checkpoint has no place for LoRA adapters (model.lora): use furnace-export, "
+                         "whose LM folder has them merged (or --lora peft)")
     state = open_flamingo_state(model.perceiver, "perceiver.")
     for i, j in xattn_blocks(model):
         state.update(open_flamingo_state(model.xattn[j], XATTN.format(i)))

@@ -7,8 +7,8 @@ imported by transformers at start-up in every process, +1.07 s and two warnings 
 its CPU int4 exists only as a prototype config.)
 
 Only the nn.Linear layers of `model.lm.layers` (and an untied `lm_head`) are replaced, each under
-its own name in its parent; the embedding, vision tower, resampler and xattn blocks stay in full
-precision. The decoder calls these linears as modules (never reads their `.weight`), so its
+its own name in its parent (LoRA adapters are merged into their weights first); the embedding,
+vision tower, resampler and xattn blocks stay in full precision. The decoder calls these linears as modules (never reads their `.weight`), so its
 forward, the KV-cache decoding and beam search run unchanged. Inference only: the quantised
 weights stop training. The bytes reported are those of the targeted weights: before, their float
 storage; after, the int8 data plus its per-row scales, or the packed 4-bit data plus everything
@@ -18,6 +18,8 @@ import logging
 
 import torch
 from torch import nn
+
+from .lora import merge_lora
 
 MODES = ("none", "int8", "int4")
 
@@ -94,6 +96,8 @@ def quantize_lm(model: nn.Module, mode: str) -> dict:
     {"mode", "quantized_linears", "bytes_before", "bytes_after"} (bytes of those weights)."""
     if mode not in MODES:
         raise ValueError(f"unknown quantisation mode {mode!r}: choose one of {', '.join(MODES)}")
+    if mode != "none":
+        merge_lora(model.lm)  # LoRA folded into its weights first: the adapters are linears too
     targets = _targets(model.lm)
     before = sum(_weight_bytes(m) for _, _, m in targets)
     if mode == "none" or not targets:

@@ -15,6 +15,8 @@ Plan per block (C = column-parallel, R = row-parallel, V = vocab-parallel):
     xattn block     attn.{to_q,to_k,to_v} C, to_out R;   ff.fc1 C, ff.fc2 R
     perceiver       layers[d][0].{to_q,to_k,to_v} C, to_out R;  layers[d][1].fc1 C, fc2 R
     replicated      norms, gates, latents, frame embeddings, new_tokens, the vision tower
+    LoRA adapters   C: lora_A whole, lora_B split by rows;  R: lora_A split by columns, lora_B whole
+                    (`furnace.parallel.lora`)
 
 Heads are split contiguously, so each rank keeps whole query heads together with their GQA
 key/value heads (tp divides num_kv_heads). The loss becomes the vocab-parallel CE, with the
@@ -26,6 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from furnace.model.lora import ADAPTERS, LoraLinear
+
+from .lora import ColumnParallelLoraLinear, RowParallelLoraLinear, lora_split_dim
 from .tensor import (ColumnParallelLinear, GatherVocabLogits, RowParallelLinear, VocabParallelEmbedding,
                      VocabParallelLMLoss, mark_sharded, shard_cols, shard_rows, vocab_range)
 
@@ -41,6 +46,8 @@ def tp_split_dim(param_name: str) -> int | None:
     """The dimension parallelize() splits this parameter on (by the plain model's name), or None
     when every tensor-parallel rank holds it whole."""
     parts = param_name.split(".")
+    if len(parts) >= 3 and parts[-2] in ADAPTERS and parts[-3] in COLUMN_MODULES + ROW_MODULES:
+        return lora_split_dim(param_name, parts[-3] in COLUMN_MODULES)
     if len(parts) < 2 or param_name.startswith("vision.") or parts[-2] not in SHARDED_MODULES:
         return None
     if parts[-2] in ROW_MODULES:
@@ -90,8 +97,16 @@ def _swap(parent: nn.Module, name: str, make, partition) -> nn.Module:
 
 def _attn_mlp(attn: nn.Module, qkv: tuple[str, ...], out: str, mlp: nn.Module, up: tuple[str, ...], down: str,
               group, partition) -> None:
-    col = lambda lin: ColumnParallelLinear.from_linear(lin, group)  # noqa: E731
-    row = lambda lin: RowParallelLinear.from_linear(lin, group)  # noqa: E731
+    def col(lin):
+        if isinstance(lin, LoraLinear):
+            return ColumnParallelLoraLinear.from_lora(lin, group)
+        return ColumnParallelLinear.from_linear(lin, group)
+
+    def row(lin):
+        if isinstance(lin, LoraLinear):
+            return RowParallelLoraLinear.from_lora(lin, group)
+        return RowParallelLinear.from_linear(lin, group)
+
     for n in qkv:
         _swap(attn, n, col, partition)
     _swap(attn, out, row, partition)

@@ -41,10 +41,13 @@ STATES = ("fp32", "exp_avg", "exp_avg_sq")
 # layer prefix; tests/test_reshard.py checks them against tp_split_dim for every parameter).
 _VISION = r"^(?:\d+\.)?vision\."
 _ANY = lambda mods: "(?:" + "|".join(mods) + ")"  # noqa: E731
-_SPLIT = rf"\.(?:{_ANY(COLUMN_MODULES + VOCAB_MODULES)}\.(?:weight|bias)|{_ANY(ROW_MODULES)}\.weight)$"
+# LoRA: a column-parallel linear's lora_B is split like its weight, a row-parallel one's lora_A.
+_ROW_SPLIT = rf"\.{_ANY(ROW_MODULES)}\.(?:lora_A\.)?weight$"
+_SPLIT = (rf"\.(?:{_ANY(COLUMN_MODULES + VOCAB_MODULES)}\.(?:weight|bias)|{_ANY(COLUMN_MODULES)}\.lora_B\.weight"
+          rf"|{_ANY(ROW_MODULES)}\.(?:lora_A\.)?weight)$")
 PATTERNS = {
     "tp_replicated_parameter_patterns": [rf"{_VISION}|^(?!.*{_SPLIT})"],
-    "parameter_with_row_parallelism_patterns": [rf"(?!{_VISION}).*\.{_ANY(ROW_MODULES)}\.weight$"],
+    "parameter_with_row_parallelism_patterns": [rf"(?!{_VISION}).*{_ROW_SPLIT}"],
     "vocabulary_parameter_patterns": [rf"(?!{_VISION}).*\.{_ANY(VOCAB_MODULES)}\.weight$"],
     "pipeline_replicated_parameter_patterns": [r"^tied_modules\."],  # the tied embedding's second copy
 }
