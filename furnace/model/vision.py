@@ -1,4 +1,5 @@
-"""Frozen (by default) HF vision tower: CLIP or SigLIP -> patch features."""
+"""Frozen (by default) vision tower: HF CLIP or SigLIP, or an open_clip ViT read as an HF CLIP
+(`open_clip_io`) -> patch features (`model.vision.features` says which)."""
 from __future__ import annotations
 
 import torch
@@ -8,10 +9,15 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, 
 from furnace.config import VisionConfig
 from furnace.data.images import IMAGE_STATS
 
-from .empty import empty
-from .hf_io import read_config
+from .empty import empty, fill
+from .hf_io import WeightReader, read_config
+from .open_clip_io import OpenClipReader, hf_vision_config, image_stats, is_open_clip
 
 KINDS = {"clip": (CLIPVisionConfig, CLIPVisionModel), "siglip": (SiglipVisionConfig, SiglipVisionModel)}
+# What the resampler reads of the tower's last layer: every token as HF returns it (before the
+# final norm, CLIP's class token included); the patch tokens only, before the final norm (what
+# open_flamingo trained on: open_clip <= 2.20's output_tokens); or after it (open_clip >= 2.23's).
+FEATURES = ("hidden", "patches", "patches_normed")
 
 
 def _kind_of(cfg: dict) -> str:
@@ -26,12 +32,14 @@ def _kind_of(cfg: dict) -> str:
 
 
 class VisionTower(nn.Module):
-    """images [N, C, H, W] -> patch features [N, P, d] (last hidden state, all tokens)."""
+    """images [N, C, H, W] -> patch features [N, P, d] of the last layer, as `features` says
+    (FEATURES; the builder sets it from `model.vision.features`)."""
 
     def __init__(self, model: nn.Module, kind: str, frozen: bool = True):
         super().__init__()
         self.model = model
         self.kind = kind
+        self.features = "hidden"
         self.hidden_size = model.config.hidden_size
         self.image_size = model.config.image_size
         self.frozen = frozen
@@ -50,12 +58,23 @@ class VisionTower(nn.Module):
             self.model.eval()  # a frozen tower stays in eval mode (no dropout, fixed norms)
         return self
 
+    def _features(self, images: torch.Tensor) -> torch.Tensor:
+        h = self.model(pixel_values=images).last_hidden_state
+        if self.features == "hidden":
+            return h
+        if self.kind != "clip":
+            raise ValueError(f"model.vision.features={self.features!r} drops CLIP's class token; a {self.kind} tower "
+                             "has none: use features=hidden")
+        h = h[:, 1:]
+        norm = getattr(self.model, "vision_model", self.model).post_layernorm  # transformers 4 nests it
+        return norm(h) if self.features == "patches_normed" else h
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(next(self.model.parameters()).dtype)
         if self.frozen:
             with torch.no_grad():
-                return self.model(pixel_values=images).last_hidden_state
-        return self.model(pixel_values=images).last_hidden_state
+                return self._features(images)
+        return self._features(images)
 
 
 def config_of(tower: VisionTower, path: str | None = None) -> VisionConfig:
@@ -63,12 +82,29 @@ def config_of(tower: VisionTower, path: str | None = None) -> VisionConfig:
     hf = tower.model.config
     return VisionConfig(path=path, kind=tower.kind, image_size=hf.image_size, patch_size=hf.patch_size,
                         hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
-                        num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads)
+                        num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads, features=tower.features)
+
+
+def tower_config(path) -> dict:
+    """The HF config of the tower in a local folder: its config.json, or an open_clip folder's
+    translated (checked to be CLIP's image statistics, which the loader normalises with)."""
+    if not is_open_clip(path):
+        return read_config(path)
+    stats = image_stats(path)
+    if stats is not None and any(abs(a - b) > 1e-4 for x, y in zip(stats, IMAGE_STATS["clip"]) for a, b in zip(x, y)):
+        raise ValueError(f"the open_clip tower at {str(path)!r} was trained on images normalised with mean/std {stats}, "
+                         "not CLIP's, which furnace's loader uses")
+    return hf_vision_config(path)
+
+
+def tower_reader(path):
+    """The tower's weights by HF name: safetensors read in place, or an open_clip folder translated."""
+    return OpenClipReader(path) if is_open_clip(path) else WeightReader(path)
 
 
 def config_from_path(path: str) -> VisionConfig:
-    """The VisionConfig of a local HF CLIP/SigLIP checkpoint, read from its config.json alone."""
-    raw = read_config(path)
+    """The VisionConfig of a local HF CLIP/SigLIP (or open_clip ViT) checkpoint, read from its config alone."""
+    raw = tower_config(path)
     kind = _kind_of(raw)
     hf = raw.get("vision_config") or raw
     return VisionConfig(path=path, kind=kind, image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 32),
@@ -77,6 +113,15 @@ def config_from_path(path: str) -> VisionConfig:
 
 
 def vision_from_hf(path: str, frozen: bool = True, dtype: torch.dtype = torch.float32) -> VisionTower:
+    if is_open_clip(path):
+        tower = vision_skeleton_from_hf(path, frozen)
+        reader = tower_reader(path)
+        have = set(reader.names())
+        missing = [n for n, _ in tower.model.named_parameters() if n not in have]
+        if missing:
+            raise ValueError(f"the open_clip tower at {str(path)!r} lacks {missing[:3]}")
+        fill(tower.model, reader.read, dtype=dtype, where=str(path))
+        return tower
     kind = _kind_of(read_config(path))
     cls = KINDS[kind][1]
     model = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
@@ -86,6 +131,9 @@ def vision_from_hf(path: str, frozen: bool = True, dtype: torch.dtype = torch.fl
 def vision_skeleton_from_hf(path: str, frozen: bool = True) -> VisionTower:
     """The tower a local HF CLIP/SigLIP checkpoint folder describes, its parameters on the meta
     device (buffers real): `furnace.parallel.materialize` fills it in, reading the weights once."""
+    if is_open_clip(path):
+        with empty():
+            return VisionTower(CLIPVisionModel(CLIPVisionConfig(**tower_config(path))), "clip", frozen)
     kind = _kind_of(read_config(path))
     cfg_cls, cls = KINDS[kind]
     with empty():

@@ -14,6 +14,8 @@ others stay on the meta device.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -21,7 +23,8 @@ from furnace.model.empty import persistent_buffers, replace_parameters
 from furnace.model.flamingo_io import check_names, empty_flamingo, read_meta
 from furnace.model.hf_io import WeightReader
 from furnace.model.llama import hf_name
-from furnace.parallel.apply import is_vocab_sharded, parallelize, tp_split_dim
+from furnace.model.vision import tower_reader
+from furnace.parallel.apply import is_vocab_sharded, parallelize, tp_shard, tp_split_dim
 from furnace.parallel.tensor import vocab_range
 
 
@@ -55,8 +58,9 @@ def _fill(model, pieces, path: str, reader: WeightReader, key_of, rank: int, siz
           dtype, device) -> int:
     """Each piece's meta parameters read (this rank's tensor-parallel cut) and, under ZeRO-3,
     partitioned before the next piece is read. Returns the bytes read."""
-    missing = sorted({key_of(prefix + leaf) for prefix, mod in pieces for leaf, _ in mod.named_parameters()}
-                     - set(reader.names()))
+    # Only meta shapes come from the checkpoint: what was drawn for the run (LoRA adapters) is real.
+    missing = sorted({key_of(prefix + leaf) for prefix, mod in pieces for leaf, p in mod.named_parameters()
+                      if p.is_meta} - set(reader.names()))
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks {missing[:5]} that the model of its config.json needs")
     done: set[int] = set()
@@ -120,7 +124,7 @@ def load_pretrained_tower(model, path: str, *, keep=None, partition=None, dtype:
     `vision_model.*` tensors), block by block, as `load_pretrained_lm` does the decoder. The
     tower is replicated over tensor parallelism: every rank reads it whole."""
     device = torch.device("cpu") if device is None else device
-    return _fill(model, tower_modules(model), path, WeightReader(path), lambda name: name.removeprefix("vision.model."),
+    return _fill(model, tower_modules(model), path, tower_reader(path), lambda name: name.removeprefix("vision.model."),
                  0, 1, keep=keep, partition=partition, dtype=dtype, device=device)
 
 
@@ -138,3 +142,37 @@ def load_flamingo_sharded(path, topology, *, device=None):
     for name in persistent_buffers(model):
         model.get_buffer(name).data.copy_(reader.read(name))
     return model.to(device)
+
+
+def load_start(model, tensors: dict[str, torch.Tensor], topology=None) -> int:
+    """Overwrite `model`'s parameters named in `tensors` (full tensors by plain-model name:
+    `furnace.model.start_from.start_tensors`) with this rank's tensor-parallel cut of each, module
+    by module; a ZeRO-3 partitioned module is gathered, written on its group's first rank and
+    partitioned again (DeepSpeed's GatheredParameters). Parameters of another pipeline stage
+    (meta) are skipped. Returns the number of tensors written."""
+    rank, size = (0, 1) if topology is None else (topology.coord.tp, topology.tp)
+    params = dict(model.named_parameters())
+    groups: dict[str, list[str]] = {}
+    for name in tensors:
+        groups.setdefault(name.rsplit(".", 2)[0], []).append(name)  # the module holding it
+    written = 0
+    for names in groups.values():
+        held = [(n, params[n]) for n in names if n in params and not params[n].is_meta]
+        if not held:
+            continue
+        partitioned = [p for _, p in held if hasattr(p, "ds_id")]
+        if partitioned:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+        else:
+            gathered = contextlib.nullcontext()
+        with gathered, torch.no_grad():
+            for n, p in held:
+                cut = tp_shard(tensors[n], n, rank, size)
+                if tuple(cut.shape) != tuple(p.shape):
+                    raise ValueError(f"{n}: this rank holds {tuple(p.shape)}, the start checkpoint gives "
+                                     f"{tuple(cut.shape)} at tp={size}")
+                p.copy_(cut.to(p.dtype))
+                written += 1
+    return written

@@ -11,6 +11,7 @@ Each step is also usable alone: `build_tokenizer`, `build_model`, `build_loader`
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +26,12 @@ from furnace.data.loader import ShardLoader
 from furnace.data.synthetic import demo_tokenizer
 from furnace.data.tokenizer import load_tokenizer, tokenizer_dir
 from furnace.model.flamingo import FlamingoModel, build_flamingo
+from furnace.model.empty import empty
 from furnace.model.llama import skeleton_from_hf
+from furnace.model.start_from import start_config, start_tensors
 from furnace.model.vision import config_of, vision_skeleton_from_hf
 from furnace.parallel.apply import parallelize
-from furnace.parallel.materialize import load_pretrained_lm, load_pretrained_tower
+from furnace.parallel.materialize import load_pretrained_lm, load_pretrained_tower, load_start
 from furnace.parallel.pipeline import flamingo_pipeline, stage_parameters
 from furnace.parallel.topology import Topology
 from furnace.parallel.zero3 import partitioner, zero3_placement
@@ -112,6 +115,9 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
     # reading only what it keeps (furnace.parallel.materialize). Under ZeRO-3 the resampler and
     # xattn blocks are partitioned as they are drawn, the rest is drawn whole from the seed.
     lm_path, tower_path = cfg.model.lm.path, cfg.model.vision.path
+    if cfg.model.start_from:  # the pretrained Flamingo decides its parts' shapes, as lm.path the LM's
+        layers = skeleton_from_hf(lm_path).cfg.num_layers if lm_path else cfg.model.lm.num_layers
+        cfg.model = start_config(cfg.model, layers)
     zero3 = eng.build_ds_config(cfg, dp, grad_accum) if cfg.parallel.zero_stage == 3 and topology.pp == 1 else None
     partition = partitioner(zero3, topology) if zero3 is not None else None
     model = build_model(cfg, tokenizer, lm=skeleton_from_hf(lm_path) if lm_path else None,
@@ -130,6 +136,11 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
         load_pretrained_lm(model, lm_path, topology, keep=keep, partition=partition, dtype=dtype, device=device)
     if tower_path:
         load_pretrained_tower(model, tower_path, keep=keep, partition=partition, dtype=dtype, device=device)
+    if cfg.model.start_from:
+        with empty():  # the plain model's names and shapes, to map the source onto
+            plain = build_model(copy.deepcopy(cfg), tokenizer, lm=skeleton_from_hf(lm_path) if lm_path else None,
+                                vision=vision_skeleton_from_hf(tower_path, cfg.model.freeze_vision) if tower_path else None)
+        load_start(model, start_tensors(cfg.model.start_from, plain), topology)
     pipe = flamingo_pipeline(model, topology) if topology.pp > 1 else None
     engine, _ = eng.initialize(cfg, pipe if pipe is not None else model, topology, dp, grad_accum)
     train_loader = None

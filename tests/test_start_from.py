@@ -1,0 +1,104 @@
+"""`model.start_from`: a run starts with a pretrained Flamingo's resampler, xattn blocks and new
+token rows, in the source's shapes, on every layout (each rank writes its tensor-parallel cut,
+ZeRO-3 partitions through DeepSpeed's gather); open_flamingo's checkpoint.pt likewise; a source
+that does not fit is refused in one line before training."""
+import dataclasses
+
+import pytest
+import torch
+
+from train_utils import TINY, lm_tokenizer, run, train_cmd
+
+pytestmark = pytest.mark.multirank
+
+
+def _source(tmp_path_factory, tokenizer=None, **over):
+    """A saved Flamingo whose resampler (6 latents, depth 2: not the run's preset shapes) and
+    xattn blocks are not what a run would draw."""
+    from furnace.config import load_config
+    from furnace.data.synthetic import demo_tokenizer
+    from furnace.model.flamingo_io import save_flamingo
+    from furnace.training.build import build_model
+
+    cfg = load_config("demo", [s for s in TINY if s.startswith("model.")]
+                      + ["model.perceiver.num_latents=6", "model.perceiver.depth=2", "model.xattn.gate_init=0.3",
+                         *(f"{k}={v}" for k, v in over.items())])
+    tok = tokenizer or demo_tokenizer()
+    torch.manual_seed(123)
+    model = build_model(cfg, tok)
+    with torch.no_grad():
+        for p in list(model.perceiver.parameters()) + list(model.xattn.parameters()):
+            p.add_(torch.randn_like(p) * 0.1)
+    out = tmp_path_factory.mktemp("start") / "flamingo"
+    save_flamingo(model, out, dataclasses.asdict(cfg.model))
+    tok.save_pretrained(out)
+    return out, {n: p.detach().clone() for n, p in model.named_parameters()
+                 if n.startswith(("perceiver.", "xattn.", "new_tokens."))}
+
+
+def _started(run_dir, tmp_path, name):
+    from furnace.export import export
+    from furnace.model.hf_io import WeightReader
+
+    res = export(run_dir, tmp_path / name, progress=False)
+    reader = WeightReader(res["flamingo"])
+    return {n: reader.read(n) for n in reader.names()}
+
+
+@pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.zero_stage=3"],
+                                    ["parallel.pp=2", "parallel.zero_stage=1"]], ids=["tp2_zero3", "pp2"])
+def test_a_run_starts_from_an_export_on_every_layout(data, tmp_path_factory, tmp_path, layout):
+    source, want = _source(tmp_path_factory)
+    run_dir = tmp_path / "run"
+    # lr 0: the first step leaves every weight as it started
+    res = run(train_cmd(run_dir, data, f"model.start_from={source}", "train.max_steps=1", "train.lr=0",
+                        "model.perceiver.num_latents=4", *layout))
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = _started(run_dir, tmp_path, "export")
+    assert got["perceiver.latents"].shape == (6, 32)  # the source's shapes, not the preset's
+    for n, t in want.items():
+        torch.testing.assert_close(got[n], t, atol=0, rtol=0, msg=n)
+
+
+def test_a_run_starts_from_open_flamingos_checkpoint(data, tmp_path_factory, tmp_path):
+    """A frozen pretrained LM and tower, the xattn blocks, resampler and new token rows from a
+    checkpoint.pt in open_flamingo's names (written by to_open_flamingo)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from furnace.data.synthetic import vocabulary
+    from furnace.model.flamingo_io import load_flamingo
+    from furnace.model.open_flamingo_io import to_open_flamingo
+
+    w = tmp_path_factory.mktemp("of")
+    tok = lm_tokenizer(vocabulary())
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 tie_word_embeddings=False)).save_pretrained(w / "llama")
+    tok.save_pretrained(w / "llama")
+    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(w / "clip")
+    paths = {"model.lm.path": w / "llama", "model.vision.path": w / "clip"}
+    from furnace.data.tokenizer import load_tokenizer
+
+    source, _ = _source(tmp_path_factory, tokenizer=load_tokenizer(w / "llama"), **paths)
+    model = load_flamingo(source)
+    to_open_flamingo(model, w / "checkpoint.pt")
+    run_dir = tmp_path / "run"
+    res = run(train_cmd(run_dir, data, f"model.start_from={w / 'checkpoint.pt'}", "train.max_steps=1", "train.lr=0",
+                        *(f"{k}={v}" for k, v in paths.items()), "data.tokenizer=" + str(w / "llama"),
+                        "parallel.zero_stage=0", nproc=1))  # the layouts: the test above
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = _started(run_dir, tmp_path, "export")
+    for n, t in model.named_parameters():
+        if n.startswith(("perceiver.", "xattn.", "new_tokens.")) or n == "lm.embed_tokens.weight":
+            torch.testing.assert_close(got[n], t.detach(), atol=0, rtol=0, msg=n)
+
+
+def test_a_source_that_does_not_fit_is_refused_in_one_line(data, tmp_path_factory, tmp_path):
+    source, _ = _source(tmp_path_factory, **{"model.lm.hidden_size": 32})  # xattn blocks for a narrower LM
+    res = run(train_cmd(tmp_path / "run", data, f"model.start_from={source}", "train.max_steps=1", nproc=1))
+    assert res.returncode != 0
+    assert "model.start_from=" in res.stderr and "xattn" in res.stderr, res.stderr[-2000:]
+    res = run(train_cmd(tmp_path / "run2", data, f"model.start_from={tmp_path}", "train.max_steps=1", nproc=1))
+    assert res.returncode != 0 and "neither a furnace export folder" in res.stderr, res.stderr[-2000:]
