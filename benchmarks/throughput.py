@@ -20,7 +20,10 @@ gradients reach the decoder layers before the first xattn block.
 
 FLOPs: `furnace.training.metrics.flamingo_flops_per_sample` (its docstring has the formula): frozen parts
 count forward plus activation-gradient backward only (no weight-gradient GEMMs); a frozen vision
-tower counts forward only. Tokens are the non-padding tokens of the batches.
+tower counts forward only. Tokens are the non-padding tokens of the batches, and the FLOPs are
+those of the samples at their real lengths (a packed row's samples each), so MFU counts useful
+work only: padding lowers it. `--caption-data 10,40` feeds LAION-like caption lengths; `--ablate
+pack` compares one sample a row with packed rows (`data.pack`).
 """
 from __future__ import annotations
 
@@ -66,6 +69,8 @@ ABLATIONS = {
     "zero3_gather": (["parallel.zero_stage=3", "parallel.zero3_gather=block"],
                      [["parallel.zero_stage=3", "parallel.zero3_gather=module"]],
                      "ZeRO-3 gathering per block vs per module"),
+    "pack": (["data.pack=false"], [["data.pack=true"]],
+             "one sample a row vs packed rows (with --caption-data: LAION-length captions)"),
 }
 
 
@@ -77,10 +82,15 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--synthetic-data", action="store_true", help="random tensors instead of the loader")
+    p.add_argument("--caption-data", default=None, metavar="MIN,MAX",
+                   help="random captions of MIN..MAX tokens (LAION-like: 10,40), one image each, one a row "
+                        "padded to data.max_length or packed with data.pack=true (implies --synthetic-data)")
     p.add_argument("--ablate", default="none", help=f"comma list of {sorted(ABLATIONS)}, 'all' or 'none'")
     p.add_argument("--profile", default=None,
                    help="write a torch.profiler table of the baseline's top ops (2 extra steps) to this file")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    a.synthetic_data = a.synthetic_data or bool(a.caption_data)
+    return a
 
 
 def sync():
@@ -111,6 +121,49 @@ def synthetic_batches(cfg, tokenizer, vocab: int, image_size: int, n: int = 4):
                         "labels": build_labels(ids, mask, image_token_id=img_id, eoc_token_id=eoc_id),
                         "images": torch.randn(b, t, 1, 3, image_size, image_size, generator=g),
                         "media_valid": torch.ones(b, t, dtype=torch.bool)})
+    while True:
+        yield from batches
+
+
+def caption_batches(cfg, tokenizer, vocab: int, image_size: int, lengths: tuple[int, int], n: int = 4):
+    """LAION-like rows: captions of uniformly drawn lengths in `lengths` tokens, each `[bos]
+    <image> words <|endofchunk|> [eos]`, one a row (padded to max_length) or, with data.pack,
+    back to back up to max_length tokens and max_images images (position and segment ids as the
+    loader's `collate_packed` makes them). Cycles through n batches."""
+    img_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    eoc_id = tokenizer.convert_tokens_to_ids(EOC_TOKEN)
+    specials = {i for i in tokenizer.all_special_ids if i is not None} | {img_id, eoc_id}
+    words = torch.tensor([i for i in range(min(vocab, 4096)) if i not in specials])
+    pad = tokenizer.pad_token_id or 0
+    b, l, t, pack = cfg.train.micro_batch_size, cfg.data.max_length, cfg.data.max_images, cfg.data.pack
+    g = torch.Generator().manual_seed(0)
+
+    def sample():
+        k = int(torch.randint(lengths[0], lengths[1] + 1, (1,), generator=g)) - 3
+        return [img_id, *words[torch.randint(0, len(words), (k,), generator=g)].tolist(), eoc_id, pad]
+
+    batches = []
+    for _ in range(n):
+        ids = torch.full((b, l), pad, dtype=torch.long)
+        pos, seg, labels = torch.zeros_like(ids), torch.zeros_like(ids), torch.full_like(ids, -100)
+        valid = torch.zeros(b, t, dtype=torch.bool)
+        for r in range(b):
+            off = imgs = k = 0
+            while True:
+                s = sample()
+                if off + len(s) > l or imgs + 1 > t or (k and not pack):
+                    break
+                ids[r, off: off + len(s)] = torch.tensor(s)
+                pos[r, off: off + len(s)] = torch.arange(len(s))
+                seg[r, off: off + len(s)] = k + 1
+                labels[r, off + 1: off + len(s) - 1] = ids[r, off + 1: off + len(s) - 1]  # words and eoc
+                valid[r, imgs] = True
+                off, imgs, k = off + len(s), imgs + 1, k + 1
+        batch = {"input_ids": ids, "attention_mask": (seg > 0).long(), "labels": labels,
+                 "images": torch.randn(b, t, 1, 3, image_size, image_size, generator=g), "media_valid": valid}
+        if pack:
+            batch.update(position_ids=pos, segment_ids=seg)
+        batches.append(batch)
     while True:
         yield from batches
 
@@ -163,7 +216,10 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
             fp[key] = flamingo_flops_per_sample(model, StepShape(seq_len=seq_len, images=images))["train"]
         return fp[key]
 
-    if args.synthetic_data:
+    if args.caption_data:
+        lo, hi = (int(x) for x in args.caption_data.split(","))
+        it = caption_batches(cfg, run.tokenizer, model.vocab_size, model.vision.image_size, (lo, hi))
+    elif args.synthetic_data:
         it = synthetic_batches(cfg, run.tokenizer, model.vocab_size, model.vision.image_size)
     else:
         it = iter(run.train_loader)
@@ -189,9 +245,10 @@ def run_variant(name: str, cfg, args, world: int) -> dict:
         for _ in range(gas):
             t0 = time.perf_counter()
             batch = next(it)
-            n_tok = int(batch["attention_mask"].sum())
-            n_img = float(batch["media_valid"].sum()) / batch["media_valid"].shape[0]
-            b = batch["input_ids"].shape[0]
+            n_tok = int(batch["attention_mask"].sum())  # real tokens: padding does no useful work
+            # samples: packed rows hold several (their segment ids count them)
+            b = int(batch["segment_ids"].amax(1).sum()) if "segment_ids" in batch else batch["input_ids"].shape[0]
+            n_img = float(batch["media_valid"].sum()) / b
             model.check_media(batch["input_ids"], batch["media_valid"])  # as the trainer: on the CPU batch
             batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
             sync()
@@ -306,7 +363,8 @@ def print_table(results: list[dict]) -> None:
 
 def write_report(args, results: list[dict]) -> None:
     out = {**run_info(), "preset": args.preset, "steps": args.steps, "warmup": args.warmup,
-           "data": "synthetic tensors" if args.synthetic_data else "loader on the synthetic shards",
+           "data": (f"LAION-like captions of {args.caption_data} tokens" if args.caption_data
+                    else "synthetic tensors" if args.synthetic_data else "loader on the synthetic shards"),
            "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))

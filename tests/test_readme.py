@@ -47,6 +47,14 @@ COMMANDS = {
     '--set "data.train_shards=data/mine/train-{000000..000000}.tar;data/docs/docs-{000000..000000}.tar" '
     "--set data.train_weights=0.7,0.3 --set train.run_dir=runs/mix": "finetune",
     "furnace-export runs/finetune --out exported": "run",
+    "python train.py --config finetune --set model.lm.path=/path/to/llama --set model.vision.path=/path/to/clip "
+    '--set model.start_from=exported/flamingo --set "data.train_shards=data/coco/train-{000000..000000}.tar" '
+    "--set train.run_dir=runs/continued": "finetune",
+    "python train.py --config openflamingo-ft --set model.lm.path=/path/to/llama-7b --set model.vision.path=/path/to/vit-l-14 "
+    "--set model.start_from=/path/to/OpenFlamingo-9B/checkpoint.pt "
+    '--set "data.train_shards=data/mmc4/train-{000000..000999}.tar"':
+        "needs a 7B LM and OpenFlamingo's checkpoint: test_start_from.py::test_a_run_starts_from_open_flamingos_checkpoint "
+        "runs the same path on tiny ones",
     "furnace-generate --model exported/flamingo --image photo.jpg --quantize int8": "run",
     "torchrun --standalone --nproc_per_node 2 -m furnace.generate --model exported/flamingo --image photo.jpg": "run",
     "furnace-eval caption --model exported/flamingo --annotations captions.json --images images/ --shots 0 4": "run",
@@ -177,7 +185,8 @@ FINETUNE_COCO = next(c for c, how in COMMANDS.items() if how == "finetune")
 # What a command needs to have run before it, in the README's own order.
 DEMO = next(iter(COMMANDS))  # the first command trains the demo, into runs/demo as the README says
 EXPORTED = "furnace-export runs/finetune --out exported"
-NEEDS = {"furnace-export": FINETUNE_COCO, "furnace-generate": EXPORTED, "furnace-eval caption --model runs/demo": DEMO,
+NEEDS = {"python train.py --config finetune --set model.lm.path=/path/to/llama --set model.vision.path=/path/to/clip "
+         "--set model.start_from": EXPORTED, "furnace-export": FINETUNE_COCO, "furnace-generate": EXPORTED, "furnace-eval caption --model runs/demo": DEMO,
          "furnace-eval retrieval --model runs/demo": DEMO, "python benchmarks/generate.py": DEMO,
          "furnace-eval": EXPORTED, "torchrun --standalone --nproc_per_node 2 -m furnace.": EXPORTED,
          "python train.py --config finetune": "furnace-shards"}

@@ -44,3 +44,50 @@ def collate(rows, encoder: TextEncoder, *, max_length, max_images, image_size, m
         images[~valid] = 0.0  # missing media are exact zeros (not the normalised black)
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
             "images": images, "media_valid": valid}
+
+
+def collate_packed(packs, encoder: TextEncoder, *, max_length, max_images, image_size, mean, std,
+                   pad_to_max) -> dict:
+    """Packed rows -> one batch (`data.pack`): each row holds several samples back to back (a
+    pack: a list of rows as `collate` takes them), plus position_ids [B, L] restarting at 0 with
+    each sample and segment_ids [B, L] (1, 2, ... per sample, 0 on padding) that keep
+    self-attention within a sample (and, through text_time, each sample's text on its own
+    images). Labels are each sample's own, and a sample's first token is no target: the loss is
+    the one the samples give unpacked, token for token."""
+    B = len(packs)
+    L = max_length if pad_to_max else max(sum(len(r[0]) for r in p) for p in packs)
+    input_ids = torch.full((B, L), encoder.pad_id, dtype=torch.long)
+    attention = torch.zeros((B, L), dtype=torch.long)
+    position_ids = torch.zeros((B, L), dtype=torch.long)
+    segment_ids = torch.zeros((B, L), dtype=torch.long)
+    labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
+    imgs = torch.zeros((B, max_images, 1, 3, image_size, image_size), dtype=torch.uint8)
+    imgs_np = imgs.numpy()
+    valid = torch.zeros((B, max_images), dtype=torch.bool)
+    for b, pack in enumerate(packs):
+        off = t = 0
+        for k, (ids, images, is_doc, is_filler) in enumerate(pack):
+            n = len(ids)
+            row = torch.tensor(ids, dtype=torch.long)
+            input_ids[b, off: off + n] = row
+            attention[b, off: off + n] = 1
+            position_ids[b, off: off + n] = torch.arange(n)
+            segment_ids[b, off: off + n] = k + 1
+            if not is_filler:
+                lab = build_labels(row[None], None, image_token_id=encoder.image_id, eoc_token_id=encoder.eoc_id,
+                                   interleaved=bool(is_doc))[0]
+                lab[0] = IGNORE_INDEX  # the previous sample's last token does not predict this one
+                labels[b, off: off + n] = lab
+            for arr in images:
+                imgs_np[b, t, 0] = arr.transpose(2, 0, 1)
+                valid[b, t] = True
+                t += 1
+            off += n
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        out = torch.empty(imgs.shape, dtype=torch.float32).share_memory_()
+    images = normalize(imgs, mean, std, channels_last=False, out=out)
+    if not bool(valid.all()):
+        images[~valid] = 0.0
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention, "position_ids": position_ids,
+            "segment_ids": segment_ids, "images": images, "media_valid": valid}

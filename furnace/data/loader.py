@@ -8,7 +8,8 @@
     loader2 = ShardLoader(...same args...); loader2.load_state_dict(state)
     # iter(loader2) yields exactly the batches `it` would have yielded next
 
-Batches follow the contract in `furnace/data/collate.py`.
+Batches follow the contract in `furnace/data/collate.py`; with `pack=True` (data.pack) training
+rows hold several samples each, with position and segment ids (`collate_packed`).
 
 Training mode (`training=True`, the default) is an infinite stream whose order depends on the
 seed, the sources and their weights, never on the cluster shape. It is cut into C canonical
@@ -58,7 +59,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from furnace.data.collate import collate
+from furnace.data.collate import collate, collate_packed
 from furnace.data.images import CLIP_MEAN, CLIP_STD
 from furnace.data.samples import SampleDecoder
 from furnace.data.sources import Source, expand_shards, sources_from_config
@@ -113,7 +114,8 @@ class ShardLoader:
                  num_workers: int = 0, canonical_streams: int = 64, shuffle_buffer: int = 128,
                  training: bool = True, epochs: int | None = None, pad_to_max_length: bool = True,
                  prefetch_factor: int = 2, pin_memory: bool = False, multiprocessing_context: str | None = None,
-                 check_files: bool = True, limits: ReadLimits = ReadLimits(), max_image_pixels: int = 40_000_000):
+                 check_files: bool = True, limits: ReadLimits = ReadLimits(), max_image_pixels: int = 40_000_000,
+                 pack: bool = False):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if batch_size < 1 or max_length < 4 or max_images < 1 or image_size < 1:
@@ -153,9 +155,10 @@ class ShardLoader:
         weights = np.array([s["weight"] for s in self.sources], dtype=np.float64)
         if (weights <= 0).any():
             raise ValueError("source weights must be positive")
+        self.pack = pack and training  # evaluation rows stay one sample each
         self.reader = StreamReader(self.sources, weights, self.samples, seed=seed, streams=canonical_streams,
                                    shuffle_buffer=self.shuffle_buffer, batch_size=batch_size, epochs=epochs,
-                                   limits=limits)
+                                   limits=limits, pack=(max_length, max_images) if self.pack else None)
         self._reset_state()
 
     @classmethod
@@ -169,7 +172,7 @@ class ShardLoader:
                    mean=mean, std=std, num_workers=data_cfg.num_workers if num_workers is None else num_workers,
                    canonical_streams=data_cfg.canonical_streams, shuffle_buffer=data_cfg.shuffle_buffer,
                    training=training, limits=ReadLimits.from_config(data_cfg),
-                   max_image_pixels=data_cfg.max_image_pixels)
+                   max_image_pixels=data_cfg.max_image_pixels, pack=data_cfg.pack)
 
     # ------------------------------------------------------------------ config helpers
     @staticmethod
@@ -196,7 +199,7 @@ class ShardLoader:
         return {"sources": [[s["urls"], s["weight"]] for s in self.sources], "seed": self.seed,
                 "batch_size": self.batch_size, "canonical_streams": self.streams,
                 "shuffle_buffer": self.shuffle_buffer, "max_length": self.max_length,
-                "max_images": self.max_images, "training": self.training}
+                "max_images": self.max_images, "training": self.training, **({"pack": True} if self.pack else {})}
 
     def _reset_state(self):
         fresh = {"mix": 0, "sources": [[0, 0] for _ in self.sources]}
@@ -210,8 +213,10 @@ class ShardLoader:
 
     # ------------------------------------------------------------------ per-sample work
     def _batch(self, rows) -> dict:
-        return collate(rows, self.encoder, max_length=self.max_length, max_images=self.max_images,
-                       image_size=self.image_size, mean=self.mean, std=self.std, pad_to_max=self.pad_to_max)
+        """Rows (or packs of rows, `data.pack`) -> the batch."""
+        return (collate_packed if self.pack else collate)(
+            rows, self.encoder, max_length=self.max_length, max_images=self.max_images, image_size=self.image_size,
+            mean=self.mean, std=self.std, pad_to_max=self.pad_to_max)
 
     # ------------------------------------------------------------------ worker bodies
     def _train_worker(self, t: int):

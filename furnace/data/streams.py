@@ -24,8 +24,11 @@ class StreamReader:
     """The canonical streams of a set of sources; holds settings only, no position."""
 
     def __init__(self, sources: list[dict], weights, samples: SampleDecoder, *, seed: int, streams: int,
-                 shuffle_buffer: int, batch_size: int, epochs: int | None, limits: ReadLimits):
+                 shuffle_buffer: int, batch_size: int, epochs: int | None, limits: ReadLimits,
+                 pack: tuple[int, int] | None = None):
+        """`pack`: (tokens, images) a row holds: samples go into rows back to back (data.pack)."""
         self.sources, self.samples, self.seed, self.n_streams = sources, samples, seed, streams
+        self.pack = pack
         self.shuffle_buffer, self.batch_size, self.epochs, self.limits = shuffle_buffer, batch_size, epochs, limits
         w = np.asarray(weights, dtype=np.float64)
         self._cum = np.cumsum(w / w.sum()).tolist()
@@ -41,7 +44,47 @@ class StreamReader:
         return len(self.sources) - 1
 
     def batches(self, c: int, start: dict, counter: Counter):
-        """Canonical stream c's micro-batches from position `start`: (rows, keys, sources, position)."""
+        """Canonical stream c's micro-batches from position `start`: (rows, keys, sources, position);
+        with packing, each row a pack of sample rows (`_packed`)."""
+        if self.pack is not None:
+            yield from self._packed(c, start, counter)
+            return
+        yield from self._batches(c, start, counter)
+
+    def _packed(self, c: int, start: dict, counter: Counter):
+        """Samples in stream order, greedily into rows of at most `pack` tokens and images; a
+        batch is `batch_size` rows. The sample that closes a batch's last row opens the next
+        batch: the batch's position is the one before it, so a resumed stream reads it again and
+        packs exactly what the uninterrupted one does."""
+        max_tokens, max_images = self.pack
+        packs, cur, keys, srcs = [], [], [], []
+        used = [0, 0]
+        for row, key, src, before, after in self._samples(c, start, counter):
+            n_tok, n_img = len(row[0]), len(row[1])
+            if cur and (used[0] + n_tok > max_tokens or used[1] + n_img > max_images):
+                packs.append(cur)
+                cur, used = [], [0, 0]
+                if len(packs) == self.batch_size:
+                    yield packs, keys, srcs, before
+                    packs, keys, srcs = [], [], []
+            cur.append(row)
+            keys.append(key)
+            srcs.append(src)
+            used[0] += n_tok
+            used[1] += n_img
+            last = after
+        if cur:
+            packs.append(cur)
+        if packs:
+            yield packs, keys, srcs, last
+
+    def _samples(self, c: int, start: dict, counter: Counter):
+        """Canonical stream c's decoded samples from position `start`: (row, key, source,
+        position before it, position after it)."""
+        for rows, keys, srcs, pos, before in self._batches(c, start, counter, one=True):
+            yield rows[0], keys[0], srcs[0], before, pos
+
+    def _batches(self, c: int, start: dict, counter: Counter, one: bool = False):
         streams = [iter(Replay(src["urls"], si, c, self.n_streams, self.seed, self.shuffle_buffer, counter,
                                start=tuple(start["sources"][si]), epochs=self.epochs, limits=self.limits))
                    for si, src in enumerate(self.sources)]
@@ -61,6 +104,8 @@ class StreamReader:
                 except StopIteration:
                     exhausted[s] = True
                     break
+                at = {"mix": i, "sources": [list(p) for p in pos]}  # the position before this sample
+                at["sources"][s] = [e, k]
                 pos[s] = [e, k + 1]
                 try:
                     rows.append(self.samples.row(raw))
@@ -77,8 +122,9 @@ class StreamReader:
                             f"{dict(counter)}") from None
             if got:
                 i += 1
-            if rows and (len(rows) == self.batch_size or all(exhausted)):
-                yield rows, keys, srcs, {"mix": i, "sources": [list(p) for p in pos]}
+            if rows and (len(rows) == (1 if one else self.batch_size) or all(exhausted)):
+                after = {"mix": i, "sources": [list(p) for p in pos]}
+                yield (rows, keys, srcs, after, at) if one else (rows, keys, srcs, after)
                 rows, keys, srcs = [], [], []
 
 

@@ -46,7 +46,7 @@ class MediaStage(nn.Module):
         media_valid = media_valid.bool()
         check_media(input_ids, media_valid, self.image_token_id)
         latents, seg, tt = media_context(self.vision, self.perceiver, input_ids, images, media_valid,
-                                         self.image_token_id)
+                                         self.image_token_id, pos_seg[1] if len(pos_seg) > 1 else None)
         if not pos_seg:
             pos_seg = [positions(input_ids).contiguous()]  # sends need contiguous tensors
         return (input_ids, latents, seg, tt, *pos_seg)

@@ -56,7 +56,7 @@ class StagedFlamingo:
 
     # ---------------------------------------------------------------- the stages
 
-    def media(self, input_ids, images, media_valid):
+    def media(self, input_ids, images, media_valid, segment_ids=None):
         """(latents, media_segment, text_time) on every stage: the media stage's latents, broadcast."""
         m = self.model
         b, t = media_valid.shape
@@ -66,7 +66,8 @@ class StagedFlamingo:
         else:
             latents = torch.empty(shape, dtype=self.dtype, device=input_ids.device)
         dist.broadcast(latents, src=self.ranks[self.media_stage], group=self.group)
-        return latents, media_segments(media_valid, m.num_latents), text_time(input_ids, self.image_token_id)
+        return latents, media_segments(media_valid, m.num_latents), text_time(input_ids, self.image_token_id,
+                                                                               segment_ids)
 
     def _hidden(self, input_ids, latents, media_segment, text_times, *, position_ids=None, segment_ids=None,
                 kv_segment_ids=None, caches=None, media_kvs=None):
@@ -113,7 +114,7 @@ class StagedFlamingo:
     def __call__(self, batch: dict) -> torch.Tensor:
         """The loss of a batch (labels included), on every stage."""
         ids = batch["input_ids"]
-        latents, seg, tt = self.media(ids, batch["images"], batch["media_valid"])
+        latents, seg, tt = self.media(ids, batch["images"], batch["media_valid"], batch.get("segment_ids"))
         logits = self._hidden(ids, latents, seg, tt, position_ids=batch.get("position_ids"),
                               segment_ids=batch.get("segment_ids"))
         loss = (self.model.loss_fn(logits, batch["labels"]).float().reshape(1) if logits is not None
