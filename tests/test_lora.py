@@ -16,7 +16,7 @@ from furnace.model.hf_io import WeightReader
 from furnace.model.lora import LoraLinear, is_adapter, merged_state_dict
 from furnace.model.vision import vision_from_config
 from test_model_flamingo import tiny_cfg
-from train_utils import lm_tokenizer, metrics, run, train_cmd
+from train_utils import metrics, run, tiny_pretrained, train_cmd
 
 ALL = ["q", "k", "v", "o", "gate", "up", "down"]
 STEPS = 4
@@ -25,20 +25,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A 2-layer Llama whose vocabulary lacks <image> and <|endofchunk|>, its tokenizer, a CLIP tower."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
-    from furnace.data.synthetic import vocabulary
-
-    w = tmp_path_factory.mktemp("lora-pretrained")
-    tok = lm_tokenizer(vocabulary())
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 tie_word_embeddings=False)).save_pretrained(w / "llama")
-    tok.save_pretrained(w / "llama")
-    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(w / "clip")
-    return w
+    return tiny_pretrained(tmp_path_factory.mktemp("lora-pretrained"))
 
 
 def _cfg(pretrained, targets, rank=4):

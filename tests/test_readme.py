@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train_utils import ROOT, TINY, env, lm_tokenizer
+from train_utils import ROOT, TINY, env, tiny_pretrained
 
 pytestmark = pytest.mark.multirank
 
@@ -118,22 +118,13 @@ def test_every_readme_command_is_run_here_or_says_why_not():
 def work(tmp_path_factory, data):
     """A folder laid out as the README assumes, with tiny checkpoints and inputs."""
     from PIL import Image
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from furnace.data.synthetic import draw_sample, sample_rng, vocabulary
+    from furnace.data.synthetic import draw_sample, sample_rng
 
     w = tmp_path_factory.mktemp("readme")
     for name in ("train.py", "launch", "benchmarks"):
         (w / name).symlink_to(ROOT / name)
-    # an LM whose tokenizer lacks <image>/<|endofchunk|> (new rows) and a CLIP tower
-    tok = lm_tokenizer(vocabulary())
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 tie_word_embeddings=False)).save_pretrained(w / "llama")
-    tok.save_pretrained(w / "llama")
-    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(w / "clip")
+    tiny_pretrained(w, layers=4)  # an LM whose tokenizer lacks <image>/<|endofchunk|> (new rows), a CLIP tower
     # captions.json (COCO) + images/, pairs.jsonl, docs.jsonl, photos
     (w / "images").mkdir()
     images, anns, pairs, docs = [], [], [], []

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from train_utils import TINY, lm_tokenizer, run, train_cmd
+from train_utils import TINY, run, tiny_pretrained, train_cmd
 
 pytestmark = pytest.mark.multirank
 
@@ -63,24 +63,13 @@ def test_a_run_starts_from_an_export_on_every_layout(data, tmp_path_factory, tmp
 def test_a_run_starts_from_open_flamingos_checkpoint(data, tmp_path_factory, tmp_path):
     """A frozen pretrained LM and tower, the xattn blocks, resampler and new token rows from a
     checkpoint.pt in open_flamingo's names (written by to_open_flamingo)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
-
-    from furnace.data.synthetic import vocabulary
     from furnace.model.flamingo_io import load_flamingo
     from furnace.model.open_flamingo_io import to_open_flamingo
 
-    w = tmp_path_factory.mktemp("of")
-    tok = lm_tokenizer(vocabulary())
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 tie_word_embeddings=False)).save_pretrained(w / "llama")
-    tok.save_pretrained(w / "llama")
-    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                                     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(w / "clip")
-    paths = {"model.lm.path": w / "llama", "model.vision.path": w / "clip"}
     from furnace.data.tokenizer import load_tokenizer
 
+    w = tiny_pretrained(tmp_path_factory.mktemp("of"))
+    paths = {"model.lm.path": w / "llama", "model.vision.path": w / "clip"}
     source, _ = _source(tmp_path_factory, tokenizer=load_tokenizer(w / "llama"), **paths)
     model = load_flamingo(source)
     to_open_flamingo(model, w / "checkpoint.pt")

@@ -37,6 +37,27 @@ def lm_tokenizer(words: list[str]):
                                    eos_token="</s>")
 
 
+def tiny_pretrained(folder, *, layers: int = 2) -> Path:
+    """`folder`/llama (a `layers`-layer Llama whose tokenizer, saved beside it, lacks <image> and
+    <|endofchunk|>: furnace adds them as new rows) and `folder`/clip (a 1-layer CLIP tower on
+    32-pixel images), as pretrained checkpoints come. Returns `folder`."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from furnace.data.synthetic import vocabulary
+
+    folder = Path(folder)
+    tok = lm_tokenizer(vocabulary())
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 tie_word_embeddings=False)).save_pretrained(folder / "llama")
+    tok.save_pretrained(folder / "llama")
+    CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2)).save_pretrained(folder / "clip")
+    return folder
+
+
 def data_overrides(data: dict) -> list[str]:
     return [f"data.synthetic_dir={data['dir']}", f"data.train_shards={data['train']}", f"data.val_shards={data['val']}"]
 
