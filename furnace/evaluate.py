@@ -14,6 +14,8 @@ newest complete checkpoint, or --tag). Launched on several ranks (`torchrun --np
 gathers, scores and writes OUT/report.json (device, versions, command, settings, scores per
 shot count, what was skipped, every sample's output) and, for captioning and VQA, the
 predictions in the official results format beside the references they were scored against.
+With `--tp K` the model is split tensor-parallel over groups of K ranks (each reads only its cut
+of each tensor; the vocabulary's logits are gathered), and the groups divide the set.
 """
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ from furnace.data.tokenizer import load_tokenizer
 from furnace.eval.scoring import ModelScorer
 from furnace.eval.tasks import Settings, outputs, score
 from furnace.export import load_run_model
+from furnace.generate import load
 from furnace.model.flamingo_io import load_flamingo
 from furnace.model.quantize import quantize_lm
+from furnace.parallel.topology import Topology
 from furnace.training.distributed import join_launched_group
 from furnace.training.metrics import run_info
 
@@ -42,9 +46,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_NEW_TOKENS = {"caption": 20, "vqa": 5}
 
 
-def load_model(path, tag: str | None = None):
-    """(model, tokenizer, description) from an exported folder or a run directory."""
+def load_model(path, tag: str | None = None, topology=None, device="cpu"):
+    """(model, tokenizer, description) from an exported folder or a run directory; with a
+    tensor-parallel `topology`, this rank's part (`furnace.generate.load`)."""
     path = Path(path)
+    if topology is not None and topology.tp > 1:
+        if tag is not None:
+            raise ValueError("--tag with --tp: export that checkpoint (furnace-export --tag) and evaluate the export")
+        model, tokenizer = load(path, device, topology)
+        return model, tokenizer, {"model": str(path), "tp": topology.tp}
     if (path / "flamingo.json").is_file():
         return load_flamingo(path), load_tokenizer(path), {"model": str(path)}
     if (path / "checkpoints").is_dir():
@@ -108,13 +118,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
                    help="the LM's linear weights in int8 (LLM.int8()) or 4-bit NF4, by bitsandbytes")
     p.add_argument("--device", default=None, help="default: this rank's GPU when there is one, else the CPU")
+    p.add_argument("--tp", type=int, default=1, help="split the model tensor-parallel over this many of the launched "
+                   "ranks (a model one process cannot hold); the rest of the ranks divide the set")
     p.add_argument("--out", default=None, help="the report's folder (default: RUN/eval/TASK-TAG for a run, "
                    "else ./eval-TASK)")
     return p
 
 
 def _check(p, a) -> None:
-    for flag, ok in (("--shots", all(s >= 0 for s in a.shots)), ("--batch-size", a.batch_size >= 1),
+    for flag, ok in (("--shots", all(s >= 0 for s in a.shots)), ("--batch-size", a.batch_size >= 1), ("--tp", a.tp >= 1),
                      ("--limit", a.limit is None or a.limit >= 1), ("--num-beams", a.num_beams >= 1),
                      ("--max-new-tokens", a.max_new_tokens is None or a.max_new_tokens >= 1),
                      ("--repetition-penalty", a.repetition_penalty > 0)):
@@ -146,13 +158,18 @@ def evaluate(a, rank: int = 0, world: int = 1) -> dict | None:
     prompts.check_template(template, a.task)
 
     device = a.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, source = load_model(a.model, a.tag)
+    if world % a.tp:
+        raise ValueError(f"--tp {a.tp} must divide the {world} launched ranks")
+    topology = Topology(tp=a.tp) if a.tp > 1 else None
+    model, tokenizer, source = load_model(a.model, a.tag, topology, device)
     model = model.to(device, DTYPES[a.dtype]).eval()
     quantized = None
     if a.quantize != "none":
         quantized = quantize_lm(model, a.quantize)
     scorer = ModelScorer(model, tokenizer, device)
-    share = list(range(rank, len(items), world))
+    # data-parallel shares; tensor-parallel peers score the same items together
+    dp_rank, dp_size = (topology.coord.dp, topology.dp) if topology is not None else (rank, world)
+    share = list(range(dp_rank, len(items), dp_size))
     decoding = {"num_beams": a.num_beams, "length_penalty": a.length_penalty,
                 "repetition_penalty": a.repetition_penalty}
     from tqdm import tqdm
@@ -167,6 +184,8 @@ def evaluate(a, rank: int = 0, world: int = 1) -> dict | None:
                   disable=True if rank else None) as bar:
             rows = outputs(s, scorer, items, share, pool, pool_is_set, counts, progress=bar)
         everyone = _gather((rows, dict(counts)), world)
+        if topology is not None:  # one copy of each share: its tensor-parallel rank 0's
+            everyone = [e for r, e in enumerate(everyone) if topology.coord_of(r).tp == 0]
         if rank == 0:
             rows = sorted((r for share_rows, _ in everyone for r in share_rows), key=lambda r: r["index"])
             total = collections.Counter(skipped)

@@ -33,21 +33,22 @@ from furnace.training.distributed import join_launched_group
 from furnace.tokens import IMAGE_TOKEN
 
 
-def load(model_dir, device, rank: int = 0, world: int = 1):
-    """(the model, whole or this rank's tensor-parallel part, on `device`; its tokenizer) from an
-    exported folder (each rank reads only its cut of each tensor) or a training run directory
-    (its newest complete checkpoint, consolidated in each process, then cut)."""
+def load(model_dir, device, topology: Topology | None = None):
+    """(the model, whole or this rank's tensor-parallel part of `topology`, on `device`; its
+    tokenizer) from an exported folder (each rank reads only its cut of each tensor) or a
+    training run directory (its newest complete checkpoint, consolidated in each process, then cut)."""
     path = Path(model_dir)
+    tp = topology is not None and topology.tp > 1
     if (path / "flamingo.json").is_file():
-        if world > 1:
-            model = load_flamingo_sharded(path, Topology(tp=world), device=torch.device(device))
+        if tp:
+            model = load_flamingo_sharded(path, topology, device=torch.device(device))
         else:
             model = load_flamingo(path).to(device)
         return model.eval(), load_tokenizer(path)
     if (path / "checkpoints").is_dir():
         model, tokenizer, _, _ = load_run_model(path)
-        if world > 1:
-            model = parallelize(model, Topology(tp=world))
+        if tp:
+            model = parallelize(model, topology)
         return model.to(device).eval(), tokenizer
     raise FileNotFoundError(f"{str(path)!r} is neither an exported model (no flamingo.json) nor a run directory "
                             "(no checkpoints/): pass furnace-export's OUT/flamingo or a train.run_dir")
@@ -62,7 +63,7 @@ def generate(model_dir, images: list[str], prompt: str = IMAGE_TOKEN, max_new_to
     if prompt.count(IMAGE_TOKEN) != len(images):
         raise ValueError(f"the prompt holds {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} but {len(images)} --image "
                          f"were given; give one --image per {IMAGE_TOKEN}")
-    model, tokenizer = load(model_dir, device, *world)
+    model, tokenizer = load(model_dir, device, Topology(tp=world[1]) if world[1] > 1 else None)
     if dtype is not None:
         model = model.to(dtype)
     if quantize != "none":

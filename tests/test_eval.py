@@ -322,3 +322,24 @@ def test_retrieval_finds_what_a_knowing_model_knows(tmp_path):
             assert res["image_to_text"] == {"R@1": pytest.approx(4 / 6), "R@5": pytest.approx(4 / 6),
                                             "R@10": pytest.approx(4 / 6)}
             assert res["text_to_image"] == {"R@1": pytest.approx(8 / 12), "R@5": pytest.approx(8 / 12), "R@10": 1.0}
+
+
+def test_a_tensor_parallel_evaluation_equals_one_process(evalset):
+    """--tp 2 on 2 ranks: the model split over them (vocabulary logits gathered), every item
+    scored by the pair; the captions are one process's and the retrieval scores within 1e-5."""
+    w = evalset
+    args = ["--annotations", str(w / "captions.json"), "--images", str(w / "images"), "--no-meteor", "--limit", "6"]
+    out = {}
+    for task in ("caption", "retrieval"):
+        one = _eval(w, task, *args)
+        two_dir = w / f"tp-{task}"
+        res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "furnace.evaluate", task, *args, "--tp", "2", "--model", str(w / "model"),
+                              "--out", str(two_dir)], env=env(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[task] = one, json.loads((two_dir / "report.json").read_text())
+    one, two = out["caption"]
+    assert two["tp"] == 2 and [r["prediction"] for r in two["samples"]["0"]] == [r["prediction"] for r in one["samples"]["0"]]
+    one, two = out["retrieval"]
+    torch.testing.assert_close(torch.tensor([r["scores"] for r in two["samples"]["0"]]),
+                               torch.tensor([r["scores"] for r in one["samples"]["0"]]), atol=1e-5, rtol=0)

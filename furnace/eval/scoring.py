@@ -98,6 +98,8 @@ class ModelScorer:
             ids = torch.cat([p_ids.expand(k, -1), c_ids], dim=1).to(self.device)
             logits = model.decoder(ids, latents.expand(k, -1, -1), seg.expand(k, -1),
                                    text_time(ids, model.image_token_id))
+            if model.gather_logits is not None:  # tensor parallel: this rank holds a slice of the vocabulary
+                logits = model.gather_logits(logits)
             # the logits before each continuation token predict it
             logp = logits[:, p_len - 1: -1].float().log_softmax(-1)
             tok = logp.gather(-1, c_ids.to(self.device)[..., None]).squeeze(-1)
