@@ -206,7 +206,7 @@ def evaluate(a, rank: int = 0, world: int = 1) -> dict | None:
             "results": results, "samples": samples}
 
 
-def write_report(report: dict, items: list | None, out: Path) -> None:
+def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     if report["task"] == "caption":  # COCO results + the references they were scored against
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
     if report is not None:
         out = Path(a.out) if a.out else (Path(a.model) / "eval" / f"{a.task}-{report['tag']}" if "tag" in report
                                          else Path(f"eval-{a.task}"))
-        write_report(report, None, out)
+        write_report(report, out)
         print(summary(report))
         print(f"report: {out / 'report.json'}")
     return 0

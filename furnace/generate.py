@@ -56,14 +56,14 @@ def load(model_dir, device, topology: Topology | None = None):
 
 def generate(model_dir, images: list[str], prompt: str = IMAGE_TOKEN, max_new_tokens: int = 20,
              device: str | None = None, seed: int | None = None, stop: list[str] = (), quantize: str = "none",
-             dtype: torch.dtype | None = None, world: tuple[int, int] = (0, 1), **decoding) -> str:
+             dtype: torch.dtype | None = None, tp: int = 1, **decoding) -> str:
     """`decoding`: `furnace.model.decoding.generate`'s options (num_beams, do_sample, ...);
-    `world`: (rank, size) of the tensor-parallel group the model is split over."""
+    `tp`: how many launched ranks the model is split over (tensor parallel)."""
     device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     if prompt.count(IMAGE_TOKEN) != len(images):
         raise ValueError(f"the prompt holds {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} but {len(images)} --image "
                          f"were given; give one --image per {IMAGE_TOKEN}")
-    model, tokenizer = load(model_dir, device, Topology(tp=world[1]) if world[1] > 1 else None)
+    model, tokenizer = load(model_dir, device, Topology(tp=tp) if tp > 1 else None)
     if dtype is not None:
         model = model.to(dtype)
     if quantize != "none":
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     rank, world = join_launched_group()
     try:
         text = generate(a.model, a.image, a.prompt, a.max_new_tokens, seed=a.seed, stop=a.stop, quantize=a.quantize,
-                        dtype=dtype, world=(rank, world), num_beams=a.num_beams, length_penalty=a.length_penalty,
+                        dtype=dtype, tp=world, num_beams=a.num_beams, length_penalty=a.length_penalty,
                         do_sample=a.sample, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                         repetition_penalty=a.repetition_penalty)
     except (FileNotFoundError, ValueError) as e:

@@ -9,7 +9,6 @@ open_clip's wheel and runs its model code from it, with a placeholder for the on
 its utils import at module level (FrozenBatchNorm2d, used only to freeze ResNets)."""
 import importlib
 import json
-import subprocess
 import sys
 import types
 import zipfile
@@ -19,6 +18,7 @@ import torch
 
 from furnace.model.open_clip_io import OpenClipReader
 from furnace.model.vision import vision_from_hf
+from train_utils import pip_wheel
 
 VISION = {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8}
 TEXT = {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}
@@ -30,13 +30,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 def open_clip(tmp_path_factory):
     """open_clip 3.3.0's model code, from its wheel."""
     d = tmp_path_factory.mktemp("wheel")
-    res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "open_clip_torch==3.3.0",
-                          "-d", str(d)], capture_output=True, text=True, timeout=300)
-    wheels = sorted(d.glob("open_clip_torch-3.3.0-*.whl"))
-    if res.returncode or not wheels:
-        pytest.skip("pip could not download open_clip_torch 3.3.0: "
-                    + (res.stderr.strip().splitlines() or ["no wheel"])[-1])
-    with zipfile.ZipFile(wheels[0]) as z:
+    with zipfile.ZipFile(pip_wheel("open_clip_torch", "3.3.0", d)) as z:
         z.extractall(d / "src")
     saved = {k: sys.modules.get(k) for k in ("open_clip", "torchvision", "torchvision.ops", "torchvision.ops.misc")}
     misc = types.ModuleType("torchvision.ops.misc")

@@ -3,7 +3,6 @@ open_flamingo's own modules: helpers.py and flamingo_lm.py run straight from its
 (the package pins torch==2.0.1, so it is never installed next to furnace)."""
 import dataclasses
 import importlib.util
-import subprocess
 import sys
 import zipfile
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ from furnace.model.perceiver import PerceiverResampler
 from furnace.model.xattn import GatedCrossAttentionBlock
 from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN, text_time
 from test_model_flamingo import tiny_cfg
+from train_utils import pip_wheel
 
 PKG = "_open_flamingo_wheel"
 TOL = 1e-5
@@ -33,13 +33,7 @@ class NotWeights:
 @pytest.fixture(scope="module")
 def of(tmp_path_factory):
     """open_flamingo's helpers and flamingo_lm modules, executed from the wheel's sources."""
-    d = tmp_path_factory.mktemp("wheel")
-    res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "open-flamingo==2.0.1",
-                          "-d", str(d)], capture_output=True, text=True, timeout=300)
-    wheels = sorted(d.glob("open_flamingo-2.0.1-*.whl"))
-    if res.returncode or not wheels:
-        pytest.skip("pip could not download open-flamingo 2.0.1: "
-                    + (res.stderr.strip().splitlines() or ["no wheel"])[-1])
+    wheels = [pip_wheel("open-flamingo", "2.0.1", tmp_path_factory.mktemp("wheel"))]
     spec = importlib.util.spec_from_loader(PKG, loader=None, is_package=True)
     sys.modules[PKG] = importlib.util.module_from_spec(spec)
     mods = {}

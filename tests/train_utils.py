@@ -58,6 +58,19 @@ def tiny_pretrained(folder, *, layers: int = 2) -> Path:
     return folder
 
 
+def pip_wheel(name: str, version: str, folder) -> Path:
+    """`name`==`version`'s wheel, downloaded into `folder` without its dependencies (reference code
+    the tests run from source); the test is skipped, with pip's complaint, when pip cannot get it."""
+    import pytest
+
+    res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"{name}=={version}",
+                          "-d", str(folder)], capture_output=True, text=True, timeout=300)
+    wheels = sorted(Path(folder).glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+    if res.returncode or not wheels:
+        pytest.skip(f"pip could not download {name} {version}: " + (res.stderr.strip().splitlines() or ["no wheel"])[-1])
+    return wheels[0]
+
+
 def data_overrides(data: dict) -> list[str]:
     return [f"data.synthetic_dir={data['dir']}", f"data.train_shards={data['train']}", f"data.val_shards={data['val']}"]
 

@@ -35,18 +35,17 @@ class ModelScorer:
 
     def pixels(self, image) -> torch.Tensor:
         """uint8 [H, W, 3] of an image file or encoded bytes; raises UnreadableImage."""
-        key = image if isinstance(image, Path) else None
-        if key is not None and key in self._pixels:
+        key = image  # a path, or a shard member's bytes (hashed once, by Python)
+        if key in self._pixels:
             return self._pixels[key]
         try:
             data = image.read_bytes() if isinstance(image, Path) else image
             px = torch.from_numpy(decode_image(data, self.size).copy())
         except Exception as e:  # PIL's many errors on damaged or foreign bytes; OSError on a file
-            raise UnreadableImage(f"{image if key else 'a shard image'}: {type(e).__name__}") from None
-        if key is not None:
-            if len(self._pixels) > 4096:  # demonstrations repeat: keep a bounded set decoded
-                self._pixels.clear()
-            self._pixels[key] = px
+            raise UnreadableImage(f"{image if isinstance(image, Path) else 'a shard image'}: {type(e).__name__}") from None
+        if len(self._pixels) >= 512:  # each image is checked, then batched; demonstrations repeat: a bounded few
+            self._pixels.pop(next(iter(self._pixels)))
+        self._pixels[key] = px
         return px
 
     def images(self, rows: list[list]) -> torch.Tensor:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from furnace.data.text import TextEncoder
 from furnace.eval import prompts
 from furnace.eval.ranking import retrieval_recall, top_k_accuracy
 from furnace.eval.scoring import ModelScorer, UnreadableImage
@@ -60,12 +61,6 @@ def _context(s: Settings, scorer: ModelScorer, item: dict, index: int, pool: lis
     return text, images
 
 
-def _vqa_answer(text: str) -> str:
-    for stop in _VQA_STOPS:
-        text = text.split(stop, 1)[0]
-    return text.strip()
-
-
 def generation_outputs(s: Settings, scorer: ModelScorer, items: list, share: list[int], pool: list,
                        pool_is_set: bool, skipped: collections.Counter, progress=None) -> list[dict]:
     out = []
@@ -85,7 +80,7 @@ def generation_outputs(s: Settings, scorer: ModelScorer, items: list, share: lis
             for i, text, pred in zip(batch, texts, preds):
                 row = {"index": i, "id": items[i]["id"], "prediction": pred}
                 if s.task == "vqa":
-                    row.update(prediction=_vqa_answer(pred), question=items[i]["question"],
+                    row.update(prediction=TextEncoder.cut_at(pred, _VQA_STOPS), question=items[i]["question"],
                                answers=items[i]["answers"])
                 else:
                     row["references"] = items[i]["captions"]
