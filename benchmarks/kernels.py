@@ -14,6 +14,10 @@ measured copy bandwidth):
   * torch: _amp_foreach_non_finite_check_and_unscale_ + clip_grad_norm_;
   * DeepSpeed ZeRO-3 (1 rank): has_overflow + _get_norm_groups + unscale_and_clip_grads, built in
     vs with install_fused_loss_scaling, on the same optimizer and gradients.
+Fused ops (ms for fwd and fwd+bwd, furnace Triton vs the PyTorch reference in eager mode, and the
+Triton path's relative error against an fp32 reference): rms_norm, add_rms_norm, swiglu, rope_ at
+Llama-3.2-1B shapes, and linear_cross_entropy (128256-token vocabulary + new rows) vs materialised
+logits + F.cross_entropy, with the peak memory of each on CUDA.
 On CPU (no CUDA) Triton runs under TRITON_INTERPRET=1 at toy sizes and the compiled parts are
 skipped: the numbers there only prove the script runs.
 """
@@ -37,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import triton  # noqa: E402
 
+import furnace_kernels as fk  # noqa: E402
 from furnace_kernels import attention_reference  # noqa: E402
 from furnace_kernels.flash_attention import attention_triton  # noqa: E402
 from furnace_kernels.loss_scale import apply_, grad_stats  # noqa: E402
@@ -362,6 +367,113 @@ def bench_deepspeed_zero3(quick, copy_gbs):
     }
 
 
+# --------------------------------------------------------------------------------------------- fused ops
+
+
+def _fused_times(fn, inputs, quick):
+    """ms of fwd (no grad) and fwd+bwd (a fixed random cotangent on every output)."""
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    cots = [torch.randn_like(o) if o.dtype.is_floating_point else None for o in outs]
+
+    def fwd():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def fwd_bwd():
+        o = fn(*inputs)
+        o = o if isinstance(o, tuple) else (o,)
+        pairs = [(a, c) for a, c in zip(o, cots) if c is not None and a.requires_grad]
+        torch.autograd.backward([a for a, _ in pairs], [c for _, c in pairs])
+
+    return {"fwd": bench_ms(fwd, quick), "fwd+bwd": bench_ms(fwd_bwd, quick)}
+
+
+def _fused_err(fn, ref, inputs):
+    """||x - ref|| / ||ref|| of every output and input gradient; ref on fp32 copies of the inputs."""
+    def run(f, xs):
+        outs = f(*xs)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        g = torch.Generator().manual_seed(0)
+        cots = [torch.randn(o.shape, generator=g).to(o.device) for o in outs]
+        torch.autograd.backward(list(outs), [c.to(o.dtype) for o, c in zip(outs, cots)])
+        return [o.detach().float() for o in outs] + [x.grad.float() for x in xs if x.grad is not None]
+
+    mine = run(fn, [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs])
+    want = run(ref, [x.detach().float().requires_grad_(x.requires_grad) for x in inputs])
+    return [float((a - b).norm() / b.norm().clamp(min=1e-30)) for a, b in zip(mine, want)]
+
+
+def _peak_mb(fn, inputs):
+    if not CUDA:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn(*inputs)
+    out = out[0] if isinstance(out, tuple) else out
+    out.float().sum().backward()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench_fused(quick, dtype):
+    dev = "cuda" if CUDA else "cpu"
+    if CUDA:  # Llama-3.2-1B: hidden 2048, MLP 8192, 32 / 8 heads of 64
+        tokens, hid, inter, heads, kv, hd, vocab, new = (4096 if quick else 16384), 2048, 8192, 32, 8, 64, 128256, 3
+    else:
+        tokens, hid, inter, heads, kv, hd, vocab, new = 24, 48, 104, 4, 2, 16, 97, 3
+    seq = min(tokens, 2048)
+    bsz = tokens // seq
+
+    def t(*shape, grad=True, scale=1.0):
+        return (torch.randn(*shape, device=dev) * scale).to(dtype).requires_grad_(grad)
+
+    w = (1 + 0.1 * torch.randn(hid, device=dev)).to(dtype).requires_grad_()
+    pos = torch.arange(seq, device=dev)[None].expand(bsz, seq)
+    inv = 1.0 / (500000.0 ** (torch.arange(0, hd, 2, device=dev).float() / hd))
+    freqs = torch.cat([pos[..., None].float() * inv] * 2, -1)
+    cos, sin = freqs.cos().to(dtype)[:, None], freqs.sin().to(dtype)[:, None]
+    labels = torch.randint(0, vocab + new, (tokens,), device=dev)
+    labels[::5] = -100
+
+    def rope(backend):
+        def fn(q, k):
+            return fk.rope_(q.clone(), k.clone(), cos, sin, backend=backend)
+        return fn
+
+    def lce_fused(h, w_lm, w_new):
+        return fk.linear_cross_entropy(h, [w_lm, w_new], labels, backend="triton")[0]
+
+    def lce_dense(h, w_lm, w_new):
+        return fk.linear_cross_entropy_dense(h, [w_lm, w_new], labels)[0]
+
+    ops = [
+        ("rms_norm", lambda x, w: fk.rms_norm(x, w, 1e-5, backend="triton"),
+         lambda x, w: fk.rms_norm(x, w, 1e-5, backend="reference"), lambda: [t(tokens, hid), w]),
+        ("add_rms_norm", lambda x, r, w: fk.add_rms_norm(x, r, w, 1e-5, backend="triton"),
+         lambda x, r, w: fk.add_rms_norm(x, r, w, 1e-5, backend="reference"), lambda: [t(tokens, hid), t(tokens, hid), w]),
+        ("swiglu", lambda g, u: fk.swiglu(g, u, backend="triton"), lambda g, u: fk.swiglu(g, u, backend="reference"),
+         lambda: [t(tokens, inter), t(tokens, inter)]),
+        ("rope_", rope("triton"), rope("reference"), lambda: [t(bsz, heads, seq, hd), t(bsz, kv, seq, hd)]),
+        # frozen LM head (Flamingo's default), trainable new-token rows
+        ("linear_cross_entropy", lce_fused, lce_dense,
+         lambda: [t(tokens, hid), t(vocab, hid, grad=False, scale=0.02), t(new, hid, scale=0.02)]),
+    ]
+    rows = []
+    for name, fused, ref, make in ops:
+        inputs = make()
+        row = {"op": name, "dtype": str(dtype), "tokens": tokens, "results": []}
+        row["results"].append(_safe(lambda: {"impl": "furnace_triton", "ms": _fused_times(fused, inputs, quick),
+                                             "peak_mb_fwd_bwd": _peak_mb(fused, inputs)}))
+        row["results"].append(_safe(lambda: {"impl": "torch_reference" if name != "linear_cross_entropy"
+                                             else "dense_logits+F.cross_entropy",
+                                             "ms": _fused_times(ref, inputs, quick), "peak_mb_fwd_bwd": _peak_mb(ref, inputs)}))
+        row["furnace_rel_err_vs_fp32"] = _safe(_fused_err, fused, ref, inputs)
+        rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
@@ -369,7 +481,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--quick", action="store_true", help="small shapes (CI smoke on CPU; a fast look on GPU)")
-    ap.add_argument("--only", choices=["attention", "loss_scale"], default=None)
+    ap.add_argument("--only", choices=["attention", "loss_scale", "fused"], default=None)
     args = ap.parse_args(argv)
 
     report = {
@@ -387,6 +499,9 @@ def main(argv=None):
         report["attention_flamingo"] = [bench_flamingo(args.quick, dt) for dt in dtypes]
     if args.only in (None, "loss_scale"):
         report["loss_scale"] = bench_loss_scale(args.quick)
+    if args.only in (None, "fused"):
+        dtypes = [torch.bfloat16] if CUDA else [torch.float32]
+        report["fused"] = [r for dt in dtypes for r in bench_fused(args.quick, dt)]
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

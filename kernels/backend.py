@@ -16,7 +16,10 @@ import torch
 
 CHOICES = ("auto", "triton", "reference")
 # What each op's Triton path imports (the attention kernels compile at import).
-TRITON_MODULES = {"attention": "furnace_kernels.flash_attention", "loss_scale": "triton.language"}
+TRITON_MODULES = {"attention": "furnace_kernels.flash_attention", "loss_scale": "triton.language",
+                  "rms_norm": "furnace_kernels.norms", "add_rms_norm": "furnace_kernels.norms",
+                  "swiglu": "furnace_kernels.glu", "rope": "furnace_kernels.rope",
+                  "linear_cross_entropy": "furnace_kernels.linear_ce_triton"}
 _chosen = dict.fromkeys(TRITON_MODULES, "auto")
 
 
