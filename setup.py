@@ -54,6 +54,7 @@ setup(
             "furnace-generate=furnace.generate:main",
             "furnace-eval=furnace.evaluate:main",
             "furnace-plan=furnace.plan:main",
+            "furnace-import=furnace.import_checkpoint:main",
         ]
     },
 )

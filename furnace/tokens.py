@@ -16,22 +16,31 @@ def positions(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
 
 
-def text_time(input_ids: torch.Tensor, image_token_id: int, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+def text_time(input_ids: torch.Tensor, image_token_id: int, segment_ids: torch.Tensor | None = None,
+              reset_id: int | None = None) -> torch.Tensor:
     """[B, L] image index each token belongs to: 0 before the first <image>, k from the k-th on.
 
     The <image> token itself belongs to its own image, so it (and the text after it, up to the
     next <image>) cross-attends to that image's latents only. In a packed row (`segment_ids`: the
     sample each token belongs to) the count stays global, so a sample's tokens see only its own
     images, and the tokens of a sample before its first <image> get 0 (they see none).
+    `reset_id` (IDEFICS' rule): the tokens after one equal to it get 0 until the next <image>.
     """
     is_image = (input_ids == image_token_id).to(torch.long)
     tt = torch.cumsum(is_image, dim=1)
+    if reset_id is not None:
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        none = torch.full_like(pos, -1)
+        last_image = torch.where(is_image.bool(), pos, none).cummax(dim=1).values
+        last_reset = torch.where(input_ids == reset_id, pos, none).cummax(dim=1).values
+        after_reset = torch.cat([none[:, :1], last_reset[:, :-1]], dim=1) > last_image  # the reset token still sees
+        tt = tt.masked_fill(after_reset, 0)
     if segment_ids is None:
         return tt
     starts = torch.ones_like(segment_ids, dtype=torch.bool)
     starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
     # images before each token's sample began (non-decreasing along the row: a running max carries it)
-    before = torch.where(starts, tt - is_image, torch.zeros_like(tt)).cummax(dim=1).values
+    before = torch.where(starts, torch.cumsum(is_image, dim=1) - is_image, torch.zeros_like(tt)).cummax(dim=1).values
     return torch.where(tt > before, tt, torch.zeros_like(tt))
 
 

@@ -62,6 +62,9 @@ BAD = [
     ("model.perceiver.dim_head", 0, 1),
     ("model.perceiver.ff_mult", 0, 1),
     ("model.perceiver.max_frames", 0, 1),
+    ("model.perceiver.frame_embeddings", "no", 1),
+    ("model.perceiver.qk_norm", 1, 1),
+    ("model.perceiver.ff_act", "silu", 1),
     ("model.xattn.every", 0, 1),
     ("model.xattn.every", 3, 1),                    # more than model.lm.num_layers=2
     ("model.xattn.heads", 0, 1),
@@ -69,6 +72,13 @@ BAD = [
     ("model.xattn.ff_mult", 0, 1),
     ("model.xattn.gate_init", NAN, 1),
     ("model.xattn.gate_init", INF, 1),
+    ("model.xattn.placement", "middle", 1),
+    ("model.xattn.norm", "batchnorm", 1),
+    ("model.xattn.ff", "relu", 1),
+    ("model.xattn.ff_hidden", -1, 1),
+    ("model.xattn.qk_norm", "yes", 1),
+    ("model.xattn.gate", "matrix", 1),
+    ("model.xattn.reset_after_eos", 0, 1),
     ("model.lora.rank", -1, 1),
     ("model.lora.rank", 4, 1),                      # the demo trains its LM: LoRA needs model.freeze_lm
     ("model.lora.alpha", 0.0, 1),

@@ -55,6 +55,12 @@ COMMANDS = {
     '--set "data.train_shards=data/mmc4/train-{000000..000999}.tar"':
         "needs a 7B LM and OpenFlamingo's checkpoint: test_start_from.py::test_a_run_starts_from_open_flamingos_checkpoint "
         "runs the same path on tiny ones",
+    "furnace-import idefics /path/to/idefics-9b --out idefics-9b":
+        "needs IDEFICS-9B: test_idefics.py::test_converted_folders_hold_the_checkpoint converts a tiny one",
+    "python train.py --config idefics-9b-ft --set model.lm.path=idefics-9b/lm --set model.vision.path=idefics-9b/vision "
+    '--set model.start_from=idefics-9b/flamingo --set "data.train_shards=data/mmc4/train-{000000..000999}.tar"':
+        "needs IDEFICS-9B: test_idefics.py::test_a_converted_idefics_trains_on_each_layout_as_one_process trains a "
+        "tiny converted one",
     "furnace-generate --model exported/flamingo --image photo.jpg --quantize int8": "run",
     "torchrun --standalone --nproc_per_node 2 -m furnace.generate --model exported/flamingo --image photo.jpg": "run",
     "furnace-eval caption --model exported/flamingo --annotations captions.json --images images/ --shots 0 4": "run",

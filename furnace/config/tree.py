@@ -62,6 +62,11 @@ class PerceiverConfig:
     dim_head: int = 64                 # >= 1
     ff_mult: int = 4                   # >= 1
     max_frames: int = 8                # >= 1: frames per media item
+    # IDEFICS' resampler differs in three ways, each a key: no media-time (frame) embeddings, a
+    # LayerNorm over each head's queries and keys, and a ReLU feed-forward.
+    frame_embeddings: bool = True
+    qk_norm: bool = False
+    ff_act: str = "gelu"               # gelu | relu
 
 
 @dataclass
@@ -73,6 +78,17 @@ class XAttnConfig:
     # tanh gates start at 0 so a pretrained LM is untouched at step 0 (Flamingo). An LM trained
     # from scratch has nothing to protect; closed gates only delay learning to look.
     gate_init: float = 0.0             # finite
+    # open_flamingo's block (the default) or IDEFICS' (placement first, norm rmsnorm, ff swiglu
+    # with ff_hidden = the LM's intermediate size, qk_norm, gate vector, reset_after_eos).
+    placement: str = "last"            # last | first: before the last / first decoder layer of each group of `every`
+    norm: str = "layernorm"            # layernorm | rmsnorm (with the LM's rms_norm_eps)
+    ff: str = "gelu"                   # gelu (norm, fc1, GELU, fc2) | swiglu (norm, gate_proj, up_proj, down_proj)
+    ff_hidden: int = 0                 # >= 0; 0 = ff_mult x the LM's width; a multiple of parallel.tp
+    qk_norm: bool = False              # an RMSNorm over each head's queries and keys
+    gate: str = "scalar"               # scalar | vector: one tanh gate per block, or one per channel
+    # A token after the tokenizer's EOS sees no image until the next <image> (IDEFICS' rule for
+    # documents packed back to back).
+    reset_after_eos: bool = False
 
 
 # The decoder layer's linear layers LoRA can adapt, by short name: (parent module, HF leaf name).

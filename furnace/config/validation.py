@@ -143,11 +143,21 @@ RULES: dict[str, Rule] = {
     "model.perceiver.dim_head": _ge(1, 64),
     "model.perceiver.ff_mult": _ge(1, 4),
     "model.perceiver.max_frames": _ge(1, 8),
+    "model.perceiver.frame_embeddings": _BOOL,
+    "model.perceiver.qk_norm": _BOOL,
+    "model.perceiver.ff_act": _one_of("gelu", "relu"),
     "model.xattn.every": _ge(1, 4),
     "model.xattn.heads": _ge(1, 8),
     "model.xattn.dim_head": _ge(1, 64),
     "model.xattn.ff_mult": _ge(1, 4),
     "model.xattn.gate_init": _finite(0.0),
+    "model.xattn.placement": _one_of("last", "first"),
+    "model.xattn.norm": _one_of("layernorm", "rmsnorm"),
+    "model.xattn.ff": _one_of("gelu", "swiglu"),
+    "model.xattn.ff_hidden": _ge(0, 0),
+    "model.xattn.qk_norm": _BOOL,
+    "model.xattn.gate": _one_of("scalar", "vector"),
+    "model.xattn.reset_after_eos": _BOOL,
     "model.lora.rank": _ge(0, 8),
     "model.lora.alpha": _finite(16.0, gt=0),
     "model.lora.dropout": Rule(lambda v: 0 <= v < 1, "at least 0 and below 1", 0.05),
@@ -366,6 +376,9 @@ def _check_layout(cfg: Config, world_size: int) -> int:
     if m.xattn.heads % p.tp or m.perceiver.heads % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} must divide model.xattn.heads={m.xattn.heads} and "
                           f"model.perceiver.heads={m.perceiver.heads}; pick a tp that divides both")
+    if m.xattn.ff_hidden % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} must divide model.xattn.ff_hidden={m.xattn.ff_hidden}; pick a tp "
+                          "that divides it")
     if t.global_batch_size % (t.micro_batch_size * dp) != 0:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} must be a multiple of train.micro_batch_size "

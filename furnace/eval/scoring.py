@@ -96,7 +96,7 @@ class ModelScorer:
             k = len(chunk)
             ids = torch.cat([p_ids.expand(k, -1), c_ids], dim=1).to(self.device)
             logits = model.decoder(ids, latents.expand(k, -1, -1), seg.expand(k, -1),
-                                   text_time(ids, model.image_token_id))
+                                   text_time(ids, model.image_token_id, reset_id=model.media_reset_id))
             if model.gather_logits is not None:  # tensor parallel: this rank holds a slice of the vocabulary
                 logits = model.gather_logits(logits)
             # the logits before each continuation token predict it

@@ -87,12 +87,14 @@ def encode_media(vision: VisionTower, perceiver: PerceiverResampler, images: tor
 
 
 def media_context(vision: VisionTower, perceiver: PerceiverResampler, input_ids: torch.Tensor,
-                  images: torch.Tensor, media_valid: torch.Tensor, image_token_id: int, segment_ids=None):
+                  images: torch.Tensor, media_valid: torch.Tensor, image_token_id: int, segment_ids=None,
+                  reset_id: int | None = None):
     """What every xattn block reads: (latents [B, T*n, dv], media_segment [B, T*n], text_time [B, L]);
-    `segment_ids`: a packed row's samples (each sees only its own images)."""
+    `segment_ids`: a packed row's samples (each sees only its own images); `reset_id`: the token
+    after which text sees no image until the next (`text_time`)."""
     latents = encode_media(vision, perceiver, images, media_valid)
     seg = media_segments(media_valid, latents.shape[2])
-    return latents.flatten(1, 2), seg, text_time(input_ids, image_token_id, segment_ids)
+    return latents.flatten(1, 2), seg, text_time(input_ids, image_token_id, segment_ids, reset_id)
 
 
 def embed_tokens(input_ids: torch.Tensor, embed: nn.Module, new_embed: nn.Module | None, base_vocab: int):
@@ -156,10 +158,11 @@ class FlamingoModel(nn.Module):
     tokenizer's."""
 
     def __init__(self, lm: Llama, vision: VisionTower, cfg: ModelConfig, *, vocab_size: int, image_token_id: int,
-                 eoc_token_id: int, drawn_in=contextlib.nullcontext):
+                 eoc_token_id: int, eos_token_id: int | None = None, drawn_in=contextlib.nullcontext):
         """`drawn_in()`: the context the resampler, xattn blocks and adapters are built in (each draws and
         initialises its own weights in its constructor, so a context that takes them over module
-        by module, such as ZeRO-3's partitioning, sees the same numbers)."""
+        by module, such as ZeRO-3's partitioning, sees the same numbers). `eos_token_id`: the
+        tokenizer's, needed by `model.xattn.reset_after_eos`."""
         super().__init__()
         d, dv = lm.cfg.hidden_size, vision.hidden_size
         self.lm = lm
@@ -168,9 +171,15 @@ class FlamingoModel(nn.Module):
         self.eoc_token_id = eoc_token_id
         self.num_latents = cfg.perceiver.num_latents
         self.xattn_every = cfg.xattn.every
+        self.xattn_first = cfg.xattn.placement == "first"
+        if cfg.xattn.reset_after_eos and eos_token_id is None:
+            raise ValueError("model.xattn.reset_after_eos needs the tokenizer's EOS token, and it has none: "
+                             "use a tokenizer with an eos_token or set model.xattn.reset_after_eos=false")
+        self.eos_token_id = eos_token_id
+        self.media_reset_id = eos_token_id if cfg.xattn.reset_after_eos else None
         with drawn_in():
             self.perceiver = PerceiverResampler(dv, cfg.perceiver)
-            self.xattn = nn.ModuleList(GatedCrossAttentionBlock(d, dv, cfg.xattn)
+            self.xattn = nn.ModuleList(GatedCrossAttentionBlock(d, dv, cfg.xattn, lm.cfg.rms_norm_eps)
                                        for _ in range(lm.cfg.num_layers // cfg.xattn.every))
         self.base_vocab = lm.cfg.vocab_size
         n_extra = max(0, vocab_size - self.base_vocab)
@@ -194,8 +203,12 @@ class FlamingoModel(nn.Module):
         return self.base_vocab + (0 if self.new_tokens is None else self.new_tokens.count)
 
     def xattn_index(self, layer: int) -> int | None:
-        """open_flamingo's placement: a block before layer i when (i + 1) % every == 0."""
-        return (layer + 1) // self.xattn_every - 1 if (layer + 1) % self.xattn_every == 0 else None
+        """Which xattn block runs before decoder layer i: open_flamingo's placement (`last`) puts
+        one before layer i when (i + 1) % every == 0, IDEFICS' (`first`) when i % every == 0."""
+        k = self.xattn_every
+        if self.xattn_first:
+            return layer // k if layer % k == 0 and layer // k < len(self.xattn) else None
+        return (layer + 1) // k - 1 if (layer + 1) % k == 0 else None
 
     def xattn_for(self, layer: int) -> GatedCrossAttentionBlock | None:
         j = self.xattn_index(layer)
@@ -243,7 +256,7 @@ class FlamingoModel(nn.Module):
         input_ids, media_valid = batch["input_ids"], batch["media_valid"]
         self.check_media(input_ids, media_valid)
         latents, seg, tt = media_context(self.vision, self.perceiver, input_ids, batch["images"], media_valid,
-                                         self.image_token_id, batch.get("segment_ids"))
+                                         self.image_token_id, batch.get("segment_ids"), self.media_reset_id)
         return self.decoder(input_ids, latents, seg, tt, position_ids=batch.get("position_ids"),
                             segment_ids=batch.get("segment_ids"))
 
@@ -258,7 +271,8 @@ class FlamingoModel(nn.Module):
 
     def media(self, input_ids, images, media_valid):
         """(latents, media_segment, text_time) for decoding."""
-        return media_context(self.vision, self.perceiver, input_ids, images, media_valid, self.image_token_id)
+        return media_context(self.vision, self.perceiver, input_ids, images, media_valid, self.image_token_id,
+                             reset_id=self.media_reset_id)
 
     def next_logits(self, input_ids, latents, media_segment, text_times, **kw) -> torch.Tensor:
         """[B, whole vocabulary]: the logits after the last position, gathered under TP."""
@@ -274,9 +288,9 @@ class FlamingoModel(nn.Module):
 # ------------------------------------------------------------------ building from the config
 
 def build_flamingo(cfg: ModelConfig, *, vocab_size: int, image_token_id: int, eoc_token_id: int,
-                   lm: Llama | None = None, vision: VisionTower | None = None,
+                   eos_token_id: int | None = None, lm: Llama | None = None, vision: VisionTower | None = None,
                    drawn_in=contextlib.nullcontext) -> FlamingoModel:
-    """FlamingoModel from a `ModelConfig`; vocab ids come from the tokenizer (len, <image>, <|endofchunk|>).
+    """FlamingoModel from a `ModelConfig`; vocab ids come from the tokenizer (len, <image>, <|endofchunk|>, EOS).
     `lm`/`vision` replace the config's (used when reloading a saved model). Draws the fresh
     weights from torch's global RNG, in module order: seed it first for identical replicas."""
     if lm is None:
@@ -287,5 +301,5 @@ def build_flamingo(cfg: ModelConfig, *, vocab_size: int, image_token_id: int, eo
                   else vision_from_config(cfg.vision, frozen=cfg.freeze_vision))
     vision.features = cfg.vision.features
     return FlamingoModel(lm, vision, cfg, vocab_size=vocab_size, image_token_id=image_token_id,
-                         eoc_token_id=eoc_token_id, drawn_in=drawn_in)
+                         eoc_token_id=eoc_token_id, eos_token_id=eos_token_id, drawn_in=drawn_in)
 

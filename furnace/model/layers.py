@@ -21,17 +21,67 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class FeedForward(nn.Module):
-    """Pre-norm GELU MLP used by the Perceiver Resampler and the gated xattn blocks."""
+class HeadNorm(nn.Module):
+    """A norm over each attention head's queries or keys ([..., head_dim]), its weights shared by
+    every head: LayerNorm (IDEFICS' resampler) or RMSNorm (its xattn blocks). Under tensor
+    parallelism each rank holds some of the heads, so `share` (set by `furnace.parallel`) sums the
+    weights' gradient over the ranks; alone it is the identity."""
 
-    def __init__(self, dim: int, mult: int = 4):
+    def __init__(self, kind: str, dim: int, eps: float):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.fc1 = nn.Linear(dim, dim * mult, bias=False)
-        self.fc2 = nn.Linear(dim * mult, dim, bias=False)
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" else None
+        self.share = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+        w, b = self.weight, self.bias
+        if self.share is not None:
+            w, b = self.share(w), None if b is None else self.share(b)
+        if self.kind == "layernorm":
+            return F.layer_norm(x, x.shape[-1:], w, b, self.eps)
+        dtype = x.dtype
+        x = x.float()
+        return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+
+
+def make_norm(kind: str, dim: int, eps: float = 1e-6) -> nn.Module:
+    """`layernorm` (torch's default eps, as open_flamingo) or `rmsnorm` (with `eps`)."""
+    return nn.LayerNorm(dim) if kind == "layernorm" else RMSNorm(dim, eps)
+
+
+class FeedForward(nn.Module):
+    """Pre-norm MLP of the Perceiver Resampler and the gated xattn blocks: GELU (open_flamingo)
+    or ReLU (IDEFICS' resampler)."""
+
+    def __init__(self, dim: int, mult: int = 4, act: str = "gelu", hidden: int = 0):
+        super().__init__()
+        hidden = hidden or dim * mult
+        self.act = act
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden, bias=False)
+        self.fc2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(ACTIVATIONS[self.act](self.fc1(self.norm(x))))
+
+
+class GatedFeedForward(nn.Module):
+    """Pre-norm SwiGLU MLP with Llama's names (IDEFICS' xattn blocks)."""
+
+    def __init__(self, dim: int, hidden: int, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -12,9 +12,11 @@ Plan per block (C = column-parallel, R = row-parallel, V = vocab-parallel):
 
     decoder layer   self_attn.{q,k,v}_proj C, o_proj R;  mlp.{gate,up}_proj C, down_proj R
     embeddings      lm.embed_tokens V, lm.lm_head C over the (padded) vocabulary, tied if the LM is
-    xattn block     attn.{to_q,to_k,to_v} C, to_out R;   ff.fc1 C, ff.fc2 R
+    xattn block     attn.{to_q,to_k,to_v} C, to_out R;   ff.fc1 C, ff.fc2 R  (SwiGLU: ff.{gate,up}_proj C,
+                    ff.down_proj R)
     perceiver       layers[d][0].{to_q,to_k,to_v} C, to_out R;  layers[d][1].fc1 C, fc2 R
-    replicated      norms, gates, latents, frame embeddings, new_tokens, the vision tower
+    replicated      norms, gates, latents, frame embeddings, new_tokens, the vision tower; the
+                    per-head q/k norms too, their gradients summed over the ranks' heads
     LoRA adapters   C: lora_A whole, lora_B split by rows;  R: lora_A split by columns, lora_B whole
                     (`furnace.parallel.lora`)
 
@@ -24,15 +26,18 @@ new-token logits (replicated) joined into the same log-sum-exp.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from furnace.model.layers import HeadNorm
 from furnace.model.lora import ADAPTERS, LoraLinear
 
 from .lora import ColumnParallelLoraLinear, RowParallelLoraLinear, lora_split_dim
 from .tensor import (ColumnParallelLinear, GatherVocabLogits, RowParallelLinear, VocabParallelEmbedding,
-                     VocabParallelLMLoss, mark_sharded, shard_cols, shard_rows, vocab_range)
+                     VocabParallelLMLoss, copy_to_tp, mark_sharded, shard_cols, shard_rows, vocab_range)
 
 
 # Leaf module names that parallelize() shards (the plan in the docstring).
@@ -151,9 +156,13 @@ def parallelize(model, topology, *, partition=None) -> nn.Module:
         _attn_mlp(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "o_proj", layer.mlp, ("gate_proj", "up_proj"),
                   "down_proj", group, partition)
     for blk in model.xattn:
-        _attn_mlp(blk.attn, ("to_q", "to_k", "to_v"), "to_out", blk.ff, ("fc1",), "fc2", group, partition)
+        up, down = (("gate_proj", "up_proj"), "down_proj") if hasattr(blk.ff, "gate_proj") else (("fc1",), "fc2")
+        _attn_mlp(blk.attn, ("to_q", "to_k", "to_v"), "to_out", blk.ff, up, down, group, partition)
     for attn, ff in model.perceiver.layers:
         _attn_mlp(attn, ("to_q", "to_k", "to_v"), "to_out", ff, ("fc1",), "fc2", group, partition)
+    for m in model.modules():
+        if isinstance(m, HeadNorm):  # sees only this rank's heads: its weights' gradients are partial sums
+            m.share = functools.partial(copy_to_tp, group=group)
     embed = _swap(lm, "embed_tokens", lambda e: VocabParallelEmbedding.from_embedding(e, group), partition)
     tied = embed if a.tie_word_embeddings else None
     _swap(lm, "lm_head", lambda head: _vocab_head(head, tied, group), partition)

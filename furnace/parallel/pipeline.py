@@ -39,14 +39,15 @@ class MediaStage(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.vision, self.perceiver = model.vision, model.perceiver
-        self.image_token_id = model.image_token_id
+        self.image_token_id, self.media_reset_id = model.image_token_id, model.media_reset_id
 
     def forward(self, inputs):
         input_ids, images, media_valid, *pos_seg = inputs
         media_valid = media_valid.bool()
         check_media(input_ids, media_valid, self.image_token_id)
         latents, seg, tt = media_context(self.vision, self.perceiver, input_ids, images, media_valid,
-                                         self.image_token_id, pos_seg[1] if len(pos_seg) > 1 else None)
+                                         self.image_token_id, pos_seg[1] if len(pos_seg) > 1 else None,
+                                         self.media_reset_id)
         if not pos_seg:
             pos_seg = [positions(input_ids).contiguous()]  # sends need contiguous tensors
         return (input_ids, latents, seg, tt, *pos_seg)

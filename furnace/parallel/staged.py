@@ -67,7 +67,7 @@ class StagedFlamingo:
             latents = torch.empty(shape, dtype=self.dtype, device=input_ids.device)
         dist.broadcast(latents, src=self.ranks[self.media_stage], group=self.group)
         return latents, media_segments(media_valid, m.num_latents), text_time(input_ids, self.image_token_id,
-                                                                               segment_ids)
+                                                                               segment_ids, m.media_reset_id)
 
     def _hidden(self, input_ids, latents, media_segment, text_times, *, position_ids=None, segment_ids=None,
                 kv_segment_ids=None, caches=None, media_kvs=None):

@@ -80,8 +80,8 @@ def build_model(cfg: Config, tokenizer, *, lm=None, vision=None, drawn_in=contex
     shape back into `cfg.model`, so logs, checkpoints and exports describe the model built."""
     model = build_flamingo(cfg.model, vocab_size=len(tokenizer),
                            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                           eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN), lm=lm, vision=vision,
-                           drawn_in=drawn_in)
+                           eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN),
+                           eos_token_id=tokenizer.eos_token_id, lm=lm, vision=vision, drawn_in=drawn_in)
     if cfg.model.lm.path:
         cfg.model.lm = dataclasses.replace(model.lm.cfg, path=cfg.model.lm.path)
     if cfg.model.vision.path:

@@ -110,12 +110,12 @@ def flamingo_flops_per_sample(model, shape: StepShape) -> dict:
     p_path = pt > 0 or v_trains
     part("perceiver", T * p_lin, T * p_att, pt > 0, p_path)
 
-    # decoder layers before the first xattn block (xattn_index: the k-th layer's, k = every) see
-    # no media: only the LM's embedding, new token rows or their own weights put them on the
-    # gradient path
+    # decoder layers before the first xattn block (open_flamingo's placement: the k-th layer's,
+    # k = every; IDEFICS': the first) see no media: only the LM's embedding, new token rows or
+    # their own weights put them on the gradient path
     attn_dim = a.num_heads * a.attention_head_dim()
     blocks = len(model.xattn)
-    n_early = model.xattn_every - 1 if blocks else a.num_layers
+    n_early = next((i for i in range(a.num_layers) if model.xattn_index(i) is not None), a.num_layers)
     new = model.new_tokens
 
     def layers(name: str, group, on_path: bool) -> bool:

@@ -85,7 +85,7 @@ def model_sizes(cfg: Config, vocab: int) -> ModelSizes:
         m = dataclasses.replace(m, vision=dataclasses.replace(vision.config_from_path(m.vision.path), path=None))
     vocab = m.lm.vocab_size or vocab
     with torch.device("meta"):
-        model = build_flamingo(m, vocab_size=vocab, image_token_id=vocab - 2, eoc_token_id=vocab - 1)
+        model = build_flamingo(m, vocab_size=vocab, image_token_id=vocab - 2, eoc_token_id=vocab - 1, eos_token_id=0)
     layers = m.lm.num_layers
     per_layer = [[0.0, 0.0] for _ in range(layers)]
     per_layer_t = [[0.0, 0.0] for _ in range(layers)]
