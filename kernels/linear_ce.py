@@ -51,12 +51,11 @@ def _grad_torch_(x, tgt, lse, scale):
 
 def _row_ops(triton_rows: bool, device: torch.device):
     if triton_rows:
-        from . import linear_ce_triton as lct
+        from .linear_ce_triton import INTERPRET, grad_, stats  # imports triton: only where it runs
 
-        if device.type != "cuda" and not lct.INTERPRET:
+        if device.type != "cuda" and not INTERPRET:
             raise RuntimeError("linear_cross_entropy: the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
-
-        return lct.stats, lct.grad_
+        return stats, grad_
     return _stats_torch, _grad_torch_
 
 
