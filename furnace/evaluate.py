@@ -101,6 +101,8 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{prefix}images", help=f"{what}image folder (classify: one subfolder per class)")
         p.add_argument(f"--{prefix}shards", help=f"{what}webdataset caption shards, e.g. 'val-{{000000..000003}}.tar'")
         p.add_argument(f"--{prefix}questions", help=f"{what}VQAv2 questions JSON")
+    p.add_argument("--ranking", choices=("auto", "embeddings", "likelihood"), default="auto",
+                   help="retrieval: the contrastive heads' cosine (auto: when the model has them) or log p(caption | image)")
     p.add_argument("--class-names", help="classify: JSON list (sorted-subfolder order) or object of class names")
     p.add_argument("--shots", type=int, nargs="+", default=[0], help="demonstrations per query, e.g. 0 4 8 16 32")
     p.add_argument("--seed", type=int, default=0, help="draws the demonstrations")
@@ -134,6 +136,8 @@ def _check(p, a) -> None:
             p.error(f"{flag} is out of range")
     if a.task == "retrieval" and any(a.shots):
         p.error("retrieval ranks zero-shot only: leave out --shots")
+    if a.ranking != "auto" and a.task != "retrieval":
+        p.error("--ranking applies to retrieval only")
 
 
 def _gather(obj, world: int) -> list:
@@ -178,7 +182,7 @@ def evaluate(a, rank: int = 0, world: int = 1) -> dict | None:
     for shots in a.shots:
         s = Settings(task=a.task, template=template, shots=shots, seed=a.seed, batch_size=a.batch_size,
                      max_new_tokens=a.max_new_tokens or MAX_NEW_TOKENS.get(a.task, 20), decoding=decoding,
-                     reduce=a.score, class_names=names)
+                     reduce=a.score, class_names=names, ranking=a.ranking)
         counts: collections.Counter = collections.Counter()
         with tqdm(total=len(share), desc=f"{a.task} {shots}-shot", unit="item", file=sys.stderr,
                   disable=True if rank else None) as bar:

@@ -61,6 +61,10 @@ COMMANDS = {
     '--set model.start_from=idefics-9b/flamingo --set "data.train_shards=data/mmc4/train-{000000..000999}.tar"':
         "needs IDEFICS-9B: test_idefics.py::test_a_converted_idefics_trains_on_each_layout_as_one_process trains a "
         "tiny converted one",
+    "python train.py --set model.contrastive.dim=64 --set train.contrastive_weight=0.1 --set train.run_dir=runs/contrastive":
+        "train",
+    'furnace-eval retrieval --model runs/contrastive --shards data/demo/val-000000.tar --template '
+    '"<image>{caption}<|endofchunk|>" --limit 200': "run",
     "furnace-generate --model exported/flamingo --image photo.jpg --quantize int8": "run",
     "torchrun --standalone --nproc_per_node 2 -m furnace.generate --model exported/flamingo --image photo.jpg": "run",
     "furnace-eval caption --model exported/flamingo --annotations captions.json --images images/ --shots 0 4": "run",
@@ -185,6 +189,7 @@ EXPORTED = "furnace-export runs/finetune --out exported"
 NEEDS = {"python train.py --config finetune --set model.lm.path=/path/to/llama --set model.vision.path=/path/to/clip "
          "--set model.start_from": EXPORTED, "furnace-export": FINETUNE_COCO, "furnace-generate": EXPORTED, "furnace-eval caption --model runs/demo": DEMO,
          "furnace-eval retrieval --model runs/demo": DEMO, "python benchmarks/generate.py": DEMO,
+         "furnace-eval retrieval --model runs/contrastive": "python train.py --set model.contrastive.dim",
          "furnace-eval": EXPORTED, "torchrun --standalone --nproc_per_node 2 -m furnace.": EXPORTED,
          "python train.py --config finetune": "furnace-shards"}
 DONE: set[str] = set()
@@ -214,7 +219,9 @@ def _run(command: str, work: Path, data: dict) -> list[int]:
             continue  # .ci/run installs exactly so, in a fresh environment
         argv = argv_of(part, work)
         if how == "train":
-            run_dir = work / "runs" / ("demo" if command == DEMO else f"r{len(DONE)}")
+            named = re.search(r"train\.run_dir=(\S+)", command)  # a run a later command reads
+            run_dir = (work / "runs" / "demo" if command == DEMO else work / named.group(1) if named
+                       else work / "runs" / f"r{len(DONE)}")
             argv += sets(*DEMO_SIZED, *tiny_data, *STEPS, "train.save_every=0", f"train.run_dir={run_dir}")
         elif how == "finetune":
             argv += sets(*SMALL_FINETUNE, *STEPS)

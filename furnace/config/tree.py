@@ -108,12 +108,25 @@ class LoraConfig:
 
 
 @dataclass
+class ContrastiveConfig:
+    """CLIP-style image-text alignment (Flamingo's contrastive pre-training objective): the
+    resampler's latents (mean over each sample's images) and the token embeddings of its text
+    (through a small text encoder: one self-attention block, mean-pooled), projected to `dim`;
+    an InfoNCE loss with a learned temperature, weighted by train.contrastive_weight. The text
+    side reads the embeddings, before any xattn block: it never sees the image it is matched to."""
+    dim: int = 0                       # >= 0; 0 = no contrastive heads
+    text_width: int = 256              # >= 1: the text encoder's width (64-wide heads; one head if not a multiple of 64)
+    temperature: float = 0.07          # finite, > 0: the learned temperature's start (CLIP's)
+
+
+@dataclass
 class ModelConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
     xattn: XAttnConfig = field(default_factory=XAttnConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     freeze_lm: bool = True
     freeze_vision: bool = True
     activation_checkpointing: bool = False
@@ -201,6 +214,7 @@ class TrainConfig:
     allow_config_change: bool = False
     dist_timeout_minutes: float = 30.0  # finite, > 0: how long a collective may wait for a rank before failing
 
+    contrastive_weight: float = 0.0    # finite, >= 0: the contrastive loss's weight next to the LM loss (needs model.contrastive.dim)
 
 @dataclass
 class DebugConfig:

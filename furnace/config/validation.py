@@ -163,6 +163,9 @@ RULES: dict[str, Rule] = {
     "model.lora.dropout": Rule(lambda v: 0 <= v < 1, "at least 0 and below 1", 0.05),
     "model.lora.targets": Rule(lambda v: bool(v) and len(set(v)) == len(v) and set(v) <= set(LORA_TARGETS),
                                f"a non-empty list of distinct names from {', '.join(LORA_TARGETS)}", "q,k,v,o"),
+    "model.contrastive.dim": _ge(0, 256),
+    "model.contrastive.text_width": _ge(1, 256),
+    "model.contrastive.temperature": _finite(0.07, gt=0),
     "model.freeze_lm": _BOOL,
     "model.freeze_vision": _BOOL,
     "model.activation_checkpointing": _BOOL,
@@ -215,6 +218,7 @@ RULES: dict[str, Rule] = {
     "train.fused_loss_scaling": _BOOL,
     "train.allow_config_change": _BOOL,
     "train.dist_timeout_minutes": _finite(30.0, gt=0),
+    "train.contrastive_weight": _finite(0.0, ge=0),
     "debug.log_gate_grads": _BOOL,
     "debug.faults": Rule(lambda v: all(_fault_items(v)),
                          f"a comma list of kind@step[:rank] with kind {' | '.join(FAULT_KINDS)}", "nan@2:1"),
@@ -302,6 +306,15 @@ def _check_model(cfg: Config) -> None:
     if m.lora.rank > 0 and not m.freeze_lm:
         # The adapters add a low-rank update to a frozen LM; a trained LM needs none (and would
         # learn the same update twice).
+    if cfg.train.contrastive_weight > 0 and m.contrastive.dim == 0:
+        raise ConfigError(f"train.contrastive_weight={cfg.train.contrastive_weight} weighs a contrastive loss the model "
+                          "has no heads for: set --set model.contrastive.dim=256 (or train.contrastive_weight=0)")
+    if m.contrastive.dim and not cfg.train.contrastive_weight:
+        raise ConfigError(f"model.contrastive.dim={m.contrastive.dim} adds heads that only train.contrastive_weight > 0 "
+                          "trains: set --set train.contrastive_weight=0.1 (or model.contrastive.dim=0)")
+    if cfg.train.contrastive_weight > 0 and data.pack:
+        raise ConfigError("train.contrastive_weight > 0 pairs each row's text with its images, one sample a row; "
+                          "set --set data.pack=false")
         raise ConfigError(f"model.lora.rank={m.lora.rank} adapts a frozen LM but model.freeze_lm=false trains the "
                           "whole LM: set --set model.freeze_lm=true (with model.lm.path), or model.lora.rank=0")
     if vis.path is None:

@@ -1,5 +1,6 @@
-"""What the evaluation asks of a model: text generated after a prompt with images, and the
-log-likelihood of candidate continuations (captions, class names) after one.
+"""What the evaluation asks of a model: text generated after a prompt with images, the
+log-likelihood of candidate continuations (captions, class names) after one, and, for a model
+trained with the contrastive objective, image and text embeddings.
 
 Works on a FlamingoModel in this process (loaded whole: `furnace.model.flamingo_io`, or a
 run's checkpoint through `furnace.export.load_run_model`). A prompt's images are encoded once
@@ -13,7 +14,7 @@ import torch
 
 from furnace.data.images import decode_image, normalize
 from furnace.data.text import TextEncoder
-from furnace.tokens import text_time
+from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN, text_time
 
 
 class UnreadableImage(ValueError):
@@ -75,6 +76,34 @@ class ModelScorer:
         out = self.model.generate(ids.to(self.device), mask.to(self.device), pix, valid, max_new_tokens=max_new_tokens,
                                   eos_token_id=self.model.eoc_token_id, pad_token_id=self.pad_id, **decoding)
         return [self.text.decode(row) for row in out.cpu()]
+
+    # ---------------------------------------------------------------- contrastive embeddings
+
+    @property
+    def has_embeddings(self) -> bool:
+        return getattr(self.model, "contrastive", None) is not None
+
+    @torch.no_grad()
+    def embed_images(self, images: list) -> torch.Tensor:
+        """[N, dim] of single images, in the model's contrastive space."""
+        pix = self.images([[im] for im in images])
+        valid = torch.ones(pix.shape[:2], dtype=torch.bool, device=self.device)
+        return self.model.image_embeddings(pix, valid).float().cpu()
+
+    @torch.no_grad()
+    def embed_texts(self, captions: list[str], *, batch_size: int = 64) -> torch.Tensor:
+        """[N, dim] of captions written as training writes them (<image>caption<|endofchunk|> EOS)."""
+        out = []
+        for start in range(0, len(captions), batch_size):
+            rows = [self.text.prompt(f"{IMAGE_TOKEN}{c}{EOC_TOKEN}") + [self.text.eos_id]
+                    for c in captions[start: start + batch_size]]
+            width = max(map(len, rows))
+            ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, r in enumerate(rows):
+                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+            out.append(self.model.text_embeddings(ids.to(self.device), mask.to(self.device)).float().cpu())
+        return torch.cat(out)
 
     # ---------------------------------------------------------------- likelihood
 

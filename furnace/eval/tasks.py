@@ -3,7 +3,9 @@ set (`*_outputs`, model calls) and how the gathered outputs are scored (`score`,
 
     caption    generate after `<image>Output:`; pycocoevalcap BLEU-1..4, ROUGE-L, CIDEr (METEOR with Java)
     vqa        generate after `<image>Question:{q} Short answer:`; VQAv2 accuracy
-    retrieval  log p(caption | image) for every (image, caption); image->text and text->image R@1/5/10
+    retrieval  log p(caption | image) for every (image, caption), or with a model trained with the
+               contrastive objective and no shots, the cosine of their embeddings; image->text and
+               text->image R@1/5/10
     classify   log p(class name | image) for every class; top-1 / top-5
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Settings:
     decoding: dict = field(default_factory=dict)
     reduce: str = "mean"  # likelihood tasks: per-token mean or sum of a candidate's log-probs
     class_names: list = field(default_factory=list)
+    ranking: str = "auto"  # retrieval: embeddings | likelihood | auto (embeddings when the model has them)
 
 
 def _fields(s: Settings, item: dict, *, demo: bool) -> dict:
@@ -96,6 +99,11 @@ def likelihood_outputs(s: Settings, scorer: ModelScorer, items: list, share: lis
     tail = prompts.answer_tail(s.template)
     if s.task == "retrieval":
         candidates = [c for it in items for c in it["captions"]]
+        if s.ranking == "embeddings" and not scorer.has_embeddings:
+            raise ValueError("--ranking embeddings needs a model trained with the contrastive objective "
+                             "(model.contrastive.dim > 0); use --ranking likelihood")
+        if s.ranking == "embeddings" or (s.ranking == "auto" and scorer.has_embeddings):
+            return embedding_outputs(s, scorer, items, share, candidates, skipped, progress)
     else:
         candidates = list(s.class_names)
     out = []
@@ -113,6 +121,28 @@ def likelihood_outputs(s: Settings, scorer: ModelScorer, items: list, share: lis
             out.append(row)
         if progress is not None:
             progress.update(1)
+    return out
+
+
+def embedding_outputs(s: Settings, scorer: ModelScorer, items: list, share: list[int], candidates: list[str],
+                      skipped: collections.Counter, progress=None) -> list[dict]:
+    """Retrieval by the contrastive heads: each query image's cosine with every caption."""
+    texts = scorer.embed_texts(candidates, batch_size=max(s.batch_size, 64))
+    out = []
+    for start in range(0, len(share), s.batch_size):
+        batch = []
+        for i in share[start: start + s.batch_size]:
+            try:
+                scorer.pixels(items[i]["image"])
+                batch.append(i)
+            except UnreadableImage:
+                skipped["unreadable_image"] += 1
+        if batch:
+            sims = scorer.embed_images([items[i]["image"] for i in batch]) @ texts.t()
+            out += [{"index": i, "id": items[i]["id"], "scores": row.tolist(), "ranking": "contrastive embeddings"}
+                    for i, row in zip(batch, sims)]
+        if progress is not None:
+            progress.update(len(share[start: start + s.batch_size]))
     return out
 
 
@@ -140,5 +170,6 @@ def score(s: Settings, items: list, rows: list[dict], *, meteor: bool = True) ->
     position = torch.full((len(items),), -1, dtype=torch.long)
     position[kept] = torch.arange(len(rows))
     keep = position[text_item] >= 0  # texts of an image that could not be read have no right answer
-    return {"images": len(rows), "texts": int(keep.sum()), "ranking": "caption log-likelihood",
+    ranking = rows[0].get("ranking", "caption log-likelihood") if rows else "caption log-likelihood"
+    return {"images": len(rows), "texts": int(keep.sum()), "ranking": ranking,
             **retrieval_recall(scores.reshape(len(rows), -1)[:, keep], position[text_item][keep])}

@@ -26,6 +26,7 @@ from furnace.config import ModelConfig
 from furnace.tokens import IGNORE_INDEX, IMAGE_TOKEN, build_labels, positions, text_time
 
 from . import decoding, llama
+from .contrastive import ContrastiveHeads
 from .layers import run_block
 from .llama import KVCache, Llama
 from .lora import add_lora
@@ -193,8 +194,17 @@ class FlamingoModel(nn.Module):
         # Decoding needs every row of the vocabulary: tensor parallelism sets a gather here.
         self.gather_logits = None
         self.lm.requires_grad_(not cfg.freeze_lm)
-        # After everything else is drawn: the other weights are those of the same run without LoRA.
+        # After everything else is drawn: the other weights are those of the same run without LoRA
+        # or contrastive heads.
         add_lora(self.lm, cfg.lora, drawn_in)
+        self.contrastive = None
+        if cfg.contrastive.dim:
+            with drawn_in():
+                self.contrastive = ContrastiveHeads(d, dv, cfg.contrastive)
+        # The contrastive loss's weight (train.contrastive_weight, set by the builder) and the
+        # gather of every data-parallel rank's rows for its negatives (set by furnace.parallel).
+        self.contrastive_weight = 0.0
+        self.gather_batch = None
 
     # -------------------------------------------------------------- pieces
 
@@ -235,9 +245,10 @@ class FlamingoModel(nn.Module):
         return encode_media(self.vision, self.perceiver, images, media_valid)
 
     def decoder(self, input_ids, latents, media_segment, text_times, *, position_ids=None,
-                segment_ids=None, kv_segment_ids=None, caches=None, media_kvs=None) -> torch.Tensor:
-        """Logits of the decoder with xattn blocks; latents [B, T*n, dv]."""
-        h = self.embed(input_ids)
+                segment_ids=None, kv_segment_ids=None, caches=None, media_kvs=None, embedded=None) -> torch.Tensor:
+        """Logits of the decoder with xattn blocks; latents [B, T*n, dv]; `embedded`: the ids'
+        embeddings when the caller has them already."""
+        h = self.embed(input_ids) if embedded is None else embedded
         if position_ids is None:
             position_ids = positions(input_ids)
         cos, sin = self.lm.rope(position_ids, h.dtype)
@@ -253,19 +264,45 @@ class FlamingoModel(nn.Module):
 
     def logits(self, batch: dict) -> torch.Tensor:
         """batch: input_ids, images, media_valid; optional position_ids and segment_ids (packed rows)."""
+        return self._forward(batch)[0]
+
+    def _forward(self, batch: dict):
+        """(logits, the contrastive loss or None)."""
         input_ids, media_valid = batch["input_ids"], batch["media_valid"]
         self.check_media(input_ids, media_valid)
         latents, seg, tt = media_context(self.vision, self.perceiver, input_ids, batch["images"], media_valid,
                                          self.image_token_id, batch.get("segment_ids"), self.media_reset_id)
-        return self.decoder(input_ids, latents, seg, tt, position_ids=batch.get("position_ids"),
-                            segment_ids=batch.get("segment_ids"))
+        h = self.embed(input_ids)
+        aux = None
+        if self.contrastive is not None and self.contrastive_weight:
+            aux = self.contrastive(h, latents, seg, self.text_mask(input_ids, batch.get("attention_mask")),
+                                   self.gather_batch)
+        logits = self.decoder(input_ids, latents, seg, tt, position_ids=batch.get("position_ids"),
+                              segment_ids=batch.get("segment_ids"), embedded=h)
+        return logits, aux
+
+    def text_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """[B, L] the tokens a text embedding pools: not padding, not <image>."""
+        keep = input_ids != self.image_token_id
+        return keep if attention_mask is None else keep & attention_mask.bool()
+
+    def image_embeddings(self, images: torch.Tensor, media_valid: torch.Tensor) -> torch.Tensor:
+        """[B, dim] unit vectors of each sample's images ([B, T, F, C, H, W]) in the contrastive space."""
+        latents = self.encode_media(images, media_valid).flatten(1, 2)
+        return self.contrastive.embed_images(latents, media_segments(media_valid, self.num_latents))[0]
+
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, dim] unit vectors of each row's text in the contrastive space."""
+        return self.contrastive.embed_texts(self.embed(input_ids), self.text_mask(input_ids, attention_mask))
 
     def forward(self, batch: dict) -> torch.Tensor:
         labels = batch.get("labels")
         if labels is None:
             labels = build_labels(batch["input_ids"], batch.get("attention_mask"),
                                   image_token_id=self.image_token_id, eoc_token_id=self.eoc_token_id)
-        return self.loss_fn(self.logits(batch), labels)
+        logits, aux = self._forward(batch)
+        loss = self.loss_fn(logits, labels)
+        return loss if aux is None else loss + self.contrastive_weight * aux
 
     # -------------------------------------------------------------- generation
 

@@ -9,6 +9,14 @@ each holds the modules its function needs and passes one tuple of tensors on:
     norm     (h, ...) -> same
     head     (h, latents, ...) -> output_logits                -> logits   (then loss_fn(logits, labels))
 
+With the contrastive loss on (`model.contrastive`, train.contrastive_weight > 0; never with packed
+rows) the stage-0 inputs end in each row's text mask, and a contrastive stage after embed turns
+it into the loss of that micro-batch (embeddings and latents are both there):
+
+    contrastive (h, latents, media_segment, tt, pos, text_mask) -> (h, latents, media_segment, tt, pos, aux)
+
+`aux` travels to the head, which returns (logits, aux); the loss adds weight x aux.
+
 `pos` (position_ids) and `seg` (segment_ids) flow with the hidden states, so packed rows run
 under PP as they do without it; `seg` is there only when the batch has one (its presence is
 fixed for a run: DeepSpeed sizes the stage buffers from the first micro-batch). Stage 0 holds
@@ -40,14 +48,15 @@ class MediaStage(nn.Module):
         super().__init__()
         self.vision, self.perceiver = model.vision, model.perceiver
         self.image_token_id, self.media_reset_id = model.image_token_id, model.media_reset_id
+        self.with_aux = carries_aux(model)
 
     def forward(self, inputs):
         input_ids, images, media_valid, *pos_seg = inputs
         media_valid = media_valid.bool()
         check_media(input_ids, media_valid, self.image_token_id)
+        segment_ids = pos_seg[1] if len(pos_seg) > 1 and not self.with_aux else None  # else: the text mask
         latents, seg, tt = media_context(self.vision, self.perceiver, input_ids, images, media_valid,
-                                         self.image_token_id, pos_seg[1] if len(pos_seg) > 1 else None,
-                                         self.media_reset_id)
+                                         self.image_token_id, segment_ids, self.media_reset_id)
         if not pos_seg:
             pos_seg = [positions(input_ids).contiguous()]  # sends need contiguous tensors
         return (input_ids, latents, seg, tt, *pos_seg)
@@ -65,6 +74,7 @@ class EmbedHead(nn.Module):
         self.new_embed = new.embed if with_embed and new is not None else None
         self.lm_head = lm.lm_head if with_head else None
         self.new_head = new.head if with_head and new is not None else None
+        self.with_aux = carries_aux(model)
 
     def forward(self, inputs):
         input_ids, *rest = inputs
@@ -75,7 +85,8 @@ class EmbedHead(nn.Module):
         # A zero-valued use of the travelling latents: the pipeline engine sends a gradient back
         # for every floating-point input of a stage, so each must be part of the graph.
         h = h + latents.sum() * 0
-        return output_logits(h, self.lm_head, self.new_head)
+        logits = output_logits(h, self.lm_head, self.new_head)
+        return (logits, inputs[-1]) if self.with_aux else logits
 
 
 def head_fn(module: EmbedHead, inputs):
@@ -92,6 +103,25 @@ class HeadStage(EmbedHead):
         return self.head(inputs)
 
 
+class ContrastiveStage(nn.Module):
+    """The contrastive loss of the micro-batch, from the embeddings and the latents."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.heads = model.contrastive
+        self.gather = model.gather_batch
+
+    def forward(self, inputs):
+        h, latents, seg, tt, pos, text_mask = inputs
+        aux = self.heads(h, latents, seg, text_mask, self.gather)
+        return h, latents, seg, tt, pos, aux.reshape(1)  # 1-element: what the pipeline's sends carry
+
+
+def carries_aux(model) -> bool:
+    """Whether the pipeline carries the contrastive loss (and, before it, the text mask)."""
+    return model.contrastive is not None and bool(model.contrastive_weight)
+
+
 class BlockStage(nn.Module):
     """Decoder layer i, preceded by its gated xattn block when it has one."""
 
@@ -101,6 +131,7 @@ class BlockStage(nn.Module):
         self.layer = model.lm.layers[i]
         self._model = [model]  # a list: its parameters belong to the stages, not to this one twice
         self.register_buffer("inv_freq", model.lm.inv_freq.clone(), persistent=False)
+        self.with_aux = carries_aux(model)
 
     @property
     def activation_checkpointing(self) -> bool:  # the model's own setting, read where it is decided
@@ -108,7 +139,7 @@ class BlockStage(nn.Module):
 
     def forward(self, inputs):
         h, latents, seg, tt, position_ids, *segments = inputs
-        segment_ids = segments[0] if segments else None
+        segment_ids = segments[0] if segments and not self.with_aux else None  # else: the contrastive loss
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, h.dtype)
         h = run_block(self, decoder_block, self.layer, self.xattn, h, cos, sin, latents, seg, tt, segment_ids,
                       None, None)
@@ -139,6 +170,8 @@ def _layer_specs(model) -> list:
         specs.append(TiedLayerSpec("embed", EmbedHead, model, tied_weight_attr=tied_attrs))
     else:
         specs.append(LayerSpec(EmbedHead, model, True, False))
+    if carries_aux(model):
+        specs.append(LayerSpec(ContrastiveStage, model))
     specs += [LayerSpec(BlockStage, model, i) for i in range(len(model.lm.layers))]
     specs.append(LayerSpec(NormStage, model))
     if tied_attrs:
@@ -198,17 +231,28 @@ def flamingo_pipeline(model, topology, *, partition_method: str = "parameters"):
     c = topology.coord
     if topo.get_rank(pipe=c.pp, data=c.dp, model=c.tp) != topology.rank:  # same grid, same order
         raise RuntimeError(f"DeepSpeed's pipeline grid disagrees with {topology}")
-    return PipelineModule(layers=specs, topology=topo, loss_fn=model.loss_fn, partition_method=partition_method,
+    def loss_fn(outputs, labels):  # the model's loss_fn at call time (tensor parallelism swaps it)
+        if isinstance(outputs, tuple):
+            logits, aux = outputs
+            return model.loss_fn(logits, labels) + model.contrastive_weight * aux.sum()
+        return model.loss_fn(outputs, labels)
+
+    return PipelineModule(layers=specs, topology=topo, loss_fn=loss_fn, partition_method=partition_method,
                           activation_checkpoint_interval=0)
 
 
-def batch_to_pipe(batch: dict):
+def batch_to_pipe(batch: dict, model=None):
     """The batch dict as the PipelineEngine wants it: ((stage-0 inputs), labels), with the
-    batch's position_ids and segment_ids (packed rows) when it has them."""
+    batch's position_ids and segment_ids (packed rows) when it has them, and with `model`'s
+    contrastive loss on, the positions and the text mask."""
     labels = batch.get("labels")
     if labels is None:
         raise ValueError("pipeline batches need labels")
     inputs = (batch["input_ids"], batch["images"], batch["media_valid"])
+    if model is not None and carries_aux(model):
+        pos = batch.get("position_ids")
+        pos = positions(batch["input_ids"]).contiguous() if pos is None else pos
+        return inputs + (pos, model.text_mask(batch["input_ids"], batch.get("attention_mask"))), labels
     pos, segments = batch.get("position_ids"), batch.get("segment_ids")
     if pos is not None or segments is not None:
         if pos is None:

@@ -32,6 +32,7 @@ from furnace.model.start_from import start_config, start_tensors
 from furnace.model.vision import config_of, vision_skeleton_from_hf
 from furnace.parallel.apply import parallelize
 from furnace.parallel.materialize import load_pretrained_lm, load_pretrained_tower, load_start
+from furnace.parallel.batch_gather import BatchGather
 from furnace.parallel.pipeline import flamingo_pipeline, stage_parameters
 from furnace.parallel.topology import Topology
 from furnace.parallel.zero3 import partitioner, zero3_placement
@@ -82,6 +83,7 @@ def build_model(cfg: Config, tokenizer, *, lm=None, vision=None, drawn_in=contex
                            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                            eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN),
                            eos_token_id=tokenizer.eos_token_id, lm=lm, vision=vision, drawn_in=drawn_in)
+    model.contrastive_weight = cfg.train.contrastive_weight
     if cfg.model.lm.path:
         cfg.model.lm = dataclasses.replace(model.lm.cfg, path=cfg.model.lm.path)
     if cfg.model.vision.path:
@@ -141,6 +143,8 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
             plain = build_model(copy.deepcopy(cfg), tokenizer, lm=skeleton_from_hf(lm_path) if lm_path else None,
                                 vision=vision_skeleton_from_hf(tower_path, cfg.model.freeze_vision) if tower_path else None)
         load_start(model, start_tensors(cfg.model.start_from, plain), topology)
+    if model.contrastive is not None and dp > 1:  # the contrastive loss's negatives: every dp rank's rows
+        model.gather_batch = BatchGather(topology.get_data_parallel_group())
     pipe = flamingo_pipeline(model, topology) if topology.pp > 1 else None
     engine, _ = eng.initialize(cfg, pipe if pipe is not None else model, topology, dp, grad_accum)
     train_loader = None

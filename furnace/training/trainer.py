@@ -192,7 +192,7 @@ class Trainer:
             self.model.check_media(b["input_ids"], b["media_valid"])
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         samples = sum(int(b["input_ids"].shape[0]) for b in batches)
-        loss = self.engine.train_batch(data_iter=iter([batch_to_pipe(b) for b in batches]))
+        loss = self.engine.train_batch(data_iter=iter([batch_to_pipe(b, self.model) for b in batches]))
         if self.gate_grads is not None:
             self.gate_grads.after_pipeline_step()
         return loss.detach().float().cpu(), tokens, samples
