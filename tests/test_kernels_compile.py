@@ -14,15 +14,19 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 import furnace_kernels.flash_attention as fa
+import furnace_kernels.glu as gl
+import furnace_kernels.linear_ce_triton as lc
 import furnace_kernels.loss_scale as ls
-assert not fa.INTERPRET
+import furnace_kernels.norms as nm
+import furnace_kernels.rope as rp
+assert not fa.INTERPRET and not nm.INTERPRET
 target = GPUTarget("cuda", 90, 32)
 
-def build(kernel, ptrs, constexprs, floats=()):
+def build(kernel, ptrs, constexprs, floats=(), warps=4):
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     sig = {n: ("constexpr" if n in constexprs else ptrs.get(n, "fp32" if n in floats else "i32")) for n in fn.arg_names}
     triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=constexprs), target=target,
-                   options={"num_warps": 4, "num_stages": 2})
+                   options={"num_warps": warps, "num_stages": 2})
     print("compiled", fn.__name__, flush=True)
 
 ptrs = {n: "*fp16" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
@@ -37,6 +41,21 @@ p = {"BASE": "*bf16", "REL": "*i64", "NUMEL": "*i64", "CHUNK_T": "*i32", "CHUNK_
      "PART_NF": "*i32", "FACTOR": "*fp32"}
 build(mt_stats, p, dict(ALIGN=8, BLOCK=1024, ITERS=4), floats=("inv_scale",))
 build(mt_scale, p, dict(ALIGN=8, BLOCK=1024, ITERS=4))
+# the fused norms, SwiGLU, RoPE and cross-entropy row kernels
+for dt in ("bf16", "fp16"):
+    p = {n: "*" + dt for n in ("X", "R", "S", "W", "Y", "DY", "DS", "DX", "G", "U", "DG", "DU", "OUT", "C")}
+    p.update(RSTD="*fp32", DW_PART="*fp32")
+    for res in (False, True):
+        build(nm._rms_fwd, p, dict(HAS_RES=res, BLOCK_M=2, BLOCK_N=2048), floats=("eps",), warps=8)
+    for ds in (False, True):
+        build(nm._rms_bwd, p, dict(HAS_DS=ds, HAS_DW=not ds, BLOCK_M=1, BLOCK_N=4096), warps=8)
+    build(gl._swiglu_fwd, p, dict(BLOCK=1024))
+    build(gl._swiglu_bwd, p, dict(BLOCK=1024))
+    for bw in (False, True):
+        build(rp._rope_kernel, p, dict(BACKWARD=bw, BLOCK_R=32, BLOCK_D=64))
+    q = {"X": "*" + dt, "TGT": "*i64", "M": "*fp32", "S": "*fp32", "T": "*fp32", "LSE": "*fp32", "SCALE": "*fp32"}
+    build(lc._ce_stats, q, dict(BLOCK_V=4096), warps=8)
+    build(lc._ce_grad, q, dict(BLOCK_V=4096), warps=8)
 print("ALL OK")
 """
 
