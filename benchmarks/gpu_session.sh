@@ -6,9 +6,11 @@
 #   bash benchmarks/gpu_session.sh throughput                   # second call: the end-to-end numbers
 #
 # Stages: env (GPU, driver, versions), smoke (flamingo-1b, a few steps), demo (train.py on the
-# demo preset for DEMO_STEPS, then the same command resuming), tests (the CUDA kernel tests),
-# kernels (benchmarks/kernels.py), throughput (flamingo-1b with every ablation, or those named in
-# ABLATE=zero3_gather,zero, and a profile of the baseline). DeepSpeed and webdataset must be
+# demo preset for DEMO_STEPS, then the same command resuming), tests (the CUDA kernel tests, the
+# fused kernels' bf16 ones included),
+# kernels (benchmarks/kernels.py, the fused kernels' rows included), throughput (flamingo-1b with
+# every ablation, or those named in ABLATE=zero3_gather,zero, and a profile of the baseline), pack
+# (caption-length data, padded against packed rows). DeepSpeed and webdataset must be
 # importable first: see ../shared/device/prepare-wheels.sh for the wheelhouse and install lines.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -45,13 +47,17 @@ numpy.__version__, torch.cuda.get_device_name())'" ;;
         --set train.run_dir=/tmp/furnace-demo" ;;
     tests)
       TAIL=40 stage tests "${TESTS_S:-220}" $py -m pytest -q -p no:cacheprovider -n 8 \
-        tests/test_kernels_attention.py tests/test_kernels_loss_scale.py tests/test_kernels_compile.py ;;
+        tests/test_kernels_attention.py tests/test_kernels_loss_scale.py tests/test_kernels_compile.py \
+        tests/test_kernels_fused.py ;;
     kernels)
       stage kernels "${KERNELS_S:-290}" $py benchmarks/kernels.py --out "$OUT/kernels.json" ;;
     throughput)
       TAIL=40 stage throughput "${THROUGHPUT_S:-480}" $py benchmarks/throughput.py --preset flamingo-1b \
         --synthetic-data --warmup "${WARMUP:-2}" --steps "${STEPS:-8}" --ablate "${ABLATE:-all}" \
         --profile "$OUT/profile.txt" --out "$OUT/throughput.json" ;;
+    pack)  # real caption lengths (LAION-like, 10-40 tokens), padded rows against packed ones
+      stage pack "${PACK_S:-300}" $py benchmarks/throughput.py --preset flamingo-1b --caption-data 10,40 \
+        --ablate pack --set data.max_images=16 --warmup 1 --steps 4 --out "$OUT/throughput-pack.json" ;;
     *) echo "unknown stage $s"; status=1 ;;
   esac
 done
