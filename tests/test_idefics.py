@@ -240,3 +240,17 @@ def test_a_converted_idefics_trains_on_each_layout_as_one_process(converted, dat
         for k in gates:
             assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-6), (a["step"], k)
     assert ref[-1]["loss"] < ref[0]["loss"]
+
+
+def test_furnace_import_cli(converted, tmp_path, capsys):
+    """furnace-import writes the three folders and says where; a folder that is not IDEFICS is
+    refused in one line with exit status 2."""
+    from furnace.import_checkpoint import main
+
+    src, _ = converted
+    assert main(["idefics", str(src), "--out", str(tmp_path / "out")]) == 0
+    assert all((tmp_path / "out" / part / "model.safetensors").is_file() for part in ("lm", "vision", "flamingo"))
+    assert "whole model ->" in capsys.readouterr().out
+    assert main(["idefics", str(tmp_path / "out" / "lm"), "--out", str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an IDEFICS checkpoint" in err[0]
