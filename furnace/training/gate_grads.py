@@ -1,5 +1,6 @@
 """`debug.log_gate_grads`: the xattn tanh gates' full gradients before each optimizer step,
-averaged over the global batch, unclipped and unscaled, logged as gate_grad/<name>."""
+averaged over the global batch, unclipped and unscaled, logged as gate_grad/<name> (a per-channel
+gate, `model.xattn.gate=vector`: the mean over its channels, which sums over micro-batches)."""
 from __future__ import annotations
 
 import torch
@@ -24,7 +25,7 @@ class GateGrads:
             j, g = name.split(".")[1:]
             p = getattr(model.xattn[int(j)], g)
             if id(p) in owned:
-                p.register_hook(lambda grad, k=k: self.acc.__setitem__(k, self.acc[k] + float(grad.reshape(-1)[0])))
+                p.register_hook(lambda grad, k=k: self.acc.__setitem__(k, self.acc[k] + float(grad.float().mean())))
 
     def before_step(self) -> None:
         """Layout A: read the gradients at the accumulation boundary (collective under ZeRO-3)."""
@@ -36,7 +37,7 @@ class GateGrads:
         for name, p in self.engine.module.named_parameters():
             if name.startswith("xattn.") and name.endswith(("attn_gate", "ff_gate")):
                 g = safe_get_full_grad(p)
-                out[f"gate_grad/{name}"] = float(g.reshape(-1)[0]) if g is not None else float("nan")
+                out[f"gate_grad/{name}"] = float(g.float().mean()) if g is not None else float("nan")
         self.last = out
 
     def after_pipeline_step(self) -> None:
