@@ -303,9 +303,6 @@ def _check_model(cfg: Config) -> None:
         if lm.sliding_window is not None and lm.sliding_window < data.max_length:
             raise ConfigError(f"model.lm.sliding_window={lm.sliding_window} is shorter than data.max_length="
                               f"{data.max_length}; e.g. --set data.max_length={lm.sliding_window}")
-    if m.lora.rank > 0 and not m.freeze_lm:
-        # The adapters add a low-rank update to a frozen LM; a trained LM needs none (and would
-        # learn the same update twice).
     if cfg.train.contrastive_weight > 0 and m.contrastive.dim == 0:
         raise ConfigError(f"train.contrastive_weight={cfg.train.contrastive_weight} weighs a contrastive loss the model "
                           "has no heads for: set --set model.contrastive.dim=256 (or train.contrastive_weight=0)")
@@ -315,6 +312,9 @@ def _check_model(cfg: Config) -> None:
     if cfg.train.contrastive_weight > 0 and data.pack:
         raise ConfigError("train.contrastive_weight > 0 pairs each row's text with its images, one sample a row; "
                           "set --set data.pack=false")
+    if m.lora.rank > 0 and not m.freeze_lm:
+        # The adapters add a low-rank update to a frozen LM; a trained LM needs none (and would
+        # learn the same update twice).
         raise ConfigError(f"model.lora.rank={m.lora.rank} adapts a frozen LM but model.freeze_lm=false trains the "
                           "whole LM: set --set model.freeze_lm=true (with model.lm.path), or model.lora.rank=0")
     if vis.path is None:
