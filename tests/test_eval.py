@@ -279,6 +279,8 @@ class _KnowingScorer:
     """A scorer that knows the answer: a caption scores 0 after the image it was written for and
     -1 after any other (the image's number is in its file name, the caption's in its text)."""
 
+    has_embeddings = False  # no contrastive heads: retrieval ranks by likelihood
+
     def pixels(self, image):
         return None
 
