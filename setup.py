@@ -34,6 +34,9 @@ setup(
         "tokenizers>=0.19",
         "tensorboard>=2.12",
         "pycocoevalcap>=1.2",  # the COCO caption metrics (BLEU, ROUGE-L, CIDEr; METEOR with Java)
+        # Video clips (furnace.data.video): PyAV's wheels bundle FFmpeg, and it pulls in no
+        # torchvision (none builds for the pinned CPU torch; transformers imports it when present).
+        "av>=18",
         "triton>=3.0; platform_system == \"Linux\"",
     ],
     extras_require={

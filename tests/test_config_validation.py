@@ -63,6 +63,8 @@ BAD = [
     ("model.perceiver.ff_mult", 0, 1),
     ("model.perceiver.max_frames", 0, 1),
     ("model.perceiver.frame_embeddings", "no", 1),
+    ("model.perceiver.frame_init", -1.0, 1),
+    ("model.perceiver.frame_init", NAN, 1),
     ("model.perceiver.qk_norm", 1, 1),
     ("model.perceiver.ff_act", "silu", 1),
     ("model.xattn.every", 0, 1),
@@ -102,6 +104,8 @@ BAD = [
     ("data.tokenizer", "/nonexistent/tokenizer", 1),
     ("data.max_length", 3, 1),
     ("data.max_images", 0, 1),
+    ("data.video_frames", 0, 1),
+    ("data.video_frames", 9, 1),                    # more than model.perceiver.max_frames=8
     ("data.num_workers", -1, 1),
     ("data.shuffle_buffer", -1, 1),
     ("data.canonical_streams", 0, 1),
@@ -117,10 +121,12 @@ BAD = [
     ("data.train_weights", "heavy", 1),
     ("data.synthetic_seed", -1, 1),
     ("data.synthetic_image_size", 7, 1),
+    ("data.synthetic_kind", "audio", 1),
     ("data.max_member_bytes", 0, 1),
     ("data.max_members_per_sample", 0, 1),
     ("data.max_image_pixels", 0, 1),
     ("data.max_shard_bytes", 0, 1),
+    ("data.max_video_frames", 0, 1),
     ("parallel.tp", 0, 1),
     ("parallel.tp", 2, 1),                          # layout A needs parallel.zero_stage=3 (demo has 0)
     ("parallel.pp", 0, 1),
@@ -208,7 +214,7 @@ def test_pretrained_lm_shape_is_not_checked():
     assert validate(cfg, 1, check_paths=False) == 1
 
 
-@pytest.mark.parametrize("preset,world", [("demo", 1), ("demo", 2), ("flamingo-1b", 1), ("flamingo-1b", 2),
+@pytest.mark.parametrize("preset,world", [("demo", 1), ("demo", 2), ("demo-video", 2), ("flamingo-1b", 1), ("flamingo-1b", 2),
                                           ("flamingo-3b", 8), ("flamingo-9b", 8)])
 def test_presets_validate(preset, world):
     assert validate(load_config(preset), world, check_paths=False) == world

@@ -99,6 +99,11 @@ COMMANDS = {
     "python benchmarks/memory.py --out benchmarks/results/memory-cpu.json": "run",
     "python benchmarks/launch_forms.py --out benchmarks/results/launch-forms-cpu.json": "benchmark",
     "python benchmarks/load.py --after --out benchmarks/results/load-cpu.json": "run",
+    "furnace-shards video --input clips.jsonl --out data/clips --min-frames 4":
+        "needs clips: test_video.py::test_furnace_shards_video_round_trip runs this command on clips it writes",
+    "python train.py --config demo-video":
+        "the ~8-minute demo-video run; test_video.py::test_demo_video_trains_on_two_ranks runs its preset on 2 ranks "
+        "on a tiny video set",
 }
 # What a benchmark command gets appended on the CPU to stay short.
 SHORTER = {"benchmarks/dataloader.py": ["--n", "64", "--batches", "2", "--workers", "0"],

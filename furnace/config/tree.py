@@ -65,6 +65,10 @@ class PerceiverConfig:
     # IDEFICS' resampler differs in three ways, each a key: no media-time (frame) embeddings, a
     # LayerNorm over each head's queries and keys, and a ReLU feed-forward.
     frame_embeddings: bool = True
+    # The frame embeddings' standard deviation at init. 0.02 leaves them ~1/60 of the tower's
+    # features: a clip's frame order then takes a long plateau to learn (demo-video: 1.0,
+    # open_flamingo's torch.randn draw). For stills (one frame) it is a constant shift.
+    frame_init: float = 0.02           # finite, >= 0
     qk_norm: bool = False
     ff_act: str = "gelu"               # gelu | relu
 
@@ -149,6 +153,10 @@ class DataConfig:
     tokenizer: str | None = None
     max_length: int = 64               # >= 4 tokens a row; 0 = the longest of the first 1000 samples (<= LM positions)
     max_images: int = 1                # >= 1 per sample (and per row when packing)
+    # F, the frames of each medium in a batch (images [B, T, F, C, H, W]): clips (.mp4/.webm) and
+    # frame folders (key.0.jpg ...) are sampled uniformly to F frames, those with fewer skipped
+    # (too_few_frames); a still image fills all F. 1 <= F <= model.perceiver.max_frames.
+    video_frames: int = 1
     # Training rows hold several samples back to back, up to max_length tokens and max_images
     # images (segment ids keep their attention, positions and images apart; the loss is the
     # unpacked one): short captions stop being mostly padding.
@@ -165,12 +173,14 @@ class DataConfig:
     train_weights: str | None = None
     synthetic_seed: int = 0            # >= 0
     synthetic_image_size: int = 32     # >= 8 pixels the synthetic set is drawn at (the loader resizes)
+    synthetic_kind: str = "shapes"     # shapes (still images) | video (moving shapes, the demo-video preset)
     # Bounds on what one untrusted shard can make a loader worker read or decode; what exceeds
     # them is skipped and counted, never decoded. Each >= 1.
     max_member_bytes: int = 32 * 2**20        # one tar member (an image, a caption, a document)
     max_members_per_sample: int = 256         # members under one sample key
     max_image_pixels: int = 40_000_000        # width x height, read from the header before decoding
     max_shard_bytes: int = 4 * 2**30          # bytes a compressed shard may expand to
+    max_video_frames: int = 1024              # frames of one clip, counted before any is decoded
 
 
 @dataclass
@@ -208,13 +218,13 @@ class TrainConfig:
     keep_checkpoints: int = 2          # >= 1
     weight_decay: float = 0.0          # finite, >= 0
     grad_clip: float = 1.0             # finite, >= 0; 0 = no clipping
+    contrastive_weight: float = 0.0    # finite, >= 0: the contrastive loss's weight next to the LM loss (needs model.contrastive.dim)
     fused_loss_scaling: bool = True    # fp16: furnace's fused grad stats instead of DeepSpeed's
     # Resuming with a changed config that the checkpoint cannot honour (model shape, layout,
     # data, seed, batch sizes) is refused unless this is set.
     allow_config_change: bool = False
     dist_timeout_minutes: float = 30.0  # finite, > 0: how long a collective may wait for a rank before failing
 
-    contrastive_weight: float = 0.0    # finite, >= 0: the contrastive loss's weight next to the LM loss (needs model.contrastive.dim)
 
 @dataclass
 class DebugConfig:

@@ -144,6 +144,7 @@ RULES: dict[str, Rule] = {
     "model.perceiver.ff_mult": _ge(1, 4),
     "model.perceiver.max_frames": _ge(1, 8),
     "model.perceiver.frame_embeddings": _BOOL,
+    "model.perceiver.frame_init": _finite(0.02, ge=0),
     "model.perceiver.qk_norm": _BOOL,
     "model.perceiver.ff_act": _one_of("gelu", "relu"),
     "model.xattn.every": _ge(1, 4),
@@ -177,6 +178,7 @@ RULES: dict[str, Rule] = {
     "data.tokenizer": _PATH,
     "data.max_length": Rule(lambda v: v == 0 or v >= 4, "0 (read off the training data) or >= 4", 64),
     "data.max_images": _ge(1, 1),
+    "data.video_frames": _ge(1, 4),
     "data.pack": _BOOL,
     "data.num_workers": _ge(0, 1),
     "data.canonical_streams": _ge(1, 64),
@@ -187,10 +189,12 @@ RULES: dict[str, Rule] = {
                                          "a comma list of finite weights > 0, one per train source", "0.7,0.3")),
     "data.synthetic_seed": _ge(0, 0),
     "data.synthetic_image_size": _ge(8, 32),
+    "data.synthetic_kind": _one_of("shapes", "video"),
     "data.max_member_bytes": _POS,
     "data.max_members_per_sample": _POS,
     "data.max_image_pixels": _POS,
     "data.max_shard_bytes": _POS,
+    "data.max_video_frames": _POS,
     "parallel.tp": _ge(1, 1),
     "parallel.pp": _ge(1, 1),
     "parallel.zero_stage": _one_of(0, 1, 2, 3),
@@ -215,10 +219,10 @@ RULES: dict[str, Rule] = {
     "train.keep_checkpoints": _ge(1, 2),
     "train.weight_decay": _finite(0.0, ge=0),
     "train.grad_clip": _finite(1.0, ge=0),
+    "train.contrastive_weight": _finite(0.0, ge=0),
     "train.fused_loss_scaling": _BOOL,
     "train.allow_config_change": _BOOL,
     "train.dist_timeout_minutes": _finite(30.0, gt=0),
-    "train.contrastive_weight": _finite(0.0, ge=0),
     "debug.log_gate_grads": _BOOL,
     "debug.faults": Rule(lambda v: all(_fault_items(v)),
                          f"a comma list of kind@step[:rank] with kind {' | '.join(FAULT_KINDS)}", "nan@2:1"),
@@ -333,6 +337,16 @@ def _check_model(cfg: Config) -> None:
 
 def _check_data(cfg: Config) -> None:
     d = cfg.data
+    if d.video_frames > cfg.model.perceiver.max_frames:
+        raise ConfigError(f"data.video_frames={d.video_frames} exceeds model.perceiver.max_frames="
+                          f"{cfg.model.perceiver.max_frames} (the resampler's frame embeddings); e.g. --set "
+                          f"model.perceiver.max_frames={d.video_frames}, or a smaller data.video_frames")
+    if d.video_frames > d.max_video_frames:
+        raise ConfigError(f"data.video_frames={d.video_frames} exceeds data.max_video_frames={d.max_video_frames}: "
+                          f"no clip could be read; e.g. --set data.max_video_frames={max(1024, d.video_frames)}")
+    if d.synthetic_kind == "video" and d.synthetic_image_size % 2:
+        raise ConfigError(f"data.synthetic_image_size={d.synthetic_image_size} must be even for data.synthetic_kind=video "
+                          f"(4:2:0 H.264); e.g. --set data.synthetic_image_size={d.synthetic_image_size + 1}")
     if d.train_weights is not None:
         n, sources = len(_weights(d.train_weights)), len(split_sources(d.train_shards))
         if n != sources:

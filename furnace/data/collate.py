@@ -1,9 +1,10 @@
 """Rows -> one padded batch: the batch contract of the model.
 
 input_ids / labels / attention_mask LongTensor [B, L] (right padding to `max_length`, or to the
-longest row), images FloatTensor [B, max_images, 1, 3, S, S] (valid images first, exact zeros
-after), media_valid BoolTensor [B, max_images]; row b holds exactly media_valid[b].sum()
-<image> tokens. Filler rows are labelled IGNORE_INDEX throughout.
+longest row), images FloatTensor [B, max_images, F, 3, S, S] (valid media first, exact zeros
+after; F = `frames`, data.video_frames: a clip's sampled frames in order, a still image repeated
+in each of the F), media_valid BoolTensor [B, max_images]; row b holds exactly
+media_valid[b].sum() <image> tokens. Filler rows are labelled IGNORE_INDEX throughout.
 """
 from __future__ import annotations
 
@@ -14,12 +15,19 @@ from furnace.data.text import TextEncoder
 from furnace.tokens import IGNORE_INDEX, build_labels
 
 
-def collate(rows, encoder: TextEncoder, *, max_length, max_images, image_size, mean, std, pad_to_max) -> dict:
+def _put(dst, arr) -> None:
+    """A medium into its [F, 3, S, S] slot: a clip's frames [F, S, S, 3], or a still [S, S, 3]
+    in every frame."""
+    dst[...] = arr.transpose(0, 3, 1, 2) if arr.ndim == 4 else arr.transpose(2, 0, 1)[None]
+
+
+def collate(rows, encoder: TextEncoder, *, max_length, max_images, image_size, mean, std, pad_to_max,
+            frames: int = 1) -> dict:
     B = len(rows)
     L = max_length if pad_to_max else max(len(r[0]) for r in rows)
     input_ids = torch.full((B, L), encoder.pad_id, dtype=torch.long)
     attention = torch.zeros((B, L), dtype=torch.long)
-    imgs = torch.zeros((B, max_images, 1, 3, image_size, image_size), dtype=torch.uint8)
+    imgs = torch.zeros((B, max_images, frames, 3, image_size, image_size), dtype=torch.uint8)
     imgs_np = imgs.numpy()  # numpy copies: no torch intra-op threads for 150 KB moves
     valid = torch.zeros((B, max_images), dtype=torch.bool)
     inter = torch.zeros((B,), dtype=torch.bool)
@@ -28,7 +36,7 @@ def collate(rows, encoder: TextEncoder, *, max_length, max_images, image_size, m
         input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention[b, : len(ids)] = 1
         for t, arr in enumerate(images):
-            imgs_np[b, t, 0] = arr.transpose(2, 0, 1)
+            _put(imgs_np[b, t], arr)
             valid[b, t] = True
         inter[b] = is_doc
         filler[b] = is_filler
@@ -47,7 +55,7 @@ def collate(rows, encoder: TextEncoder, *, max_length, max_images, image_size, m
 
 
 def collate_packed(packs, encoder: TextEncoder, *, max_length, max_images, image_size, mean, std,
-                   pad_to_max) -> dict:
+                   pad_to_max, frames: int = 1) -> dict:
     """Packed rows -> one batch (`data.pack`): each row holds several samples back to back (a
     pack: a list of rows as `collate` takes them), plus position_ids [B, L] restarting at 0 with
     each sample and segment_ids [B, L] (1, 2, ... per sample, 0 on padding) that keep
@@ -61,7 +69,7 @@ def collate_packed(packs, encoder: TextEncoder, *, max_length, max_images, image
     position_ids = torch.zeros((B, L), dtype=torch.long)
     segment_ids = torch.zeros((B, L), dtype=torch.long)
     labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
-    imgs = torch.zeros((B, max_images, 1, 3, image_size, image_size), dtype=torch.uint8)
+    imgs = torch.zeros((B, max_images, frames, 3, image_size, image_size), dtype=torch.uint8)
     imgs_np = imgs.numpy()
     valid = torch.zeros((B, max_images), dtype=torch.bool)
     for b, pack in enumerate(packs):
@@ -79,7 +87,7 @@ def collate_packed(packs, encoder: TextEncoder, *, max_length, max_images, image
                 lab[0] = IGNORE_INDEX  # the previous sample's last token does not predict this one
                 labels[b, off: off + n] = lab
             for arr in images:
-                imgs_np[b, t, 0] = arr.transpose(2, 0, 1)
+                _put(imgs_np[b, t], arr)
                 valid[b, t] = True
                 t += 1
             off += n

@@ -1,4 +1,5 @@
-"""The demo's data: the synthetic shapes set, drawn into `data.synthetic_dir` when the
+"""The demo's data: the synthetic shapes set (or, with data.synthetic_kind=video, the moving
+shapes clips of `furnace.data.synthetic_video`), drawn into `data.synthetic_dir` when the
 configured shards are missing (or were drawn by another generator version)."""
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import os
 import shutil
 import sys
 
-from furnace.config import split_sources
+from furnace.config import ConfigError, split_sources
 from furnace.data.sources import drawn_on_demand, expand_shards
-from furnace.data.synthetic import COMPLETE_MARKER, GENERATOR_VERSION, build
+from furnace.data import synthetic, synthetic_video
+from furnace.data.synthetic import COMPLETE_MARKER
+
+# data.synthetic_kind -> the module that draws that set (its build() and GENERATOR_VERSION)
+SETS = {"shapes": synthetic, "video": synthetic_video}
 
 
 @contextlib.contextmanager
@@ -30,14 +35,26 @@ def _all_exist(pattern: str) -> bool:
     return bool(files) and all(os.path.isfile(f) for f in files)
 
 
-def _stale(out: str) -> bool:
-    """`out` holds a complete synthetic set drawn by another generator version. (Sets written
-    with other n/seed/image_size are kept: tests and users build those on purpose.)"""
+def _marker(out: str) -> dict | None:
     try:
         with open(os.path.join(out, COMPLETE_MARKER)) as f:
-            return json.load(f).get("version", 1) != GENERATOR_VERSION
+            meta = json.load(f)
+        return meta if isinstance(meta, dict) else None
     except (OSError, ValueError):
+        return None
+
+
+def _stale(out: str, kind: str = "shapes") -> bool:
+    """`out` holds a complete synthetic set drawn by another generator version. (Sets written
+    with other n/seed/image_size are kept: tests and users build those on purpose.) A set of
+    another kind is never replaced: a ConfigError names the two keys to fix."""
+    meta = _marker(out)
+    if meta is None:
         return False
+    if meta.get("kind", "shapes") != kind:
+        raise ConfigError(f"data.synthetic_dir={out!r} holds the synthetic {meta.get('kind', 'shapes')!r} set, not "
+                         f"data.synthetic_kind={kind!r}; point data.synthetic_dir at another folder")
+    return meta.get("version", 1) != SETS[kind].GENERATOR_VERSION
 
 
 def ensure_demo_data(data_cfg, *, progress: bool = False) -> None:
@@ -54,18 +71,19 @@ def ensure_demo_data(data_cfg, *, progress: bool = False) -> None:
         return
     ours = [(key, p) for key in ("train_shards", "val_shards") for p in split_sources(getattr(data_cfg, key))
             if drawn_on_demand(p, data_cfg)]
-    if not _stale(out) and all(_all_exist(p) for _, p in ours):
+    kind = data_cfg.synthetic_kind
+    if not _stale(out, kind) and all(_all_exist(p) for _, p in ours):
         return
     out = os.path.abspath(out).rstrip("/")
     n, seed, size = data_cfg.synthetic_n, data_cfg.synthetic_seed, data_cfg.synthetic_image_size
     with _file_lock(out + ".lock"):
-        if not os.path.exists(os.path.join(out, COMPLETE_MARKER)) or _stale(out):
+        if not os.path.exists(os.path.join(out, COMPLETE_MARKER)) or _stale(out, kind):
             tmp = f"{out}.tmp{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             bar = progress and sys.stderr.isatty()  # in a log file: one line, not a bar's redraws
             if progress and not bar:
-                print(f"drawing the synthetic set ({n} samples) into {out}", file=sys.stderr, flush=True)
-            build(tmp, n, seed, size, progress=bar, home=out)
+                print(f"drawing the synthetic {kind} set ({n} samples) into {out}", file=sys.stderr, flush=True)
+            SETS[kind].build(tmp, n, seed, size, progress=bar, home=out)
             os.makedirs(out, exist_ok=True)
             for name in sorted(os.listdir(tmp), key=lambda x: x == COMPLETE_MARKER):  # marker last
                 dst = os.path.join(out, name)

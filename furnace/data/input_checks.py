@@ -1,7 +1,8 @@
-"""What the shard writer accepts from untrusted inputs: image files read only when they are
-regular files within a size bound (optionally confined under a folder), images decoded only as
-JPEG/PNG/WEBP within a pixel bound, and captions that are UTF-8-encodable text. Anything else
-raises `InputError` with the reason the writer counts the skip under."""
+"""What the shard writer accepts from untrusted inputs: image and clip files read only when they
+are regular files within a size bound (optionally confined under a folder), images decoded only
+as JPEG/PNG/WEBP within a pixel bound, clips only as MP4/WebM whose every frame decodes within the
+pixel and frame bounds (`furnace.data.video`), and captions that are UTF-8-encodable text.
+Anything else raises `InputError` with the reason the writer counts the skip under."""
 from __future__ import annotations
 
 import io
@@ -12,6 +13,7 @@ import warnings
 from PIL import Image
 
 from furnace.data.images import PIL_FORMATS
+from furnace.data.video import MAX_VIDEO_FRAMES, VideoError, probe_clip
 
 _PIL_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 MAX_IMAGE_BYTES = 32 << 20
@@ -42,20 +44,21 @@ def _sniff_format(head: bytes) -> str | None:
     return None
 
 
-def _image_path(src) -> str:
-    """`src` as a usable path string; paths come from untrusted JSON (ints, lists, NUL bytes ...)."""
+def _image_path(src, kind: str = "image") -> str:
+    """`src` as a usable path string; paths come from untrusted JSON (ints, lists, NUL bytes ...).
+    `kind`: image | video, the word in the skip reasons."""
     if isinstance(src, os.PathLike):
         src = os.fspath(src)
     if src is None or src == "":
-        raise InputError("missing_image", "no image path")
+        raise InputError(f"missing_{kind}", f"no {kind} path")
     if not isinstance(src, str):
-        raise InputError("bad_image_path", f"{type(src).__name__} {short(src)}")
+        raise InputError(f"bad_{kind}_path", f"{type(src).__name__} {short(src)}")
     try:
         if "\x00" in src:
             raise ValueError("NUL byte in path")
         os.fsencode(src)  # lone surrogates from JSON "\ud800" cannot name a file
     except ValueError as e:
-        raise InputError("bad_image_path", f"{short(src, 300)}: {e}") from None
+        raise InputError(f"bad_{kind}_path", f"{short(src, 300)}: {e}") from None
     return src
 
 
@@ -66,13 +69,16 @@ def _is_under(path: str, root: str) -> bool:
         return False
 
 
-def read_image_file(path: str, *, max_bytes: int = MAX_IMAGE_BYTES, confine: str | None = None) -> bytes:
+def read_image_file(path: str, *, max_bytes: int = MAX_IMAGE_BYTES, confine: str | None = None,
+                    kind: str = "image") -> bytes:
     """Bytes of the regular file `path` (at most `max_bytes`, else InputError image_too_large).
 
     Devices, FIFOs, sockets and directories are refused from their stat, never opened or read
     (/dev/zero never ends, a FIFO blocks). `confine`: the file, symlinks resolved, must lie under
-    this folder (outside_images_root otherwise).
+    this folder (outside_images_root otherwise). `kind`: image | video, the word in the reasons
+    (missing_video, video_too_large, unreadable_video).
     """
+    flag = f"--max-{kind}-bytes"
     try:
         if confine is not None:
             path = os.path.realpath(path)
@@ -83,7 +89,7 @@ def read_image_file(path: str, *, max_bytes: int = MAX_IMAGE_BYTES, confine: str
         if not stat.S_ISREG(st.st_mode):
             raise InputError("not_a_regular_file", path)
         if st.st_size > max_bytes:
-            raise InputError("image_too_large", f"{path}: {st.st_size} bytes > --max-image-bytes {max_bytes}")
+            raise InputError(f"{kind}_too_large", f"{path}: {st.st_size} bytes > {flag} {max_bytes}")
         # O_NONBLOCK: should the path become a FIFO after the stat, the open still cannot block.
         with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)),
                   "rb") as f:
@@ -91,11 +97,11 @@ def read_image_file(path: str, *, max_bytes: int = MAX_IMAGE_BYTES, confine: str
                 raise InputError("not_a_regular_file", path)
             raw = f.read(max_bytes + 1)
     except FileNotFoundError:
-        raise InputError("missing_image", path) from None
+        raise InputError(f"missing_{kind}", path) from None
     except (OSError, ValueError) as e:
-        raise InputError("unreadable_image", f"{path}: {e}") from None
+        raise InputError(f"unreadable_{kind}", f"{path}: {e}") from None
     if len(raw) > max_bytes:  # grew after the stat
-        raise InputError("image_too_large", f"{path}: more than --max-image-bytes {max_bytes}")
+        raise InputError(f"{kind}_too_large", f"{path}: more than {flag} {max_bytes}")
     return raw
 
 
@@ -167,6 +173,32 @@ def encode_image(src, *, resize: int | None = None, fmt: str = "keep", quality: 
     except (OSError, ValueError) as e:  # odd modes that decode but do not convert
         raise InputError("corrupt_image", f"re-encoding as {out_ext}: {e}") from None
     return buf.getvalue(), out_ext
+
+
+def encode_video(src, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX_IMAGE_PIXELS,
+                 max_frames: int = MAX_VIDEO_FRAMES, min_frames: int = 1, confine: str | None = None
+                 ) -> tuple[bytes, str]:
+    """Validate a clip (a path or its bytes) by decoding every frame; returns (its bytes
+    unchanged, "mp4" | "webm" as its content says). InputError reasons: missing_video,
+    bad_video_path, video_too_large (bytes or pixels), unsupported_video (container or codec),
+    bad_video (undecodable), video_too_long (more than `max_frames`), too_few_frames (fewer than
+    `min_frames`), and read_image_file's not_a_regular_file / outside_images_root / unreadable_video."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        raw, name = bytes(src), "<bytes>"
+        if len(raw) > max_bytes:
+            raise InputError("video_too_large", f"<bytes>: {len(raw)} bytes > {max_bytes}")
+    else:
+        name = _image_path(src, "video")
+        raw = read_image_file(name, max_bytes=max_bytes, confine=confine, kind="video")
+    if not raw:
+        raise InputError("bad_video", f"{name}: empty file")
+    try:
+        info = probe_clip(raw, max_pixels=max_pixels, max_frames=max_frames)
+    except VideoError as e:
+        raise InputError(e.reason, f"{name}: {e.detail}") from None
+    if info["frames"] < min_frames:
+        raise InputError("too_few_frames", f"{name}: {info['frames']} frames < --min-frames {min_frames}")
+    return raw, info["container"]
 
 
 def caption_text(value, what: str) -> str:

@@ -9,7 +9,9 @@
     # iter(loader2) yields exactly the batches `it` would have yielded next
 
 Batches follow the contract in `furnace/data/collate.py`; with `pack=True` (data.pack) training
-rows hold several samples each, with position and segment ids (`collate_packed`).
+rows hold several samples each, with position and segment ids (`collate_packed`). `frames`
+(data.video_frames) is F, the frames each medium has in the batch: clips and frame folders are
+sampled to F frames, stills repeated (`furnace/data/samples.py`).
 
 Training mode (`training=True`, the default) is an infinite stream whose order depends on the
 seed, the sources and their weights, never on the cluster shape. It is cut into C canonical
@@ -42,8 +44,9 @@ j // batch_size, batch k to worker k % num_workers. Every rank yields the same n
 left with no sample holds a single filler row (labels all IGNORE_INDEX, no image, media_valid
 False) that metrics must skip (`TextEncoder.reference_caption` returns None for it).
 
-Corrupt data never raises: truncated/unreadable shards, undecodable images, missing captions
-or images, bad JSON, over-long captions are skipped and counted by reason in `loader.skipped`
+Corrupt data never raises: truncated/unreadable shards, undecodable images or clips, clips with
+fewer than F frames, missing captions or images, bad JSON, over-long captions are skipped and
+counted by reason in `loader.skipped`
 (included in the state dict). Which members are read at all: `furnace/data/tar.py`.
 """
 from __future__ import annotations
@@ -66,6 +69,7 @@ from furnace.data.sources import Source, expand_shards, sources_from_config
 from furnace.data.streams import StreamReader, copy_pos
 from furnace.data.tar import MEMBER_REASONS, SHARD_REASONS, ReadLimits, iter_shard_samples
 from furnace.data.text import SkipSample, TextEncoder
+from furnace.data.video import MAX_VIDEO_FRAMES
 
 STATE_VERSION = 2
 log = logging.getLogger(__name__)
@@ -115,11 +119,12 @@ class ShardLoader:
                  training: bool = True, epochs: int | None = None, pad_to_max_length: bool = True,
                  prefetch_factor: int = 2, pin_memory: bool = False, multiprocessing_context: str | None = None,
                  check_files: bool = True, limits: ReadLimits = ReadLimits(), max_image_pixels: int = 40_000_000,
-                 pack: bool = False):
+                 pack: bool = False, frames: int = 1, max_video_frames: int = MAX_VIDEO_FRAMES):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
-        if batch_size < 1 or max_length < 4 or max_images < 1 or image_size < 1:
-            raise ValueError("batch_size >= 1, max_length >= 4, max_images >= 1 and image_size >= 1 are required")
+        if batch_size < 1 or max_length < 4 or max_images < 1 or image_size < 1 or frames < 1:
+            raise ValueError("batch_size >= 1, max_length >= 4, max_images >= 1, image_size >= 1 and frames >= 1 "
+                             "are required")
         if training and (canonical_streams < 1 or canonical_streams % dp_size):
             raise ValueError(f"data.canonical_streams={canonical_streams} is not a multiple of the data-parallel "
                              f"size {dp_size}; set it to a multiple of {dp_size}")
@@ -131,7 +136,8 @@ class ShardLoader:
                                         "python -m furnace.data.synthetic)")
         self.tokenizer = tokenizer
         self.encoder = TextEncoder(tokenizer, max_length, max_images)
-        self.samples = SampleDecoder(self.encoder, image_size, max_image_pixels)
+        self.samples = SampleDecoder(self.encoder, image_size, max_image_pixels, frames, max_video_frames)
+        self.frames = frames
         self.limits = limits
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.max_length, self.max_images, self.image_size = max_length, max_images, image_size
@@ -172,7 +178,8 @@ class ShardLoader:
                    mean=mean, std=std, num_workers=data_cfg.num_workers if num_workers is None else num_workers,
                    canonical_streams=data_cfg.canonical_streams, shuffle_buffer=data_cfg.shuffle_buffer,
                    training=training, limits=ReadLimits.from_config(data_cfg),
-                   max_image_pixels=data_cfg.max_image_pixels, pack=data_cfg.pack)
+                   max_image_pixels=data_cfg.max_image_pixels, pack=data_cfg.pack, frames=data_cfg.video_frames,
+                   max_video_frames=data_cfg.max_video_frames)
 
     # ------------------------------------------------------------------ config helpers
     @staticmethod
@@ -216,7 +223,7 @@ class ShardLoader:
         """Rows (or packs of rows, `data.pack`) -> the batch."""
         return (collate_packed if self.pack else collate)(
             rows, self.encoder, max_length=self.max_length, max_images=self.max_images, image_size=self.image_size,
-            mean=self.mean, std=self.std, pad_to_max=self.pad_to_max)
+            mean=self.mean, std=self.std, pad_to_max=self.pad_to_max, frames=self.frames)
 
     # ------------------------------------------------------------------ worker bodies
     def _train_worker(self, t: int):

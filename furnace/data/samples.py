@@ -1,7 +1,16 @@
-"""One raw tar sample -> one row (token ids, decoded images), or a SkipSample with its reason.
+"""One raw tar sample -> one row (token ids, decoded media), or a SkipSample with its reason.
 
-A row is (ids, [uint8 HxWx3 per image], interleaved, filler): `interleaved` marks documents
-(their labels skip the text outside image chunks), `filler` the loader's padding rows.
+A row is (ids, [media], interleaved, filler): `interleaved` marks documents (their labels skip
+the text outside image chunks), `filler` the loader's padding rows. A medium is a still image,
+uint8 [S, S, 3], or a clip's F = `frames` sampled frames, uint8 [F, S, S, 3]; the collate
+repeats a still over the F frames of the batch.
+
+A caption sample's medium is, in this order of preference: a clip member (`KEY.mp4` / `KEY.webm`,
+decoded by `furnace.data.video`), a still (`KEY.jpg|jpeg|png|webp`), or a frame folder
+(`KEY.0.jpg`, `KEY.1.jpg`, ... in the order of their numbers). F frames are sampled uniformly
+(`video.uniform_indices`) from a clip or a frame folder of N >= F frames (only those F are
+decoded from a folder); N < F is skipped as too_few_frames. Clips in interleaved documents are
+not read.
 Whatever one sample's bytes hold, `row` either returns a row or raises SkipSample: an error
 no check below anticipates is counted as `bad_sample`, never raised.
 """
@@ -10,16 +19,38 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 
 import numpy as np
 
 from furnace.data.images import IMAGE_EXTS, ImageTooLarge, decode_image, is_image_member
 from furnace.data.text import SkipSample, TextEncoder
+from furnace.data.video import MAX_VIDEO_FRAMES, VIDEO_EXTS, VideoError, decode_clip, uniform_indices
+
+FRAME_MEMBER = re.compile(r"([0-9]+)\.(?:jpg|jpeg|png|webp)")
+
+
+class Clip:
+    """A clip member's bytes, not decoded."""
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+class FrameFolder:
+    """A frame folder's encoded frames, in order, not decoded."""
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: list[bytes]):
+        self.frames = frames
 
 
 class SampleDecoder:
-    def __init__(self, encoder: TextEncoder, image_size: int, max_image_pixels: int = 40_000_000):
+    def __init__(self, encoder: TextEncoder, image_size: int, max_image_pixels: int = 40_000_000,
+                 frames: int = 1, max_video_frames: int = MAX_VIDEO_FRAMES):
         self.encoder, self.image_size, self.max_image_pixels = encoder, image_size, max_image_pixels
+        self.frames, self.max_video_frames = frames, max_video_frames
 
     def row(self, raw: dict) -> tuple:
         """raw tar sample -> (ids, images, interleaved, filler=False); raises SkipSample."""
@@ -27,7 +58,7 @@ class SampleDecoder:
             raise SkipSample(raw["__skip__"])
         try:
             return self._row(raw)
-        except SkipSample:
+        except (SkipSample, ImportError):  # ImportError: no PyAV, which no sample should hide
             raise
         except RecursionError:  # JSON nested deeper than the parser goes
             raise SkipSample("bad_json") from None
@@ -35,11 +66,12 @@ class SampleDecoder:
             raise SkipSample("bad_sample") from None
 
     def _row(self, raw: dict) -> tuple:
-        ids, images, interleaved = self.parse(raw)
-        return ids, [self.image(data) for data in images], interleaved, False
+        ids, media, interleaved = self.parse(raw)
+        return ids, [self.media(m) for m in media], interleaved, False
 
-    def parse(self, raw: dict) -> tuple[list[int], list[bytes], bool]:
-        """(token ids, encoded images in order, interleaved) of a sample, images not decoded.
+    def parse(self, raw: dict) -> tuple[list[int], list, bool]:
+        """(token ids, media in order, interleaved) of a sample, nothing decoded: a medium is an
+        encoded image (bytes), a `Clip` or a `FrameFolder`.
         Three layouts: a caption pair (image + .txt, or a .json with "caption"/"captions": also
         img2dataset's shards, whose .json is metadata); furnace's interleaved document (.json
         "segments" naming image members); an MMC4 document as open_flamingo's shards hold it
@@ -78,14 +110,30 @@ class SampleDecoder:
             text = doc.get("caption") or next(iter(captions), None)
         if not isinstance(text, str) or not text.strip():
             raise SkipSample("missing_caption")
-        img = next((raw[k] for k in IMAGE_EXTS if k in raw), None)
-        if img is None:
-            raise SkipSample("missing_image")
-        return self.encoder.caption(text.strip()), [img], False
+        return self.encoder.caption(text.strip()), [_caption_medium(raw)], False
 
     def filler(self) -> tuple:
         """A row with no image and no labelled token: what a batch holds when all its samples were skipped."""
         return self.encoder.filler(), [], False, True
+
+    def media(self, item) -> np.ndarray:
+        """A parsed medium -> uint8 [S, S, 3] (a still) or [F, S, S, 3] (a clip, a frame folder)."""
+        if isinstance(item, Clip):
+            try:
+                return decode_clip(item.data, self.frames, self.image_size, max_pixels=self.max_image_pixels,
+                                   max_frames=self.max_video_frames)
+            except VideoError as e:
+                raise SkipSample(e.reason) from None
+        if isinstance(item, FrameFolder):
+            n = len(item.frames)
+            if n > self.max_video_frames:
+                raise SkipSample("video_too_long")
+            try:
+                picked = uniform_indices(n, self.frames)
+            except VideoError as e:
+                raise SkipSample(e.reason) from None
+            return np.stack([self.image(item.frames[i]) for i in picked])
+        return self.image(item)
 
     def image(self, data: bytes) -> np.ndarray:
         try:
@@ -94,6 +142,27 @@ class SampleDecoder:
             raise SkipSample("image_too_large") from None
         except Exception:  # any PIL failure on bad bytes
             raise SkipSample("bad_image") from None
+
+
+def _caption_medium(raw: dict):
+    """A caption sample's medium: its clip, else its still, else its frame folder."""
+    clip = next((raw[k] for k in VIDEO_EXTS if k in raw), None)
+    if clip is not None:
+        return Clip(clip)
+    img = next((raw[k] for k in IMAGE_EXTS if k in raw), None)
+    if img is not None:
+        return img
+    frames = {}
+    for name, data in raw.items():
+        m = FRAME_MEMBER.fullmatch(name)
+        if m is not None:
+            i = int(m[1])
+            if i in frames:  # 1.jpg and 1.png, or 1.jpg and 01.jpg: which is frame 1?
+                raise SkipSample("bad_video")
+            frames[i] = data
+    if not frames:
+        raise SkipSample("missing_image")
+    return FrameFolder([frames[i] for i in sorted(frames)])
 
 
 def _mmc4_segments(doc: dict) -> tuple[list[dict], list[str]]:

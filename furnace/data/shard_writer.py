@@ -9,7 +9,9 @@ from collections import Counter
 
 from webdataset.writer import TarWriter
 
-from furnace.data.input_checks import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InputError, caption_text, encode_image, short
+from furnace.data.input_checks import (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InputError, caption_text, encode_image,
+                                       encode_video, short)
+from furnace.data.video import MAX_VIDEO_FRAMES
 
 MAX_EXAMPLES = 50  # skipped inputs described in stats.json
 
@@ -20,17 +22,24 @@ class ShardWriter:
     holds `maxsize` bytes. `close()` writes/updates `{out_dir}/stats.json` under key `prefix`.
     As a context manager it closes on success and `abort()`s on any exception (Ctrl-C included):
     the partial shard's `.tmp` is removed, completed shards stay and stats.json lists them.
-    `max_image_bytes` / `max_image_pixels` / `confine`: limits on every image (`encode_image`).
+    `max_image_bytes` / `max_image_pixels` / `confine`: limits on every image (`encode_image`);
+    clips (`add_video`, `add_frames`): `max_video_bytes`, `max_image_pixels` a frame, between
+    `min_frames` and `max_video_frames` frames.
     """
 
     def __init__(self, out_dir: str, prefix: str = "train", *, maxcount: int = 10000,
                  maxsize: float = 3e9, resize: int | None = None, image_format: str = "keep",
                  quality: int = 95, max_image_bytes: int = MAX_IMAGE_BYTES,
-                 max_image_pixels: int = MAX_IMAGE_PIXELS, confine: str | None = None):
+                 max_image_pixels: int = MAX_IMAGE_PIXELS, confine: str | None = None,
+                 max_video_bytes: int = MAX_IMAGE_BYTES, max_video_frames: int = MAX_VIDEO_FRAMES,
+                 min_frames: int = 1):
         if maxcount < 1 or maxsize <= 0:
             raise ValueError("maxcount and maxsize must be positive")
         if max_image_bytes < 1 or max_image_pixels < 1:
             raise ValueError("max_image_bytes and max_image_pixels must be positive")
+        if max_video_bytes < 1 or not 1 <= min_frames <= max_video_frames:
+            raise ValueError("max_video_bytes must be positive and 1 <= min_frames <= max_video_frames")
+        self.max_video_bytes, self.max_video_frames, self.min_frames = max_video_bytes, max_video_frames, min_frames
         self.out_dir, self.prefix = out_dir, prefix
         self.maxcount, self.maxsize = maxcount, maxsize
         self.resize, self.image_format, self.quality = resize, image_format, quality
@@ -117,6 +126,44 @@ class ShardWriter:
         members = {ext: data, "txt": caption.strip().encode("utf-8")}
         if captions:
             members["json"] = json.dumps({"captions": captions}).encode("utf-8")
+        self.write_raw(members)
+        return True
+
+    def add_video(self, video, caption) -> bool:
+        """A clip (path | bytes: MP4 or WebM, every frame decoded to check it) + caption ->
+        `KEY.mp4|webm` (the clip's bytes as they are) + `KEY.txt`. False (counted) when skipped."""
+        self.inputs += 1
+        try:
+            caption = caption_text(caption, str(video)[:200] if isinstance(video, str) else "")
+            data, ext = encode_video(video, max_bytes=self.max_video_bytes, max_pixels=self.max_image_pixels,
+                                     max_frames=self.max_video_frames, min_frames=self.min_frames,
+                                     confine=self.confine)
+        except InputError as e:
+            self.skip(e.reason, e.detail)
+            return False
+        self.write_raw({ext: data, "txt": caption.strip().encode("utf-8")})
+        return True
+
+    def add_frames(self, frames: list, caption) -> bool:
+        """A clip as its frames in order (paths | bytes | PIL images) + caption -> `KEY.0.jpg`,
+        `KEY.1.jpg`, ... (each image checked and encoded as `add_caption`'s) + `KEY.txt`."""
+        self.inputs += 1
+        try:
+            caption = caption_text(caption, "frames")
+            if not isinstance(frames, list) or not frames:
+                raise InputError("missing_video", "no frames")
+            if len(frames) < self.min_frames:
+                raise InputError("too_few_frames", f"{len(frames)} frames < --min-frames {self.min_frames}")
+            if len(frames) > self.max_video_frames:
+                raise InputError("video_too_long", f"{len(frames)} frames > --max-video-frames {self.max_video_frames}")
+            members = {}
+            for i, frame in enumerate(frames):
+                data, ext = self._encode(frame)
+                members[f"{i}.{ext}"] = data
+        except InputError as e:
+            self.skip(e.reason, e.detail)
+            return False
+        members["txt"] = caption.strip().encode("utf-8")
         self.write_raw(members)
         return True
 

@@ -3,6 +3,7 @@
     python -m furnace.data.shards jsonl --input pairs.jsonl --out DIR [--prefix train]
     python -m furnace.data.shards coco --input captions_train2017.json --images train2017/ --out DIR
     python -m furnace.data.shards interleaved --input docs.jsonl --out DIR
+    python -m furnace.data.shards video --input clips.jsonl --out DIR [--min-frames F]
 
 Inputs
   jsonl        one object per line: {"image": PATH, "caption": TEXT} ("url"/"path"/"file_name" and
@@ -14,10 +15,16 @@ Inputs
   interleaved  one document per line, either {"segments": [{"text": T} | {"image": PATH}, ...]} or
                MMC4-like {"text_list": [...], "image_info": [{"image_name"|"path": PATH,
                "matched_text_index": i}, ...]} (each image goes before text i).
+  video        one clip per line: {"video": PATH, "caption": TEXT} (an MP4 or WebM file: H.264,
+               HEVC, VP8, VP9, AV1 or MPEG-4), or {"frames": [PATH, ...] | DIR, "caption": TEXT}
+               (the frames in order; a folder's JPEG/PNG/WEBP files in the order of the numbers
+               in their names). Relative paths as for jsonl.
 
 Shard members per sample (key = running 9-digit index): caption pair `KEY.jpg|png|webp` +
 `KEY.txt` (+ `KEY.json` {"captions": [...]}); interleaved doc `KEY.json`
-{"segments": [{"text": T} | {"image": "0.jpg"}]} + `KEY.0.jpg`, `KEY.1.png`, ...
+{"segments": [{"text": T} | {"image": "0.jpg"}]} + `KEY.0.jpg`, `KEY.1.png`, ...; clip `KEY.mp4|webm`
+(the file's bytes as they are, after every frame decoded) + `KEY.txt`; frame folder `KEY.0.jpg`,
+`KEY.1.jpg`, ... + `KEY.txt` (the loader samples data.video_frames of them uniformly).
 
 Every image is fully decoded with PIL before it is written, and only as the formats the loader
 reads (JPEG, PNG, WEBP). Any bad record (missing, corrupt, oversized or unsupported images,
@@ -33,6 +40,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -40,8 +48,10 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
+from furnace.data.images import IMAGE_EXTS
 from furnace.data.input_checks import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InputError, short
 from furnace.data.shard_writer import ShardWriter
+from furnace.data.video import MAX_VIDEO_FRAMES
 
 MAX_LINE_BYTES = 64 << 20  # a longer JSONL line is skipped, never held in memory
 
@@ -193,12 +203,52 @@ def documents_from_jsonl(path: str, images_root: str | None, writer: ShardWriter
         yield ("doc", segs, None, None)
 
 
+def _natural(name: str) -> list:
+    """Sort key: "frame10.jpg" after "frame9.jpg"."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"([0-9]+)", name)]
+
+
+def _frame_paths(frames, root: str) -> list:
+    """A clip's frames: a list of paths, or a folder's image files in natural order; InputError
+    otherwise (bad_video_path, missing_video)."""
+    if isinstance(frames, list):
+        return [_resolve(root, f) for f in frames]
+    if not isinstance(frames, str) or not frames or "\x00" in frames:
+        raise InputError("bad_video_path", f"frames is {short(frames)}")
+    folder = _resolve(root, frames)
+    try:
+        names = [n for n in os.listdir(folder) if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
+    except (OSError, ValueError) as e:
+        raise InputError("missing_video", f"frame folder {folder}: {e}") from None
+    return [os.path.join(folder, n) for n in sorted(names, key=_natural)]
+
+
+def clips_from_jsonl(path: str, images_root: str | None, writer: ShardWriter):
+    root = images_root or os.path.dirname(os.path.abspath(path))
+    for where, obj in _jsonl(path, writer):
+        cap = next((obj[k] for k in ("caption", "text", "txt") if k in obj), None)
+        video = next((obj[k] for k in ("video", "clip", "path", "file_name") if k in obj), None)
+        if video is not None:
+            yield ("video", _resolve(root, video), cap, None)
+        elif "frames" in obj:
+            try:
+                yield ("frames", _frame_paths(obj["frames"], root), cap, None)
+            except InputError as e:
+                writer.skip_input(e.reason, f"{where}: {e.detail}")
+        else:
+            writer.skip_input("missing_video", f"{where}: neither 'video' nor 'frames' in {str(obj)[:80]}")
+
+
 def write_items(items: Iterable[tuple], writer: ShardWriter, *, progress: bool = True, total=None,
                 desc: str = "shards") -> dict:
     bar = tqdm(items, total=total, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
     for kind, a, b, c in bar:
         if kind == "caption":
             writer.add_caption(a, b, captions=c)
+        elif kind == "video":
+            writer.add_video(a, b)
+        elif kind == "frames":
+            writer.add_frames(a, b)
         else:
             writer.add_interleaved(a)
         if writer.inputs % 256 == 0:
@@ -248,7 +298,7 @@ def _sigterm_unwinds():
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="furnace-shards", description="Write webdataset tar shards + stats.json.")
-    p.add_argument("kind", choices=["jsonl", "coco", "interleaved"], help="input kind")
+    p.add_argument("kind", choices=["jsonl", "coco", "interleaved", "video"], help="input kind")
     p.add_argument("--input", "-i", required=True, help="JSONL file / COCO captions JSON")
     p.add_argument("--images", default=None, help="image root for relative paths (default: input's folder)")
     p.add_argument("--out", "-o", required=True, help="output directory")
@@ -263,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="larger image files are skipped (image_too_large); default 32 MiB")
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                    help="images with more pixels are skipped before decoding (image_too_large)")
+    p.add_argument("--max-video-bytes", type=int, default=MAX_IMAGE_BYTES,
+                   help="video: larger clip files are skipped (video_too_large); default 32 MiB, the loader's "
+                        "data.max_member_bytes")
+    p.add_argument("--max-video-frames", type=int, default=MAX_VIDEO_FRAMES,
+                   help="video: clips with more frames are skipped (video_too_long); default the loader's "
+                        "data.max_video_frames")
+    p.add_argument("--min-frames", type=int, default=1,
+                   help="video: clips with fewer frames are skipped (too_few_frames); set it to data.video_frames")
     p.add_argument("--confine", action="store_true",
                    help="skip images whose real path is outside --images (default: the input's folder)")
     p.add_argument("--no-progress", action="store_true")
@@ -280,6 +338,8 @@ def _bad_args(args) -> str | None:
         return "--quality must be in 0..100"
     if args.max_image_bytes < 1 or args.max_image_pixels < 1:
         return "--max-image-bytes and --max-image-pixels must be positive"
+    if args.max_video_bytes < 1 or not 1 <= args.min_frames <= args.max_video_frames:
+        return "--max-video-bytes must be positive and 1 <= --min-frames <= --max-video-frames"
     if (not args.prefix or args.prefix in (".", "..") or "\x00" in args.prefix
             or any(sep and sep in args.prefix for sep in (os.sep, os.altsep))):
         return f"--prefix {args.prefix!r} must be a plain file name (no folders)"
@@ -314,13 +374,15 @@ def main(argv: list[str] | None = None) -> int:
         writer = ShardWriter(args.out, args.prefix, maxcount=args.maxcount, maxsize=args.maxsize,
                              resize=args.resize, image_format=args.format, quality=args.quality,
                              max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
-                             confine=root if args.confine else None)
+                             confine=root if args.confine else None, max_video_bytes=args.max_video_bytes,
+                             max_video_frames=args.max_video_frames, min_frames=args.min_frames)
     except (OSError, ValueError) as e:
         return fail(f"cannot create output folder {args.out!r}: {e}")
     if args.kind == "coco":
         items, total = _coco_items(coco, root, writer, args.all_captions), None
     else:
-        read = caption_pairs_from_jsonl if args.kind == "jsonl" else documents_from_jsonl
+        read = {"jsonl": caption_pairs_from_jsonl, "interleaved": documents_from_jsonl,
+                "video": clips_from_jsonl}[args.kind]
         items = read(args.input, args.images, writer)
         total = None if args.no_progress else _count_lines(args.input)
     try:

@@ -46,7 +46,8 @@ class PerceiverResampler(nn.Module):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(cfg.num_latents, dim) * 0.02)
         # media-time embeddings
-        self.frame_embs = nn.Parameter(torch.randn(cfg.max_frames, dim) * 0.02) if cfg.frame_embeddings else None
+        self.frame_embs = (nn.Parameter(torch.randn(cfg.max_frames, dim) * cfg.frame_init) if cfg.frame_embeddings
+                           else None)
         self.max_frames = cfg.max_frames
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(dim, cfg.heads, cfg.dim_head, cfg.qk_norm),
