@@ -48,7 +48,7 @@ def flops_per_sample(preset: str, overrides: list[str], tokenizer: dict | None) 
     rows = 0 if model.new_tokens is None else model.new_tokens.count
     if tokenizer is not None and rows != tokenizer["new_token_rows"]:
         raise ValueError(f"rebuilt model has {rows} new token rows; the run had {tokenizer['new_token_rows']}")
-    return flamingo_flops_per_sample(model, StepShape(seq_len=cfg.data.max_length, images=cfg.data.max_images))["train"]
+    return flamingo_flops_per_sample(model, StepShape(seq_len=cfg.data.max_length, images=cfg.data.max_images, frames=cfg.data.video_frames))["train"]
 
 
 def recompute(path: Path) -> list[str]:

@@ -128,7 +128,7 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
     if cfg.data.max_length == 0:  # from the data, within the LM's positions
         cfg.data.max_length = longest_sample(cfg.data, tokenizer, cap=model.lm.cfg.max_position_embeddings)
     d = cfg.data
-    flops = flamingo_flops_per_sample(model, StepShape(seq_len=d.max_length, images=d.max_images))
+    flops = flamingo_flops_per_sample(model, StepShape(seq_len=d.max_length, images=d.max_images, frames=d.video_frames))
     dtype, device = zero3_placement(model, zero3) if zero3 is not None else (torch.float32, None)
     if topology.tp > 1:
         parallelize(model, topology, partition=partition)  # this rank's shards of the full, seeded weights

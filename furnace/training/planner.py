@@ -109,7 +109,7 @@ def model_sizes(cfg: Config, vocab: int) -> ModelSizes:
         else:
             first[col] += p.numel()
             first_t[col] += p.numel() if p.requires_grad else 0
-    flops = flamingo_flops_per_sample(model, StepShape(seq_len=cfg.data.max_length, images=cfg.data.max_images))
+    flops = flamingo_flops_per_sample(model, StepShape(seq_len=cfg.data.max_length, images=cfg.data.max_images, frames=cfg.data.video_frames))
     return ModelSizes([tuple(x) for x in per_layer], tuple(first), tuple(last),
                       {"first": tuple(first_t), "last": tuple(last_t)}, [tuple(x) for x in per_layer_t],
                       flops["train"], vocab)
