@@ -92,13 +92,33 @@ def forced_configs(fwd: triton.Config | None = None, bwd: triton.Config | None =
         _forced.update(saved)
 
 
-def _launcher(kernel, which: str, grid):
-    """kernel[grid] through the autotuner, or the plain kernel with the forced config's meta."""
+# (kernel name, its autotune key) -> the config the autotuner picked. Once a shape has been tuned,
+# its launches skip the autotuner's per-call work (an argument dict, a key built over every
+# argument) and go straight to the JIT function with the picked meta-parameters.
+_picked: dict[tuple, triton.Config] = {}
+
+
+def picked_configs() -> dict[tuple, triton.Config]:
+    """What the autotuner chose so far, per (kernel, key): the launch cache (read-only view)."""
+    return dict(_picked)
+
+
+def _launcher(kernel, which: str, grid, key: tuple):
+    """A launch of `kernel` on `grid`: with the forced config's meta (`forced_configs`), with the
+    config picked for `key` before, or through the autotuner (its pick is then cached)."""
     cfg = _forced[which]
     if cfg is None:
-        return kernel[grid]
-    launch = kernel.fn[grid]
-    return lambda *args, **kw: launch(*args, **kw, **cfg.all_kwargs())
+        cfg = _picked.get((kernel.fn.__name__, key))
+    if cfg is not None:
+        launch = kernel.fn[grid]
+        return lambda *args, **kw: launch(*args, **kw, **cfg.all_kwargs())
+
+    def tune_and_launch(*args, **kw):
+        out = kernel[grid](*args, **kw)
+        _picked[(kernel.fn.__name__, key)] = kernel.best_config
+        return out
+
+    return tune_and_launch
 
 
 def _prune(configs, named_args, **kwargs):
@@ -499,6 +519,13 @@ def _meta(q, k, causal, qseg):
     )
 
 
+def _tune_key(m: dict, q: torch.Tensor) -> tuple:
+    """What the autotuner keys a launch on (`_KEY`, and the tensors' dtype it appends), from
+    `_meta`: a launch with an equal key reuses the config picked for it."""
+    return (_bucket(m["lq"]), _bucket(m["lk"]), m["block_d"], m["group"], m["causal"], m["has_seg"], m["dkey"],
+            q.dtype)
+
+
 def _forward(q, k, v, qseg, kseg, causal, sm_scale):
     m = _meta(q, k, causal, qseg)
     o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
@@ -509,7 +536,7 @@ def _forward(q, k, v, qseg, kseg, causal, sm_scale):
     def grid(meta):
         return (triton.cdiv(m["lq"], meta["BLOCK_M"]), m["b"] * m["h"])
 
-    _launcher(_attn_fwd, "fwd", grid)(
+    _launcher(_attn_fwd, "fwd", grid, _tune_key(m, q))(
         q, k, v, o, lse, segq, segk,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         m["h"], m["lq"], m["lk"], m["d"], sm_scale * _LOG2E,
@@ -540,7 +567,7 @@ def _backward(do, q, k, v, o, lse, qseg, kseg, causal, sm_scale):
     def grid_kv(meta):
         return (triton.cdiv(m["lk"], meta["BLOCK_N"]), m["b"] * m["hkv"])
 
-    _launcher(_attn_bwd_dkdv, "bwd", grid_kv)(
+    _launcher(_attn_bwd_dkdv, "bwd", grid_kv, _tune_key(m, q))(
         q, k, v, do, lse, delta, dk, dv, segq, segk,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         m["h"], m["hkv"], m["lq"], m["lk"], m["d"], sm_scale * _LOG2E, sm_scale,
@@ -550,7 +577,7 @@ def _backward(do, q, k, v, o, lse, qseg, kseg, causal, sm_scale):
     def grid_q(meta):
         return (triton.cdiv(m["lq"], meta["BLOCK_M"]), m["b"] * m["h"])
 
-    _launcher(_attn_bwd_dq, "bwd", grid_q)(
+    _launcher(_attn_bwd_dq, "bwd", grid_q, _tune_key(m, q))(
         q, k, v, do, lse, delta, dq, segq, segk,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         m["h"], m["lq"], m["lk"], m["d"], sm_scale * _LOG2E, sm_scale,
@@ -592,4 +619,4 @@ def attention_triton(q, k, v, *, causal=False, q_segment=None, kv_segment=None, 
     return FlashAttentionFunction.apply(q, k, v, qseg, kseg, bool(causal), sm_scale)
 
 
-__all__ = ["attention_triton", "FlashAttentionFunction", "forced_configs"]
+__all__ = ["attention_triton", "FlashAttentionFunction", "forced_configs", "picked_configs"]

@@ -297,3 +297,41 @@ def test_autotune_prunes_tiles_longer_than_the_sequence():
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in bwd} == {(32, 32)}
     # fp32 at head dim 256 leaves at least one config, however short the sequence
     assert fa._prune(fa._BWD_CONFIGS, {"Q": torch.empty(1), "Q_BUCKET": 8, "K_BUCKET": 8}, BLOCK_D=256)
+
+
+def test_a_tuned_shape_launches_without_the_autotuner(monkeypatch):
+    """The first launch of a shape goes through the autotuner and caches its pick; later launches
+    of that key (another length in the same power-of-two bucket included) go straight to the
+    kernel with the picked config, with the same result; a new key is tuned again."""
+    from triton.runtime.autotuner import Autotuner
+
+    calls = []
+    run = Autotuner.run
+
+    def counting(self, *args, **kw):
+        calls.append(self.base_fn.__name__)
+        return run(self, *args, **kw)
+
+    monkeypatch.setattr(Autotuner, "run", counting)
+    monkeypatch.setattr(fa, "_picked", {})
+    gen = torch.Generator().manual_seed(3)
+
+    def step(lq, d):
+        q = torch.randn(1, 2, lq, d, generator=gen).to(DEV).requires_grad_()
+        k = torch.randn(1, 1, lq, d, generator=gen).to(DEV).requires_grad_()
+        v = torch.randn(1, 1, lq, d, generator=gen).to(DEV).requires_grad_()
+        out = fa.attention_triton(q, k, v, causal=True)
+        out.backward(torch.ones_like(out))
+        torch.testing.assert_close(out.double(), dense_attention(q.detach(), k.detach(), v.detach(), causal=True),
+                                   atol=2e-4, rtol=1e-3)
+        return out
+
+    step(20, 32)
+    assert sorted(calls) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]
+    assert {name for name, _ in fa.picked_configs()} == set(calls)
+    calls.clear()
+    step(20, 32)
+    step(30, 32)  # same bucket (32)
+    assert calls == []
+    step(20, 64)  # another head dim: another key
+    assert sorted(calls) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]
