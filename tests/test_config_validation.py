@@ -98,6 +98,7 @@ BAD = [
     ("model.freeze_vision", 0, 1),
     ("model.activation_checkpointing", None, 1),
     ("model.attention_backend", "flash", 1),
+    ("model.compile", "vision,tower", 1),
     ("data.train_shards", " ; ", 1),               # "" is valid: no data (train.py then asks for it)
     ("data.val_shards", ";", 1),
     ("data.tokenizer", "", 1),

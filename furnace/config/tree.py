@@ -135,6 +135,9 @@ class ModelConfig:
     freeze_vision: bool = True
     activation_checkpointing: bool = False
     attention_backend: str = "auto"    # auto | triton | reference
+    # torch.compile for the media path, per block (furnace/model/compile.py): none, or a comma
+    # list of vision (the tower's encoder layers) and perceiver (the resampler's blocks).
+    compile: str = "none"
     # A pretrained Flamingo to start from: a furnace export folder (OUT/flamingo) or open_flamingo's
     # checkpoint.pt. Its resampler, xattn blocks and new token rows (open_flamingo: its embedding
     # rows) replace the drawn ones, and it decides their shapes; the LM and tower still come from

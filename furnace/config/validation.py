@@ -171,6 +171,10 @@ RULES: dict[str, Rule] = {
     "model.freeze_vision": _BOOL,
     "model.activation_checkpointing": _BOOL,
     "model.attention_backend": _one_of("auto", "triton", "reference"),
+    "model.compile": Rule(lambda v: v.strip() == "none" or (
+        bool(v.strip()) and all(p.strip() in ("vision", "perceiver") for p in v.split(","))
+        and len({p.strip() for p in v.split(",")}) == len(v.split(","))),
+        "none, or a comma list of vision and perceiver", "vision,perceiver"),
     "data.train_shards": Rule(lambda v: not v.strip() or bool(split_sources(v)),
                               "empty or ';'-separated shard patterns", "data/train-000000.tar"),
     "data.val_shards": Rule(lambda v: not v.strip() or bool(split_sources(v)), "empty or ';'-separated shard patterns",

@@ -55,6 +55,10 @@ class PerceiverResampler(nn.Module):
             for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(dim)
 
+    def blocks(self) -> list[nn.Module]:
+        """The attention and feed-forward modules, in order (the units `model.compile` compiles)."""
+        return [m for pair in self.layers for m in pair]
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         n, f, p, d = features.shape
         if f > self.max_frames:

@@ -47,6 +47,10 @@ class VisionTower(nn.Module):
             self.model.requires_grad_(False)
             self.model.eval()
 
+    def blocks(self) -> list[nn.Module]:
+        """The encoder layers, in order (the units `model.compile` compiles)."""
+        return list(getattr(self.model, "vision_model", self.model).encoder.layers)
+
     @property
     def image_stats(self):
         """(mean, std) the tower was trained with; the loader normalises images to match."""

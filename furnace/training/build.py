@@ -27,6 +27,7 @@ from furnace.data.synthetic import demo_tokenizer
 from furnace.data.tokenizer import load_tokenizer, tokenizer_dir
 from furnace.model.flamingo import FlamingoModel, build_flamingo
 from furnace.model.empty import empty
+from furnace.model.compile import compile_media, compile_parts
 from furnace.model.llama import skeleton_from_hf
 from furnace.model.start_from import start_config, start_tensors
 from furnace.model.vision import config_of, vision_skeleton_from_hf
@@ -145,6 +146,7 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
         load_start(model, start_tensors(cfg.model.start_from, plain), topology)
     if model.contrastive is not None and dp > 1:  # the contrastive loss's negatives: every dp rank's rows
         model.gather_batch = BatchGather(topology.get_data_parallel_group())
+    compile_media(model, compile_parts(cfg.model.compile))  # after TP: the split blocks are what runs
     pipe = flamingo_pipeline(model, topology) if topology.pp > 1 else None
     engine, _ = eng.initialize(cfg, pipe if pipe is not None else model, topology, dp, grad_accum)
     train_loader = None
