@@ -69,6 +69,8 @@ ABLATIONS = {
     "zero3_gather": (["parallel.zero_stage=3", "parallel.zero3_gather=block"],
                      [["parallel.zero_stage=3", "parallel.zero3_gather=module"]],
                      "ZeRO-3 gathering per block vs per module"),
+    "compile": (["model.compile=none"], [["model.compile=vision,perceiver"]],
+                "eager vs torch.compile per block of the tower and the resampler"),
     "pack": (["data.pack=false"], [["data.pack=true"]],
              "one sample a row vs packed rows (with --caption-data: LAION-length captions)"),
 }
