@@ -394,7 +394,21 @@ def _mixed_run(mixed_set, tmp_path_factory, name, nproc, *extra):
     assert res.returncode == 0, res.stderr[-4000:]
     recs = [m for m in metrics(run_dir) if "loss" in m]
     assert [m["step"] for m in recs] == [1, 2, 3, 4]
+    assert all(m.get("skipped_samples", 0) == 0 for m in recs)
     return [m["loss"] for m in recs]
+
+
+def test_the_mixed_set_mixes(mixed_set):
+    """What the layouts are compared on: batches holding images and clips, some rows both."""
+    from furnace.data.tokenizer import load_tokenizer
+
+    ld = ShardLoader(f"{mixed_set}/train-{{000000..000003}}.tar", load_tokenizer(mixed_set / "tokenizer", audio=True),
+                     batch_size=16, image_size=32, max_length=24, max_images=2, canonical_streams=4,
+                     audio=AudioSpec(RATE, RATE))
+    b = next(iter(ld))
+    images = b["media_valid"] & ~b["audio_valid"]
+    assert ld.skipped == {} and images.any() and b["audio_valid"].any()
+    assert (images.any(1) & b["audio_valid"].any(1)).any()
 
 
 @pytest.fixture(scope="module")
