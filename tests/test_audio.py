@@ -196,6 +196,20 @@ def test_a_whisper_folder_is_read_as_transformers_encodes(tmp_path):
     got = tower(batch)
     assert got.shape == want.shape == (2, 50, 32)
     assert (got - want).abs().max() < 1e-4
+    # as a run reads it: validated against its config.json, its shape written back into the config
+    from furnace.training.build import build_model
+
+    cfg = load_config("demo-audio", [f"model.audio.path={tmp_path / 'whisper'}", "model.audio.kind=whisper",
+                                     "model.freeze_audio=true"])
+    validate(cfg, 2, check_paths=True)
+    model = build_model(cfg, build_word_tokenizer(audio_words(), audio=True))
+    a = cfg.model.audio
+    assert (a.hidden_size, a.num_layers, a.num_mel_bins, a.seconds, a.sample_rate) == (32, 2, 40, 1.0, RATE)
+    assert model.audio.proj is not None and not any(p.requires_grad for p in model.audio.tower.parameters())
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
+    with pytest.raises(ConfigError, match="model.audio.path"):
+        validate(load_config("demo-audio", [f"model.audio.path={tmp_path / 'clip'}", "model.audio.kind=whisper"]), 2)
 
 
 def _tiny_model(tok, **audio):
@@ -426,3 +440,31 @@ def test_mixed_image_audio_layouts_match_one_process(layout, extra, mixed_set, m
     got = _mixed_run(mixed_set, tmp_path_factory, layout, 2, *extra)
     for step, (a, b) in enumerate(zip(mixed_reference, got), 1):
         assert abs(a - b) / abs(a) < 1e-5, (layout, step, a, b)
+
+
+# ---------------------------------------------------------------------------- the tensor-parallel plan
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["plain", "pipeline"])
+def test_the_tp_plan_keeps_the_towers_whole_and_cuts_the_audio_resampler(pipeline, tmp_path):
+    """furnace's cuts and DeepSpeed's merge (test_reshard's checks) on a model with an audio
+    branch: the Whisper layers (q_proj, fc1 ... as the decoder's) stay whole, its resampler is cut
+    as the image one."""
+    from furnace.model.flamingo import build_flamingo
+    from furnace.parallel.apply import tp_split_dim
+    from test_model_flamingo import EOC, IMG, tiny_cfg
+    from test_reshard import test_deepspeed_merges_furnace_cuts_into_the_parameter as merged
+    from test_reshard import test_tp_shards_put_back_together_are_the_parameter as cut
+
+    cfg = tiny_cfg(**{"audio.kind": "scratch", "audio.num_layers": 1, "audio.hidden_size": 32, "audio.num_heads": 2,
+                      "audio.num_mel_bins": 16, "audio_perceiver.num_latents": 4, "audio_perceiver.depth": 1})
+    cfg.lm.vocab_size = 57
+    torch.manual_seed(0)
+    model = build_flamingo(cfg, vocab_size=61, image_token_id=IMG, eoc_token_id=EOC, audio_token_id=60)
+    names = dict(model.named_parameters())
+    assert tp_split_dim("audio.perceiver.layers.0.0.to_q.weight") == 0 and "audio.perceiver.layers.0.0.to_q.weight" in names
+    assert tp_split_dim("audio.perceiver.layers.0.1.fc2.weight") == 1
+    whisper = [n for n in names if n.startswith("audio.tower.") and n.split(".")[-2] in ("q_proj", "fc1", "fc2")]
+    assert whisper and all(tp_split_dim(n) is None for n in whisper)
+    if not pipeline:
+        cut(model, 2)
+    merged(model, pipeline, tmp_path)
