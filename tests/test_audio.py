@@ -69,6 +69,8 @@ def test_a_written_clip_decodes_to_its_samples(fmt):
         decode_audio(data, 8000)
     z = decode_audio(data, 8000, resample=True)  # what the shard writer does
     assert abs(z.size - x.size // 2) <= 64
+    with pytest.raises(AudioError, match="unsupported_audio"):  # a header's rate past MAX_SAMPLE_RATE
+        probe_audio(encode_audio(np.zeros(1000, np.float32), 400_000, "wav"))
 
 
 def test_bad_clips_are_skipped_and_counted(tmp_path, tok):
@@ -468,3 +470,20 @@ def test_the_tp_plan_keeps_the_towers_whole_and_cuts_the_audio_resampler(pipelin
     if not pipeline:
         cut(model, 2)
     merged(model, pipeline, tmp_path)
+
+
+def test_packed_rows_carry_their_clips(audio_set, tmp_path):
+    """data.pack: several clips' samples in one row, each clip in its slot, the loss the model's."""
+    from furnace.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(Path(audio_set["dir"]) / "tokenizer", audio=True)
+    ld = ShardLoader(audio_set["train"], tok, batch_size=4, image_size=8, max_length=24, max_images=3, pack=True,
+                     canonical_streams=2, audio=AudioSpec(RATE, RATE))
+    b = next(iter(ld))
+    enc = TextEncoder(tok, 24, 3)
+    n_audio = (b["input_ids"] == enc.audio_id).sum(1)
+    assert (n_audio >= 2).all() and torch.equal(n_audio, b["audio_valid"].sum(1))
+    assert torch.equal(b["audio_valid"], b["media_valid"]) and b["segment_ids"].max() >= 2
+    model = _tiny_model(tok)
+    model.check_media(b["input_ids"], b["media_valid"], b["audio_valid"])
+    assert torch.isfinite(model(b))

@@ -4,7 +4,7 @@ and writing clips (the synthetic set, the shard writer, the tests).
 A clip is a WAV, FLAC, MP3 or Ogg file, recognised by its first bytes whatever its member name
 says; anything else is refused before FFmpeg sees it (none of FFmpeg's other demuxers, playlists
 among them, can be reached from a shard). Its first audio stream must be PCM, FLAC, MP3, Vorbis
-or Opus, with at most MAX_CHANNELS channels; channels are mixed down to mono.
+or Opus, with at most MAX_CHANNELS channels at most MAX_SAMPLE_RATE Hz; channels are mixed down to mono.
 
 The loader never resamples: a clip whose rate is not the tower's is skipped (wrong_sample_rate;
 `furnace-shards audio` resamples when it writes). What one untrusted clip can make a worker do is
@@ -26,6 +26,7 @@ AUDIO_EXTS = ("wav", "flac", "mp3", "ogg")
 DEMUXERS = {"wav": "wav", "flac": "flac", "mp3": "mp3", "ogg": "ogg"}
 CODECS = ("flac", "mp3", "mp3float", "vorbis", "opus")  # and every pcm_* codec
 MAX_CHANNELS = 8
+MAX_SAMPLE_RATE = 384_000  # a header claiming more is refused: the decoding bound counts samples
 
 
 class AudioError(ValueError):
@@ -91,6 +92,8 @@ def _open(data: bytes):
             raise AudioError("unsupported_audio", f"codec {codec} (read: pcm, {', '.join(CODECS)})")
         if not 1 <= cc.channels <= MAX_CHANNELS:
             raise AudioError("unsupported_audio", f"{cc.channels} channels (at most {MAX_CHANNELS})")
+        if not 1 <= cc.sample_rate <= MAX_SAMPLE_RATE:
+            raise AudioError("unsupported_audio", f"{cc.sample_rate} Hz (at most {MAX_SAMPLE_RATE})")
         cc.thread_count = 1
     except BaseException:
         container.close()
@@ -104,11 +107,18 @@ def decode_audio(data: bytes, sample_rate: int, *, max_seconds: float = 600.0, m
     Without `resample` a clip at another rate is refused (wrong_sample_rate); with it, it is
     converted (the shard writer). Raises AudioError: audio_too_long past `max_seconds` of the
     clip (decoding stops there), audio_too_short under `min_seconds`, bad_audio, unsupported_audio."""
+    return _decode(data, sample_rate, max_seconds, min_seconds, keep, resample)[0]
+
+
+def _decode(data: bytes, sample_rate: int | None, max_seconds: float, min_seconds: float, keep: int | None,
+            resample: bool) -> tuple[np.ndarray, int, int]:
+    """(the kept samples, the clip's samples at its own rate, its rate); `sample_rate` None: its own."""
     av = _av()
     container, stream = _open(data)
     try:
         with container:
             rate = stream.codec_context.sample_rate
+            sample_rate = sample_rate or rate
             if not rate or (rate != sample_rate and not resample):
                 raise AudioError("wrong_sample_rate", f"{rate} Hz, the tower reads {sample_rate} Hz")
             limit = int(max_seconds * rate)
@@ -146,7 +156,7 @@ def decode_audio(data: bytes, sample_rate: int, *, max_seconds: float = 600.0, m
         raise AudioError("bad_audio", "no sample decodes")
     if seen < min_seconds * rate:
         raise AudioError("audio_too_short", f"{seen / rate:.3f} s < {min_seconds:g} s")
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    return (np.concatenate(parts) if parts else np.zeros(0, np.float32)), seen, rate
 
 
 def probe_audio(data: bytes, *, max_seconds: float = 600.0) -> dict:
@@ -157,8 +167,8 @@ def probe_audio(data: bytes, *, max_seconds: float = 600.0) -> dict:
         cc = stream.codec_context
         info = {"container": container_of(bytes(data[:16])), "codec": cc.codec.canonical_name,
                 "sample_rate": cc.sample_rate, "channels": cc.channels}
-    n = decode_audio(data, info["sample_rate"] or 1, max_seconds=max_seconds).size
-    return info | {"seconds": n / info["sample_rate"]}
+    _, n, rate = _decode(data, None, max_seconds, 0.0, 0, False)  # counted, none kept
+    return info | {"seconds": n / rate}
 
 
 def encode_audio(samples: np.ndarray, sample_rate: int, fmt: str = "flac") -> bytes:
