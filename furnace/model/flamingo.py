@@ -66,22 +66,26 @@ def check_media(input_ids: torch.Tensor, media_valid: torch.Tensor, image_token_
     if input_ids.device.type != "cpu":
         return
     media = image_token_id if audio_token_id is None else (image_token_id, audio_token_id)
-    n_tokens = is_media(input_ids, media).sum(1)
+    word = IMAGE_TOKEN if audio_token_id is None else f"media ({IMAGE_TOKEN}, {AUDIO_TOKEN})"
+    marked = is_media(input_ids, media)
+    n_tokens = marked.sum(1)
     n_images = media_valid.sum(1)
     if not torch.equal(n_tokens, n_images):
         row = int((n_tokens != n_images).nonzero()[0, 0])
-        raise ValueError(f"batch row {row} has {int(n_tokens[row])} {IMAGE_TOKEN} tokens but "
-                         f"{int(n_images[row])} valid images; every {IMAGE_TOKEN} token needs exactly one "
+        raise ValueError(f"batch row {row} has {int(n_tokens[row])} {word} tokens but "
+                         f"{int(n_images[row])} valid images; every {word} token needs exactly one "
                          "image marked in media_valid")
     if audio_token_id is None:
         return
-    clips = audio_valid if audio_valid is not None else torch.zeros_like(media_valid)
-    for row in range(input_ids.shape[0]):
-        kinds = input_ids[row][is_media(input_ids[row], media)] == audio_token_id
-        if not torch.equal(kinds, clips[row, : kinds.numel()].bool()):
-            raise ValueError(f"batch row {row}: its media tokens ({AUDIO_TOKEN} where True) are {kinds.tolist()} but "
-                             f"audio_valid marks the slots {clips[row, : kinds.numel()].tolist()}; the k-th media "
-                             f"token is {AUDIO_TOKEN} exactly when slot k holds an audio clip")
+    clips = audio_valid.bool() if audio_valid is not None else torch.zeros_like(media_valid)
+    slot = (marked.long().cumsum(1) - 1).clamp(0, media_valid.shape[1] - 1)  # each media token's slot k
+    wrong = marked & ((input_ids == audio_token_id) != clips.gather(1, slot))
+    if wrong.any():
+        row, pos = (int(x) for x in wrong.nonzero()[0])
+        k, audio = int(slot[row, pos]), bool(input_ids[row, pos] == audio_token_id)
+        raise ValueError(f"batch row {row}: media token {k} (position {pos}) is {AUDIO_TOKEN if audio else IMAGE_TOKEN} "
+                         f"but audio_valid marks slot {k} as {'an image' if audio else 'an audio clip'}; the k-th media "
+                         f"token is {AUDIO_TOKEN} exactly when slot k holds an audio clip")
 
 
 # ------------------------------------------------------------------ the forward path
