@@ -168,9 +168,11 @@ def test_log_mel_is_whispers_feature_extractor():
     padded = torch.zeros(2, RATE)
     for i, w in enumerate(waves):
         padded[i, : len(w)] = torch.from_numpy(w)
-    got = LogMel(RATE, 400, 160, 40)(padded).numpy()
+    mel = LogMel(RATE, 400, 160, 40)
+    got = mel(padded).numpy()
     assert got.shape == want.shape == (2, 40, 100)
     assert np.abs(got - want).max() < 1e-4
+    assert np.array_equal(mel.bfloat16()(padded).numpy(), got)  # a bf16 model's front end stays fp32
 
 
 def test_a_whisper_folder_is_read_as_transformers_encodes(tmp_path):

@@ -39,14 +39,22 @@ class LogMel(nn.Module):
     def __init__(self, sample_rate: int, n_fft: int, hop_length: int, n_mels: int):
         super().__init__()
         self.n_fft, self.hop_length = n_fft, hop_length
-        # Fixed functions of the config: not trained, not saved.
-        self.register_buffer("filters", mel_filters(sample_rate, n_fft, n_mels), persistent=False)
-        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
+        # Fixed functions of the config, in fp32 whatever the model's precision: kept out of the
+        # module's buffers, which a bf16 / fp16 cast of the model would round (Whisper's extractor
+        # runs in fp32 too); a copy per device they are used on.
+        self._consts = {"cpu": (mel_filters(sample_rate, n_fft, n_mels).T.contiguous(), torch.hann_window(n_fft))}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        if key not in self._consts:
+            self._consts[key] = tuple(t.to(device) for t in self._consts["cpu"])
+        return self._consts[key]
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        spec = torch.stft(wave.float(), self.n_fft, self.hop_length, window=self.window.float(), return_complex=True)
+        filters, window = self._on(wave.device)
+        spec = torch.stft(wave.float(), self.n_fft, self.hop_length, window=window, return_complex=True)
         power = (spec[..., :-1].abs() ** 2).contiguous()        # Whisper drops the last frame
-        mel = self.filters.float().T @ power
+        mel = filters @ power
         log = mel.clamp(min=1e-10).log10()
         log = torch.maximum(log, log.amax(dim=(1, 2), keepdim=True) - 8.0)
         return (log + 4.0) / 4.0
