@@ -362,6 +362,20 @@ def test_demo_audio_trains_on_two_ranks(audio_set, tmp_path):
     assert all(m.get("skipped_samples", 0) == 0 for m in metrics(run_dir) if "loss" in m)
     report = json.loads((run_dir / "eval" / "step00000012.json").read_text())
     assert report["val_samples"] == 16 and 0.0 <= report["caption_accuracy"] <= 1.0
+    # exported and read back whole (flamingo.json keeps <audio>'s id), it captions a clip
+    from furnace.data.tokenizer import load_tokenizer
+    from furnace.export import export
+    from furnace.model.flamingo_io import load_flamingo
+
+    export(run_dir, tmp_path / "out", progress=False)
+    model, tok = load_flamingo(tmp_path / "out" / "flamingo").eval(), load_tokenizer(tmp_path / "out" / "flamingo")
+    assert model.audio is not None and model.audio_token_id == tok.convert_tokens_to_ids("<audio>")
+    enc = TextEncoder(tok, 8, 1)
+    clip = torch.from_numpy(draw_clip(sample_rng(0, "probe", 0))[0])[None, None]
+    out = model.generate(torch.tensor([enc.prompt("<audio>")]), None, torch.zeros(1, 1, 1, 3, 8, 8),
+                         torch.ones(1, 1, dtype=torch.bool), audio=clip, audio_valid=torch.ones(1, 1, dtype=torch.bool),
+                         max_new_tokens=4, eos_token_id=model.eoc_token_id)
+    assert out.shape[0] == 1 and model.audio_token_id not in out[0].tolist()
 
 
 # ---------------------------------------------------------------------------- parallel layouts
