@@ -376,6 +376,14 @@ def test_demo_audio_trains_on_two_ranks(audio_set, tmp_path):
                          torch.ones(1, 1, dtype=torch.bool), audio=clip, audio_valid=torch.ones(1, 1, dtype=torch.bool),
                          max_new_tokens=4, eos_token_id=model.eoc_token_id)
     assert out.shape[0] == 1 and model.audio_token_id not in out[0].tolist()
+    # furnace-generate --audio: a 22.05 kHz WAV, resampled to the tower's rate
+    from furnace.generate import generate
+
+    (tmp_path / "clip.wav").write_bytes(encode_audio(tone(1.0, 440, 22050), 22050, "wav"))
+    assert isinstance(generate(tmp_path / "out" / "flamingo", [], audio=[str(tmp_path / "clip.wav")], max_new_tokens=4),
+                      str)
+    with pytest.raises(ValueError, match="--audio"):
+        generate(tmp_path / "out" / "flamingo", [], prompt="<audio><audio>", audio=[str(tmp_path / "clip.wav")])
 
 
 # ---------------------------------------------------------------------------- parallel layouts
