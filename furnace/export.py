@@ -59,6 +59,8 @@ def empty_run_model(run_dir, tag: str):
     cfg = Config()
     update(cfg, json.loads((checkpoint_dir(run_dir) / tag / "config.json").read_text()), saved=True)
     tokenizer = load_tokenizer(Path(run_dir) / "tokenizer")
+    if cfg.model.audio.path:  # a Whisper folder's encoder: its shape, written back when the run built it, rebuilds it
+        cfg.model.audio.path, cfg.model.audio.kind = None, "scratch"
     arch = Path(run_dir) / ARCHITECTURE
     if arch.is_file():  # the shapes only: the weights come from the checkpoint
         lm, vision = empty_parts(json.loads(arch.read_text()), cfg.model.freeze_vision)

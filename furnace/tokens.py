@@ -7,8 +7,20 @@ from __future__ import annotations
 import torch
 
 IMAGE_TOKEN = "<image>"
+AUDIO_TOKEN = "<audio>"  # in tokenizers of runs with an audio tower only
 EOC_TOKEN = "<|endofchunk|>"
 IGNORE_INDEX = -100
+
+
+def is_media(input_ids: torch.Tensor, media_ids) -> torch.Tensor:
+    """[B, L] bool: the media tokens. `media_ids`: the <image> id, or a tuple of the media
+    tokens' ids (<image>, <audio>): each starts a medium the same way."""
+    if not isinstance(media_ids, (tuple, list)):
+        return input_ids == media_ids
+    out = input_ids == media_ids[0]
+    for i in media_ids[1:]:
+        out = out | (input_ids == i)
+    return out
 
 
 def positions(input_ids: torch.Tensor) -> torch.Tensor:
@@ -19,6 +31,7 @@ def positions(input_ids: torch.Tensor) -> torch.Tensor:
 def text_time(input_ids: torch.Tensor, image_token_id: int, segment_ids: torch.Tensor | None = None,
               reset_id: int | None = None) -> torch.Tensor:
     """[B, L] image index each token belongs to: 0 before the first <image>, k from the k-th on.
+    `image_token_id`: an id or a tuple of media ids (`is_media`): <audio> starts a medium as <image> does.
 
     The <image> token itself belongs to its own image, so it (and the text after it, up to the
     next <image>) cross-attends to that image's latents only. In a packed row (`segment_ids`: the
@@ -26,7 +39,7 @@ def text_time(input_ids: torch.Tensor, image_token_id: int, segment_ids: torch.T
     images, and the tokens of a sample before its first <image> get 0 (they see none).
     `reset_id` (IDEFICS' rule): the tokens after one equal to it get 0 until the next <image>.
     """
-    is_image = (input_ids == image_token_id).to(torch.long)
+    is_image = is_media(input_ids, image_token_id).to(torch.long)
     tt = torch.cumsum(is_image, dim=1)
     if reset_id is not None:
         pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -54,7 +67,8 @@ def build_labels(
 ) -> torch.Tensor:
     """Next-token labels with IGNORE_INDEX where no loss is taken.
 
-    Masked: padding, <image> tokens, and for interleaved documents (per sample when
+    Masked: padding, <image> tokens (every media token of `image_token_id`, an id or a tuple:
+    `is_media`), and for interleaved documents (per sample when
     `interleaved` is a [B] bool tensor) the text before the first <image> and the text between
     an <|endofchunk|> and the next <image>. <|endofchunk|> itself keeps its label: the model
     learns where a chunk ends.
@@ -62,7 +76,7 @@ def build_labels(
     labels = input_ids.clone()
     if attention_mask is not None:
         labels[attention_mask == 0] = IGNORE_INDEX
-    is_image = input_ids == image_token_id
+    is_image = is_media(input_ids, image_token_id)
     if isinstance(interleaved, bool):
         interleaved = torch.full((input_ids.shape[0],), interleaved, dtype=torch.bool, device=input_ids.device)
     if interleaved.any():

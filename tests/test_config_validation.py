@@ -67,6 +67,29 @@ BAD = [
     ("model.perceiver.frame_init", NAN, 1),
     ("model.perceiver.qk_norm", 1, 1),
     ("model.perceiver.ff_act", "silu", 1),
+    ("model.audio.kind", "clap", 1),
+    ("model.audio.path", "", 1),
+    ("model.audio.path", "/nonexistent/whisper", 1),   # read only with kind whisper
+    ("model.audio.sample_rate", 0, 1),
+    ("model.audio.seconds", 0.0, 1),
+    ("model.audio.seconds", NAN, 1),
+    ("model.audio.num_mel_bins", 0, 1),
+    ("model.audio.n_fft", 1, 1),
+    ("model.audio.hop_length", 0, 1),
+    ("model.audio.hidden_size", 0, 1),
+    ("model.audio.intermediate_size", 0, 1),
+    ("model.audio.num_layers", 0, 1),
+    ("model.audio.num_heads", 0, 1),
+    ("model.audio_perceiver.num_latents", 0, 1),
+    ("model.audio_perceiver.depth", 0, 1),
+    ("model.audio_perceiver.heads", 0, 1),
+    ("model.audio_perceiver.dim_head", 0, 1),
+    ("model.audio_perceiver.ff_mult", 0, 1),
+    ("model.audio_perceiver.max_frames", 0, 1),
+    ("model.audio_perceiver.frame_embeddings", "no", 1),
+    ("model.audio_perceiver.frame_init", -1.0, 1),
+    ("model.audio_perceiver.qk_norm", 1, 1),
+    ("model.audio_perceiver.ff_act", "silu", 1),
     ("model.xattn.every", 0, 1),
     ("model.xattn.every", 3, 1),                    # more than model.lm.num_layers=2
     ("model.xattn.heads", 0, 1),
@@ -96,6 +119,7 @@ BAD = [
     ("model.lora.targets", "q", 1),
     ("model.freeze_lm", "yes", 1),
     ("model.freeze_vision", 0, 1),
+    ("model.freeze_audio", "yes", 1),
     ("model.activation_checkpointing", None, 1),
     ("model.attention_backend", "flash", 1),
     ("model.compile", "vision,tower", 1),
@@ -128,6 +152,10 @@ BAD = [
     ("data.max_image_pixels", 0, 1),
     ("data.max_shard_bytes", 0, 1),
     ("data.max_video_frames", 0, 1),
+    ("data.max_audio_seconds", 0.0, 1),
+    ("data.max_audio_seconds", INF, 1),
+    ("data.min_audio_seconds", -1.0, 1),
+    ("data.min_audio_seconds", 700.0, 1),             # above data.max_audio_seconds=600
     ("parallel.tp", 0, 1),
     ("parallel.tp", 2, 1),                          # layout A needs parallel.zero_stage=3 (demo has 0)
     ("parallel.pp", 0, 1),
@@ -215,7 +243,8 @@ def test_pretrained_lm_shape_is_not_checked():
     assert validate(cfg, 1, check_paths=False) == 1
 
 
-@pytest.mark.parametrize("preset,world", [("demo", 1), ("demo", 2), ("demo-video", 2), ("flamingo-1b", 1), ("flamingo-1b", 2),
+@pytest.mark.parametrize("preset,world", [("demo", 1), ("demo", 2), ("demo-video", 2), ("demo-audio", 2),
+                                          ("flamingo-1b", 1), ("flamingo-1b", 2),
                                           ("flamingo-3b", 8), ("flamingo-9b", 8)])
 def test_presets_validate(preset, world):
     assert validate(load_config(preset), world, check_paths=False) == world

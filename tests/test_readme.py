@@ -101,6 +101,14 @@ COMMANDS = {
     "python benchmarks/load.py --after --out benchmarks/results/load-cpu.json": "run",
     "furnace-shards video --input clips.jsonl --out data/clips --min-frames 4":
         "needs clips: test_video.py::test_furnace_shards_video_round_trip runs this command on clips it writes",
+    "furnace-shards audio --input sounds.jsonl --out data/sounds --sample-rate 16000":
+        "needs clips: test_audio.py::test_furnace_shards_audio_round_trip runs this command on clips it writes",
+    "furnace-generate --model runs/demo-audio --audio clip.wav":
+        "needs an audio run: test_audio.py::test_demo_audio_trains_on_two_ranks runs furnace.generate on clips with "
+        "its run's export",
+    "python train.py --config demo-audio":
+        "the demo-audio run; test_audio.py::test_demo_audio_trains_on_two_ranks runs its preset on 2 ranks on a "
+        "tiny audio set",
     "python train.py --config demo-video":
         "the ~8-minute demo-video run; test_video.py::test_demo_video_trains_on_two_ranks runs its preset on 2 ranks "
         "on a tiny video set",

@@ -95,6 +95,25 @@ class XAttnConfig:
     reset_after_eos: bool = False
 
 
+@dataclass
+class AudioConfig:
+    """The audio tower, a Whisper-shaped encoder: Whisper's log-mel front end (computed in the
+    model from the waveform), two conv1d layers (the second strided by 2), transformer layers.
+    `none`: a model without audio (and no <audio> token). With `path` (kind whisper) the
+    checkpoint's config.json and preprocessor_config.json replace every field below."""
+    kind: str = "none"                 # none | scratch (drawn from the fields below) | whisper (a local HF folder)
+    path: str | None = None            # whisper: a local HF Whisper folder (WhisperModel or ...ForConditionalGeneration)
+    sample_rate: int = 16000           # >= 1 Hz: clips at any other rate are skipped (wrong_sample_rate)
+    seconds: float = 1.0               # finite, > 0: the window the tower reads; longer clips are cut, shorter padded
+    num_mel_bins: int = 80             # >= 1
+    n_fft: int = 400                   # >= 2: STFT window (Hann), samples
+    hop_length: int = 160              # >= 1: STFT hop, samples (a mel frame every hop; the encoder halves the rate)
+    hidden_size: int = 64              # >= 1; a multiple of num_heads
+    intermediate_size: int = 256       # >= 1
+    num_layers: int = 2                # >= 1
+    num_heads: int = 4                 # >= 1
+
+
 # The decoder layer's linear layers LoRA can adapt, by short name: (parent module, HF leaf name).
 LORA_TARGETS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v": ("self_attn", "v_proj"),
                 "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
@@ -128,11 +147,16 @@ class ModelConfig:
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     perceiver: PerceiverConfig = field(default_factory=PerceiverConfig)
+    # The audio tower and its own resampler (same num_latents as model.perceiver: every medium
+    # gives the xattn blocks the same number of latents); used when model.audio.kind != none.
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    audio_perceiver: PerceiverConfig = field(default_factory=lambda: PerceiverConfig(max_frames=1))
     xattn: XAttnConfig = field(default_factory=XAttnConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     freeze_lm: bool = True
     freeze_vision: bool = True
+    freeze_audio: bool = True          # the audio tower (a scratch one must train: false)
     activation_checkpointing: bool = False
     attention_backend: str = "auto"    # auto | triton | reference
     # torch.compile for the media path, per block (furnace/model/compile.py): none, or a comma
@@ -176,7 +200,7 @@ class DataConfig:
     train_weights: str | None = None
     synthetic_seed: int = 0            # >= 0
     synthetic_image_size: int = 32     # >= 8 pixels the synthetic set is drawn at (the loader resizes)
-    synthetic_kind: str = "shapes"     # shapes (still images) | video (moving shapes, the demo-video preset)
+    synthetic_kind: str = "shapes"     # shapes (still images) | video (moving shapes, demo-video) | audio (tones, demo-audio)
     # Bounds on what one untrusted shard can make a loader worker read or decode; what exceeds
     # them is skipped and counted, never decoded. Each >= 1.
     max_member_bytes: int = 32 * 2**20        # one tar member (an image, a caption, a document)
@@ -184,6 +208,10 @@ class DataConfig:
     max_image_pixels: int = 40_000_000        # width x height, read from the header before decoding
     max_shard_bytes: int = 4 * 2**30          # bytes a compressed shard may expand to
     max_video_frames: int = 1024              # frames of one clip, counted before any is decoded
+    # Audio clips (with model.audio): longer ones are skipped (audio_too_long, counted as they
+    # decode: the decoding work is bounded by it), shorter ones too (audio_too_short). Finite, > 0.
+    max_audio_seconds: float = 600.0
+    min_audio_seconds: float = 0.05
 
 
 @dataclass

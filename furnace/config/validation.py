@@ -147,6 +147,18 @@ RULES: dict[str, Rule] = {
     "model.perceiver.frame_init": _finite(0.02, ge=0),
     "model.perceiver.qk_norm": _BOOL,
     "model.perceiver.ff_act": _one_of("gelu", "relu"),
+    "model.audio.kind": _one_of("none", "scratch", "whisper"),
+    "model.audio.path": _optional(_nonempty("/path/to/local/whisper")),
+    "model.audio.sample_rate": _ge(1, 16000),
+    "model.audio.seconds": _finite(1.0, gt=0),
+    "model.audio.num_mel_bins": _ge(1, 80),
+    "model.audio.n_fft": _ge(2, 400),
+    "model.audio.hop_length": _ge(1, 160),
+    "model.audio.hidden_size": _ge(1, 64),
+    "model.audio.intermediate_size": _ge(1, 256),
+    "model.audio.num_layers": _ge(1, 2),
+    "model.audio.num_heads": _ge(1, 4),
+    "model.freeze_audio": _BOOL,
     "model.xattn.every": _ge(1, 4),
     "model.xattn.heads": _ge(1, 8),
     "model.xattn.dim_head": _ge(1, 64),
@@ -193,12 +205,14 @@ RULES: dict[str, Rule] = {
                                          "a comma list of finite weights > 0, one per train source", "0.7,0.3")),
     "data.synthetic_seed": _ge(0, 0),
     "data.synthetic_image_size": _ge(8, 32),
-    "data.synthetic_kind": _one_of("shapes", "video"),
+    "data.synthetic_kind": _one_of("shapes", "video", "audio"),
     "data.max_member_bytes": _POS,
     "data.max_members_per_sample": _POS,
     "data.max_image_pixels": _POS,
     "data.max_shard_bytes": _POS,
     "data.max_video_frames": _POS,
+    "data.max_audio_seconds": _finite(600.0, gt=0),
+    "data.min_audio_seconds": _finite(0.05, ge=0),
     "parallel.tp": _ge(1, 1),
     "parallel.pp": _ge(1, 1),
     "parallel.zero_stage": _one_of(0, 1, 2, 3),
@@ -231,6 +245,10 @@ RULES: dict[str, Rule] = {
     "debug.faults": Rule(lambda v: all(_fault_items(v)),
                          f"a comma list of kind@step[:rank] with kind {' | '.join(FAULT_KINDS)}", "nan@2:1"),
 }
+
+# The audio resampler's keys take the image resampler's rules.
+RULES.update({k.replace("model.perceiver.", "model.audio_perceiver.", 1): r for k, r in list(RULES.items())
+              if k.startswith("model.perceiver.")})
 
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
                list: "a list of names"}
@@ -271,7 +289,9 @@ def _skipped(cfg: Config, key: str) -> bool:
     """Shape keys a pretrained checkpoint replaces (its own config.json decides them)."""
     return ((key.startswith("model.lm.") and key != "model.lm.path" and cfg.model.lm.path is not None)
             or (key.startswith("model.vision.") and key not in ("model.vision.path", "model.vision.features")
-                and cfg.model.vision.path is not None))
+                and cfg.model.vision.path is not None)
+            or (key.startswith("model.audio.") and key not in ("model.audio.path", "model.audio.kind")
+                and cfg.model.audio.path is not None))
 
 
 def check_keys(cfg: Config) -> None:
@@ -325,6 +345,7 @@ def _check_model(cfg: Config) -> None:
         # learn the same update twice).
         raise ConfigError(f"model.lora.rank={m.lora.rank} adapts a frozen LM but model.freeze_lm=false trains the "
                           "whole LM: set --set model.freeze_lm=true (with model.lm.path), or model.lora.rank=0")
+    _check_audio(cfg)
     if vis.path is None:
         if vis.features != "hidden" and vis.kind != "clip":
             raise ConfigError(f"model.vision.features={vis.features} drops CLIP's class token but model.vision.kind="
@@ -339,6 +360,27 @@ def _check_model(cfg: Config) -> None:
                               f"{-(-vis.hidden_size // vis.num_heads) * vis.num_heads}")
 
 
+def _check_audio(cfg: Config) -> None:
+    a, m = cfg.model.audio, cfg.model
+    if a.kind == "whisper" and a.path is None:
+        raise ConfigError("model.audio.kind=whisper reads a local HF Whisper folder: set --set model.audio.path=/path/to/whisper "
+                          "(or model.audio.kind=scratch for a tower trained from scratch)")
+    if a.kind != "whisper" and a.path is not None:
+        raise ConfigError(f"model.audio.path={a.path!r} is read only with model.audio.kind=whisper; set --set "
+                          "model.audio.kind=whisper (or model.audio.path=none)")
+    if a.kind == "none":
+        return
+    if m.audio_perceiver.num_latents != m.perceiver.num_latents:
+        raise ConfigError(f"model.audio_perceiver.num_latents={m.audio_perceiver.num_latents} must equal "
+                          f"model.perceiver.num_latents={m.perceiver.num_latents} (every medium gives the xattn blocks "
+                          f"the same latents); e.g. --set model.audio_perceiver.num_latents={m.perceiver.num_latents}")
+    if a.kind == "scratch" and (a.hidden_size % a.num_heads or a.hidden_size % 2):
+        step = 2 * a.num_heads // math.gcd(2, a.num_heads)
+        raise ConfigError(f"model.audio.hidden_size={a.hidden_size} must be even (sinusoidal positions) and a multiple of "
+                          f"model.audio.num_heads={a.num_heads}; e.g. --set model.audio.hidden_size="
+                          f"{-(-a.hidden_size // step) * step}")
+
+
 def _check_data(cfg: Config) -> None:
     d = cfg.data
     if d.video_frames > cfg.model.perceiver.max_frames:
@@ -351,6 +393,12 @@ def _check_data(cfg: Config) -> None:
     if d.synthetic_kind == "video" and d.synthetic_image_size % 2:
         raise ConfigError(f"data.synthetic_image_size={d.synthetic_image_size} must be even for data.synthetic_kind=video "
                           f"(4:2:0 H.264); e.g. --set data.synthetic_image_size={d.synthetic_image_size + 1}")
+    if d.min_audio_seconds > d.max_audio_seconds:
+        raise ConfigError(f"data.min_audio_seconds={d.min_audio_seconds} exceeds data.max_audio_seconds="
+                          f"{d.max_audio_seconds}: no clip could be read; e.g. --set data.min_audio_seconds=0.05")
+    if d.synthetic_kind == "audio" and cfg.model.audio.kind == "none":
+        raise ConfigError("data.synthetic_kind=audio draws audio clips, which a model without an audio tower cannot "
+                          "read: set --set model.audio.kind=scratch (or use --config demo-audio)")
     if d.train_weights is not None:
         n, sources = len(_weights(d.train_weights)), len(split_sources(d.train_shards))
         if n != sources:
@@ -407,6 +455,9 @@ def _check_layout(cfg: Config, world_size: int) -> int:
     if m.xattn.heads % p.tp or m.perceiver.heads % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} must divide model.xattn.heads={m.xattn.heads} and "
                           f"model.perceiver.heads={m.perceiver.heads}; pick a tp that divides both")
+    if m.audio.kind != "none" and m.audio_perceiver.heads % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} must divide model.audio_perceiver.heads={m.audio_perceiver.heads}; "
+                          "pick a tp that divides it")
     if m.xattn.ff_hidden % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} must divide model.xattn.ff_hidden={m.xattn.ff_hidden}; pick a tp "
                           "that divides it")
@@ -444,7 +495,7 @@ def validate(cfg: Config, world_size: int, *, check_paths: bool = True) -> int:
                               f"{e}); install triton, or --set model.attention_backend=auto") from None
     if check_paths:
         for key, path in (("model.lm.path", cfg.model.lm.path), ("model.vision.path", cfg.model.vision.path),
-                          ("data.tokenizer", cfg.data.tokenizer)):
+                          ("model.audio.path", cfg.model.audio.path), ("data.tokenizer", cfg.data.tokenizer)):
             if path is not None and not os.path.isdir(path):
                 raise ConfigError(f"{key}={path!r} is not a directory; it must point at a local HF checkpoint "
                                   f"(nothing is downloaded), e.g. --set {key}=/path/to/local/hf_dir")
@@ -511,12 +562,20 @@ def _check_pretrained(cfg: Config) -> None:
         if m.vision.features != "hidden" and not kind.startswith("clip"):
             raise ConfigError(f"model.vision.features={m.vision.features} drops CLIP's class token but "
                               f"model.vision.path={m.vision.path!r} is a {kind} tower: --set model.vision.features=hidden")
+    if m.audio.path is not None:
+        hf = _hf_config("model.audio.path", m.audio.path)
+        if hf.get("model_type") != "whisper":
+            raise ConfigError(f"model.audio.path={m.audio.path!r} is a {hf.get('model_type')!r} checkpoint; furnace's audio "
+                              "tower is a Whisper encoder: point model.audio.path at a local HF Whisper folder")
 
 
 def check_trainable(cfg: Config) -> None:
     """A training run (not a benchmark, which measures a preset's shapes as they are) must
     not freeze a part it builds with random weights: that part would never learn."""
     m = cfg.model
+    if m.audio.kind == "scratch" and m.freeze_audio:
+        raise ConfigError("model.freeze_audio=true with model.audio.kind=scratch would train around a frozen random audio "
+                          "tower: --set model.freeze_audio=false (or model.audio.kind=whisper with model.audio.path)")
     for part, frozen, path in (("lm", m.freeze_lm, m.lm.path), ("vision", m.freeze_vision, m.vision.path)):
         if frozen and path is None:
             raise ConfigError(f"model.freeze_{part}=true with no model.{part}.path would train around a frozen random "

@@ -1,5 +1,6 @@
 """The demo's data: the synthetic shapes set (or, with data.synthetic_kind=video, the moving
-shapes clips of `furnace.data.synthetic_video`), drawn into `data.synthetic_dir` when the
+shapes clips of `furnace.data.synthetic_video`; with audio, the tones and beeps of
+`furnace.data.synthetic_audio`), drawn into `data.synthetic_dir` when the
 configured shards are missing (or were drawn by another generator version)."""
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import sys
 
 from furnace.config import ConfigError, split_sources
 from furnace.data.sources import drawn_on_demand, expand_shards
-from furnace.data import synthetic, synthetic_video
+from furnace.data import synthetic, synthetic_audio, synthetic_video
 from furnace.data.synthetic import COMPLETE_MARKER
 
 # data.synthetic_kind -> the module that draws that set (its build() and GENERATOR_VERSION)
-SETS = {"shapes": synthetic, "video": synthetic_video}
+SETS = {"shapes": synthetic, "video": synthetic_video, "audio": synthetic_audio}
 
 
 @contextlib.contextmanager

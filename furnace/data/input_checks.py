@@ -1,7 +1,9 @@
 """What the shard writer accepts from untrusted inputs: image and clip files read only when they
 are regular files within a size bound (optionally confined under a folder), images decoded only
 as JPEG/PNG/WEBP within a pixel bound, clips only as MP4/WebM whose every frame decodes within the
-pixel and frame bounds (`furnace.data.video`), and captions that are UTF-8-encodable text.
+pixel and frame bounds (`furnace.data.video`), audio clips only as WAV/FLAC/MP3/Ogg that decode
+whole within a length bound (`furnace.data.audio`; resampled to the run's rate when needed), and
+captions that are UTF-8-encodable text.
 Anything else raises `InputError` with the reason the writer counts the skip under."""
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import warnings
 
 from PIL import Image
 
+from furnace.data.audio import AudioError, decode_audio, encode_audio as write_audio, probe_audio
 from furnace.data.images import PIL_FORMATS
 from furnace.data.video import MAX_VIDEO_FRAMES, VideoError, probe_clip
 
@@ -75,8 +78,8 @@ def read_image_file(path: str, *, max_bytes: int = MAX_IMAGE_BYTES, confine: str
 
     Devices, FIFOs, sockets and directories are refused from their stat, never opened or read
     (/dev/zero never ends, a FIFO blocks). `confine`: the file, symlinks resolved, must lie under
-    this folder (outside_images_root otherwise). `kind`: image | video, the word in the reasons
-    (missing_video, video_too_large, unreadable_video).
+    this folder (outside_images_root otherwise). `kind`: image | video | audio, the word in the
+    reasons (missing_video, video_too_large, unreadable_video ...).
     """
     flag = f"--max-{kind}-bytes"
     try:
@@ -199,6 +202,35 @@ def encode_video(src, *, max_bytes: int = MAX_IMAGE_BYTES, max_pixels: int = MAX
     if info["frames"] < min_frames:
         raise InputError("too_few_frames", f"{name}: {info['frames']} frames < --min-frames {min_frames}")
     return raw, info["container"]
+
+
+def encode_audio(src, sample_rate: int, *, max_bytes: int = MAX_IMAGE_BYTES, max_seconds: float = 600.0,
+                 min_seconds: float = 0.0, confine: str | None = None) -> tuple[bytes, str]:
+    """Validate an audio clip (a path or its bytes) by decoding all of it; returns (bytes, ext):
+    the file's bytes unchanged ("wav" | "flac" | "mp3" | "ogg" as its content says) when it is at
+    `sample_rate`, else the clip resampled to it (mono) as FLAC. InputError reasons: missing_audio,
+    bad_audio_path, audio_too_large (bytes), unsupported_audio (container, codec, channels),
+    bad_audio (undecodable), audio_too_long (past `max_seconds`), audio_too_short (under
+    `min_seconds`), and read_image_file's not_a_regular_file / outside_images_root / unreadable_audio."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        raw, name = bytes(src), "<bytes>"
+        if len(raw) > max_bytes:
+            raise InputError("audio_too_large", f"<bytes>: {len(raw)} bytes > {max_bytes}")
+    else:
+        name = _image_path(src, "audio")
+        raw = read_image_file(name, max_bytes=max_bytes, confine=confine, kind="audio")
+    if not raw:
+        raise InputError("bad_audio", f"{name}: empty file")
+    try:
+        info = probe_audio(raw, max_seconds=max_seconds)
+        if info["seconds"] < min_seconds:
+            raise AudioError("audio_too_short", f"{info['seconds']:.3f} s < {min_seconds:g} s")
+        if info["sample_rate"] == sample_rate:
+            return raw, info["container"]
+        samples = decode_audio(raw, sample_rate, max_seconds=max_seconds, resample=True)
+        return write_audio(samples, sample_rate, "flac"), "flac"
+    except AudioError as e:
+        raise InputError(e.reason, f"{name}: {e.detail}") from None
 
 
 def caption_text(value, what: str) -> str:

@@ -11,7 +11,8 @@
 Batches follow the contract in `furnace/data/collate.py`; with `pack=True` (data.pack) training
 rows hold several samples each, with position and segment ids (`collate_packed`). `frames`
 (data.video_frames) is F, the frames each medium has in the batch: clips and frame folders are
-sampled to F frames, stills repeated (`furnace/data/samples.py`).
+sampled to F frames, stills repeated (`furnace/data/samples.py`). `audio` (an AudioSpec: a run with
+an audio tower) reads audio clips too, into the batch's audio / audio_valid (`collate.py`).
 
 Training mode (`training=True`, the default) is an infinite stream whose order depends on the
 seed, the sources and their weights, never on the cluster shape. It is cut into C canonical
@@ -45,8 +46,8 @@ left with no sample holds a single filler row (labels all IGNORE_INDEX, no image
 False) that metrics must skip (`TextEncoder.reference_caption` returns None for it).
 
 Corrupt data never raises: truncated/unreadable shards, undecodable images or clips, clips with
-fewer than F frames, missing captions or images, bad JSON, over-long captions are skipped and
-counted by reason in `loader.skipped`
+fewer than F frames, audio clips that are undecodable, at another rate, too long or too short,
+missing captions or images, bad JSON, over-long captions are skipped and counted by reason in `loader.skipped`
 (included in the state dict). Which members are read at all: `furnace/data/tar.py`.
 """
 from __future__ import annotations
@@ -62,6 +63,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from furnace.data.audio import AudioSpec
 from furnace.data.collate import collate, collate_packed
 from furnace.data.images import CLIP_MEAN, CLIP_STD
 from furnace.data.samples import SampleDecoder
@@ -119,7 +121,8 @@ class ShardLoader:
                  training: bool = True, epochs: int | None = None, pad_to_max_length: bool = True,
                  prefetch_factor: int = 2, pin_memory: bool = False, multiprocessing_context: str | None = None,
                  check_files: bool = True, limits: ReadLimits = ReadLimits(), max_image_pixels: int = 40_000_000,
-                 pack: bool = False, frames: int = 1, max_video_frames: int = MAX_VIDEO_FRAMES):
+                 pack: bool = False, frames: int = 1, max_video_frames: int = MAX_VIDEO_FRAMES,
+                 audio: AudioSpec | None = None):
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank={dp_rank} must be in [0, dp_size={dp_size})")
         if batch_size < 1 or max_length < 4 or max_images < 1 or image_size < 1 or frames < 1:
@@ -136,8 +139,9 @@ class ShardLoader:
                                         "python -m furnace.data.synthetic)")
         self.tokenizer = tokenizer
         self.encoder = TextEncoder(tokenizer, max_length, max_images)
-        self.samples = SampleDecoder(self.encoder, image_size, max_image_pixels, frames, max_video_frames)
+        self.samples = SampleDecoder(self.encoder, image_size, max_image_pixels, frames, max_video_frames, audio)
         self.frames = frames
+        self.audio_samples = 0 if audio is None else audio.samples
         self.limits = limits
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.max_length, self.max_images, self.image_size = max_length, max_images, image_size
@@ -170,16 +174,19 @@ class ShardLoader:
     @classmethod
     def from_config(cls, data_cfg, tokenizer, *, split: str = "train", batch_size: int, dp_rank: int = 0,
                     dp_size: int = 1, seed: int = 0, image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD,
-                    num_workers: int | None = None) -> "ShardLoader":
-        """The train (infinite, shuffled, resumable) or val (one pass) loader of a DataConfig."""
+                    num_workers: int | None = None, audio_rate: int = 0, audio_samples: int = 0) -> "ShardLoader":
+        """The train (infinite, shuffled, resumable) or val (one pass) loader of a DataConfig;
+        `audio_rate` / `audio_samples`: the audio tower's rate and window (0: no audio)."""
         sources, training = sources_from_config(data_cfg, split)
+        audio = (AudioSpec(audio_rate, audio_samples, data_cfg.max_audio_seconds, data_cfg.min_audio_seconds)
+                 if audio_samples else None)
         return cls(sources, tokenizer, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size, seed=seed,
                    max_length=data_cfg.max_length, max_images=data_cfg.max_images, image_size=image_size,
                    mean=mean, std=std, num_workers=data_cfg.num_workers if num_workers is None else num_workers,
                    canonical_streams=data_cfg.canonical_streams, shuffle_buffer=data_cfg.shuffle_buffer,
                    training=training, limits=ReadLimits.from_config(data_cfg),
                    max_image_pixels=data_cfg.max_image_pixels, pack=data_cfg.pack, frames=data_cfg.video_frames,
-                   max_video_frames=data_cfg.max_video_frames)
+                   max_video_frames=data_cfg.max_video_frames, audio=audio)
 
     # ------------------------------------------------------------------ config helpers
     @staticmethod
@@ -223,7 +230,8 @@ class ShardLoader:
         """Rows (or packs of rows, `data.pack`) -> the batch."""
         return (collate_packed if self.pack else collate)(
             rows, self.encoder, max_length=self.max_length, max_images=self.max_images, image_size=self.image_size,
-            mean=self.mean, std=self.std, pad_to_max=self.pad_to_max, frames=self.frames)
+            mean=self.mean, std=self.std, pad_to_max=self.pad_to_max, frames=self.frames,
+            audio_samples=self.audio_samples)
 
     # ------------------------------------------------------------------ worker bodies
     def _train_worker(self, t: int):

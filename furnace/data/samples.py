@@ -11,6 +11,10 @@ decoded by `furnace.data.video`), a still (`KEY.jpg|jpeg|png|webp`), or a frame 
 (`video.uniform_indices`) from a clip or a frame folder of N >= F frames (only those F are
 decoded from a folder); N < F is skipped as too_few_frames. Clips in interleaved documents are
 not read.
+An audio clip (`KEY.wav|flac|mp3|ogg`, decoded by `furnace.data.audio`, when the decoder has an
+`AudioSpec`: a run with an audio tower) is a medium too: float32 [n] mono samples, at most the
+tower's window. A caption sample without any image medium takes its clip; an interleaved
+document names clips as it names images ({"audio": "0.flac"}), so images and audio mix.
 Whatever one sample's bytes hold, `row` either returns a row or raises SkipSample: an error
 no check below anticipates is counted as `bad_sample`, never raised.
 """
@@ -23,6 +27,7 @@ import re
 
 import numpy as np
 
+from furnace.data.audio import AUDIO_EXTS, AudioError, AudioSpec, decode_audio, is_audio_member
 from furnace.data.images import IMAGE_EXTS, ImageTooLarge, decode_image, is_image_member
 from furnace.data.text import SkipSample, TextEncoder
 from furnace.data.video import MAX_VIDEO_FRAMES, VIDEO_EXTS, VideoError, decode_clip, uniform_indices
@@ -46,11 +51,20 @@ class FrameFolder:
         self.frames = frames
 
 
+class Audio:
+    """An audio member's bytes, not decoded."""
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
 class SampleDecoder:
     def __init__(self, encoder: TextEncoder, image_size: int, max_image_pixels: int = 40_000_000,
-                 frames: int = 1, max_video_frames: int = MAX_VIDEO_FRAMES):
+                 frames: int = 1, max_video_frames: int = MAX_VIDEO_FRAMES, audio: AudioSpec | None = None):
         self.encoder, self.image_size, self.max_image_pixels = encoder, image_size, max_image_pixels
         self.frames, self.max_video_frames = frames, max_video_frames
+        self.audio = audio
 
     def row(self, raw: dict) -> tuple:
         """raw tar sample -> (ids, images, interleaved, filler=False); raises SkipSample."""
@@ -92,7 +106,7 @@ class SampleDecoder:
             images = [raw.get(m.lower()) for m in members]
             if any(data is None for data in images):
                 raise SkipSample("missing_image")
-            return ids, images, True
+            return ids, [Audio(d) if is_audio_member(m) else d for m, d in zip(members, images)], True
         if doc is not None and "text_list" in doc:
             segs, encoded = _mmc4_segments(doc)
             ids, picked = self.encoder.document(segs)
@@ -110,14 +124,25 @@ class SampleDecoder:
             text = doc.get("caption") or next(iter(captions), None)
         if not isinstance(text, str) or not text.strip():
             raise SkipSample("missing_caption")
-        return self.encoder.caption(text.strip()), [_caption_medium(raw)], False
+        medium = _caption_medium(raw)
+        return self.encoder.caption(text.strip(), audio=isinstance(medium, Audio)), [medium], False
 
     def filler(self) -> tuple:
         """A row with no image and no labelled token: what a batch holds when all its samples were skipped."""
         return self.encoder.filler(), [], False, True
 
     def media(self, item) -> np.ndarray:
-        """A parsed medium -> uint8 [S, S, 3] (a still) or [F, S, S, 3] (a clip, a frame folder)."""
+        """A parsed medium -> uint8 [S, S, 3] (a still) or [F, S, S, 3] (a clip, a frame folder),
+        or float32 [n] (an audio clip)."""
+        if isinstance(item, Audio):
+            a = self.audio
+            if a is None:
+                raise SkipSample("audio_not_enabled")
+            try:
+                return decode_audio(item.data, a.sample_rate, max_seconds=a.max_seconds, min_seconds=a.min_seconds,
+                                    keep=a.samples)
+            except AudioError as e:
+                raise SkipSample(e.reason) from None
         if isinstance(item, Clip):
             try:
                 return decode_clip(item.data, self.frames, self.image_size, max_pixels=self.max_image_pixels,
@@ -145,7 +170,7 @@ class SampleDecoder:
 
 
 def _caption_medium(raw: dict):
-    """A caption sample's medium: its clip, else its still, else its frame folder."""
+    """A caption sample's medium: its clip, else its still, else its frame folder, else its audio clip."""
     clip = next((raw[k] for k in VIDEO_EXTS if k in raw), None)
     if clip is not None:
         return Clip(clip)
@@ -161,6 +186,9 @@ def _caption_medium(raw: dict):
                 raise SkipSample("bad_video")
             frames[i] = data
     if not frames:
+        audio = next((raw[k] for k in AUDIO_EXTS if k in raw), None)
+        if audio is not None:
+            return Audio(audio)
         raise SkipSample("missing_image")
     return FrameFolder([frames[i] for i in sorted(frames)])
 
@@ -196,9 +224,12 @@ def _b64(text: str) -> bytes:
 
 
 def _valid_segment(seg) -> bool:
-    """{"text": str} or {"image": member name of an image, e.g. "0.jpg"}."""
+    """{"text": str}, {"image": member name of an image, e.g. "0.jpg"} or {"audio": member name
+    of an audio clip, e.g. "1.flac"}."""
     if not isinstance(seg, dict):
         return False
     if "image" in seg:
         return isinstance(seg["image"], str) and is_image_member(seg["image"])
+    if "audio" in seg:
+        return isinstance(seg["audio"], str) and is_audio_member(seg["audio"])
     return True

@@ -9,8 +9,8 @@ from collections import Counter
 
 from webdataset.writer import TarWriter
 
-from furnace.data.input_checks import (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InputError, caption_text, encode_image,
-                                       encode_video, short)
+from furnace.data.input_checks import (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, InputError, caption_text, encode_audio,
+                                       encode_image, encode_video, short)
 from furnace.data.video import MAX_VIDEO_FRAMES
 
 MAX_EXAMPLES = 50  # skipped inputs described in stats.json
@@ -24,7 +24,8 @@ class ShardWriter:
     the partial shard's `.tmp` is removed, completed shards stay and stats.json lists them.
     `max_image_bytes` / `max_image_pixels` / `confine`: limits on every image (`encode_image`);
     clips (`add_video`, `add_frames`): `max_video_bytes`, `max_image_pixels` a frame, between
-    `min_frames` and `max_video_frames` frames.
+    `min_frames` and `max_video_frames` frames; audio clips (`add_audio`, {"audio": ...} segments):
+    `max_audio_bytes`, between `min_audio_seconds` and `max_audio_seconds`, written at `sample_rate`.
     """
 
     def __init__(self, out_dir: str, prefix: str = "train", *, maxcount: int = 10000,
@@ -32,7 +33,8 @@ class ShardWriter:
                  quality: int = 95, max_image_bytes: int = MAX_IMAGE_BYTES,
                  max_image_pixels: int = MAX_IMAGE_PIXELS, confine: str | None = None,
                  max_video_bytes: int = MAX_IMAGE_BYTES, max_video_frames: int = MAX_VIDEO_FRAMES,
-                 min_frames: int = 1):
+                 min_frames: int = 1, sample_rate: int = 16000, max_audio_bytes: int = MAX_IMAGE_BYTES,
+                 max_audio_seconds: float = 600.0, min_audio_seconds: float = 0.0):
         if maxcount < 1 or maxsize <= 0:
             raise ValueError("maxcount and maxsize must be positive")
         if max_image_bytes < 1 or max_image_pixels < 1:
@@ -40,6 +42,11 @@ class ShardWriter:
         if max_video_bytes < 1 or not 1 <= min_frames <= max_video_frames:
             raise ValueError("max_video_bytes must be positive and 1 <= min_frames <= max_video_frames")
         self.max_video_bytes, self.max_video_frames, self.min_frames = max_video_bytes, max_video_frames, min_frames
+        if sample_rate < 1 or max_audio_bytes < 1 or not 0 <= min_audio_seconds <= max_audio_seconds:
+            raise ValueError("sample_rate and max_audio_bytes must be positive and 0 <= min_audio_seconds <= "
+                             "max_audio_seconds")
+        self.sample_rate, self.max_audio_bytes = sample_rate, max_audio_bytes
+        self.max_audio_seconds, self.min_audio_seconds = max_audio_seconds, min_audio_seconds
         self.out_dir, self.prefix = out_dir, prefix
         self.maxcount, self.maxsize = maxcount, maxsize
         self.resize, self.image_format, self.quality = resize, image_format, quality
@@ -109,6 +116,10 @@ class ShardWriter:
                             max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
                             confine=self.confine)
 
+    def _encode_audio(self, audio) -> tuple[bytes, str]:
+        return encode_audio(audio, self.sample_rate, max_bytes=self.max_audio_bytes, max_seconds=self.max_audio_seconds,
+                            min_seconds=self.min_audio_seconds, confine=self.confine)
+
     # -- sample kinds
     def add_caption(self, image, caption, *, captions: list[str] | None = None) -> bool:
         """image: path | bytes | PIL image. Returns False (and counts why) when skipped."""
@@ -144,6 +155,20 @@ class ShardWriter:
         self.write_raw({ext: data, "txt": caption.strip().encode("utf-8")})
         return True
 
+    def add_audio(self, audio, caption) -> bool:
+        """An audio clip (path | bytes: WAV, FLAC, MP3 or Ogg, decoded whole to check it) + caption ->
+        `KEY.wav|flac|mp3|ogg` (the bytes as they are at `sample_rate`; otherwise resampled, FLAC)
+        + `KEY.txt`. False (counted) when skipped."""
+        self.inputs += 1
+        try:
+            caption = caption_text(caption, str(audio)[:200] if isinstance(audio, str) else "")
+            data, ext = self._encode_audio(audio)
+        except InputError as e:
+            self.skip(e.reason, e.detail)
+            return False
+        self.write_raw({ext: data, "txt": caption.strip().encode("utf-8")})
+        return True
+
     def add_frames(self, frames: list, caption) -> bool:
         """A clip as its frames in order (paths | bytes | PIL images) + caption -> `KEY.0.jpg`,
         `KEY.1.jpg`, ... (each image checked and encoded as `add_caption`'s) + `KEY.txt`."""
@@ -168,7 +193,7 @@ class ShardWriter:
         return True
 
     def add_interleaved(self, segments: list[dict]) -> bool:
-        """segments: [{"text": str} | {"image": path|bytes|PIL}] in document order."""
+        """segments: [{"text": str} | {"image": path|bytes|PIL} | {"audio": path|bytes}] in document order."""
         self.inputs += 1
         try:
             if not isinstance(segments, list) or not segments:
@@ -183,6 +208,12 @@ class ShardWriter:
                     name = f"{n_img}.{ext}"
                     members[name] = data
                     out_segments.append({"image": name})
+                    n_img += 1
+                elif "audio" in seg and seg["audio"] is not None:
+                    data, ext = self._encode_audio(seg["audio"])
+                    name = f"{n_img}.{ext}"  # media share one numbering: a member per medium
+                    members[name] = data
+                    out_segments.append({"audio": name})
                     n_img += 1
                 elif isinstance(seg.get("text"), str):
                     if seg["text"].strip():

@@ -4,6 +4,7 @@
     python -m furnace.data.shards coco --input captions_train2017.json --images train2017/ --out DIR
     python -m furnace.data.shards interleaved --input docs.jsonl --out DIR
     python -m furnace.data.shards video --input clips.jsonl --out DIR [--min-frames F]
+    python -m furnace.data.shards audio --input sounds.jsonl --out DIR [--sample-rate 16000]
 
 Inputs
   jsonl        one object per line: {"image": PATH, "caption": TEXT} ("url"/"path"/"file_name" and
@@ -14,17 +15,22 @@ Inputs
                (--all-captions: one sample per caption).
   interleaved  one document per line, either {"segments": [{"text": T} | {"image": PATH}, ...]} or
                MMC4-like {"text_list": [...], "image_info": [{"image_name"|"path": PATH,
-               "matched_text_index": i}, ...]} (each image goes before text i).
+               "matched_text_index": i}, ...]} (each image goes before text i); a segment may be
+               {"audio": PATH} too: documents mix images and audio clips.
   video        one clip per line: {"video": PATH, "caption": TEXT} (an MP4 or WebM file: H.264,
                HEVC, VP8, VP9, AV1 or MPEG-4), or {"frames": [PATH, ...] | DIR, "caption": TEXT}
                (the frames in order; a folder's JPEG/PNG/WEBP files in the order of the numbers
                in their names). Relative paths as for jsonl.
+  audio        one clip per line: {"audio": PATH, "caption": TEXT} (WAV, FLAC, MP3 or Ogg: PCM,
+               FLAC, MP3, Vorbis or Opus); written as it is at --sample-rate (the audio tower's
+               rate, model.audio.sample_rate), else resampled (mono) and written as FLAC.
 
 Shard members per sample (key = running 9-digit index): caption pair `KEY.jpg|png|webp` +
 `KEY.txt` (+ `KEY.json` {"captions": [...]}); interleaved doc `KEY.json`
 {"segments": [{"text": T} | {"image": "0.jpg"}]} + `KEY.0.jpg`, `KEY.1.png`, ...; clip `KEY.mp4|webm`
 (the file's bytes as they are, after every frame decoded) + `KEY.txt`; frame folder `KEY.0.jpg`,
-`KEY.1.jpg`, ... + `KEY.txt` (the loader samples data.video_frames of them uniformly).
+`KEY.1.jpg`, ... + `KEY.txt` (the loader samples data.video_frames of them uniformly); audio clip
+`KEY.wav|flac|mp3|ogg` + `KEY.txt`; a document's clips `KEY.1.flac` ... next to its images.
 
 Every image is fully decoded with PIL before it is written, and only as the formats the loader
 reads (JPEG, PNG, WEBP). Any bad record (missing, corrupt, oversized or unsupported images,
@@ -167,8 +173,8 @@ def _document_segments(obj: dict, root: str) -> list:
     if "segments" in obj:
         if not isinstance(obj["segments"], list):
             raise InputError("bad_document", f"'segments' is {type(obj['segments']).__name__}, not a list")
-        return [{"image": "" if s["image"] is None else _resolve(root, s["image"])}
-                if isinstance(s, dict) and "image" in s else s for s in obj["segments"]]
+        return [{k: "" if s[k] is None else _resolve(root, s[k])} if isinstance(s, dict) and (k := _medium_key(s))
+                else s for s in obj["segments"]]
     if "text_list" not in obj:
         raise InputError("bad_document", "neither 'segments' nor 'text_list'")
     texts, infos = obj["text_list"], obj.get("image_info")
@@ -190,6 +196,10 @@ def _document_segments(obj: dict, root: str) -> list:
         segs.append({"text": t})
     segs.extend({"image": p} for p in before.get(len(texts), []))
     return segs
+
+
+def _medium_key(seg: dict) -> str | None:
+    return "image" if "image" in seg else "audio" if "audio" in seg else None
 
 
 def documents_from_jsonl(path: str, images_root: str | None, writer: ShardWriter):
@@ -239,6 +249,17 @@ def clips_from_jsonl(path: str, images_root: str | None, writer: ShardWriter):
             writer.skip_input("missing_video", f"{where}: neither 'video' nor 'frames' in {str(obj)[:80]}")
 
 
+def sounds_from_jsonl(path: str, images_root: str | None, writer: ShardWriter):
+    root = images_root or os.path.dirname(os.path.abspath(path))
+    for where, obj in _jsonl(path, writer):
+        cap = next((obj[k] for k in ("caption", "text", "txt") if k in obj), None)
+        audio = next((obj[k] for k in ("audio", "path", "file_name") if k in obj), None)
+        if audio is None or audio == "":
+            writer.skip_input("missing_audio", f"{where}: no 'audio' in {str(obj)[:80]}")
+            continue
+        yield ("audio", _resolve(root, audio), cap, None)
+
+
 def write_items(items: Iterable[tuple], writer: ShardWriter, *, progress: bool = True, total=None,
                 desc: str = "shards") -> dict:
     bar = tqdm(items, total=total, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True)
@@ -247,6 +268,8 @@ def write_items(items: Iterable[tuple], writer: ShardWriter, *, progress: bool =
             writer.add_caption(a, b, captions=c)
         elif kind == "video":
             writer.add_video(a, b)
+        elif kind == "audio":
+            writer.add_audio(a, b)
         elif kind == "frames":
             writer.add_frames(a, b)
         else:
@@ -298,7 +321,7 @@ def _sigterm_unwinds():
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="furnace-shards", description="Write webdataset tar shards + stats.json.")
-    p.add_argument("kind", choices=["jsonl", "coco", "interleaved", "video"], help="input kind")
+    p.add_argument("kind", choices=["jsonl", "coco", "interleaved", "video", "audio"], help="input kind")
     p.add_argument("--input", "-i", required=True, help="JSONL file / COCO captions JSON")
     p.add_argument("--images", default=None, help="image root for relative paths (default: input's folder)")
     p.add_argument("--out", "-o", required=True, help="output directory")
@@ -321,6 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "data.max_video_frames")
     p.add_argument("--min-frames", type=int, default=1,
                    help="video: clips with fewer frames are skipped (too_few_frames); set it to data.video_frames")
+    p.add_argument("--sample-rate", type=int, default=16000,
+                   help="audio: the rate clips are written at (resampled when theirs differs); the audio tower's, "
+                        "model.audio.sample_rate")
+    p.add_argument("--max-audio-bytes", type=int, default=MAX_IMAGE_BYTES,
+                   help="audio: larger files are skipped (audio_too_large); default 32 MiB, the loader's "
+                        "data.max_member_bytes")
+    p.add_argument("--max-audio-seconds", type=float, default=600.0,
+                   help="audio: longer clips are skipped (audio_too_long); default the loader's data.max_audio_seconds")
+    p.add_argument("--min-audio-seconds", type=float, default=0.05,
+                   help="audio: shorter clips are skipped (audio_too_short); default the loader's data.min_audio_seconds")
     p.add_argument("--confine", action="store_true",
                    help="skip images whose real path is outside --images (default: the input's folder)")
     p.add_argument("--no-progress", action="store_true")
@@ -340,6 +373,8 @@ def _bad_args(args) -> str | None:
         return "--max-image-bytes and --max-image-pixels must be positive"
     if args.max_video_bytes < 1 or not 1 <= args.min_frames <= args.max_video_frames:
         return "--max-video-bytes must be positive and 1 <= --min-frames <= --max-video-frames"
+    if args.sample_rate < 1 or args.max_audio_bytes < 1 or not 0 <= args.min_audio_seconds <= args.max_audio_seconds:
+        return "--sample-rate and --max-audio-bytes must be positive and 0 <= --min-audio-seconds <= --max-audio-seconds"
     if (not args.prefix or args.prefix in (".", "..") or "\x00" in args.prefix
             or any(sep and sep in args.prefix for sep in (os.sep, os.altsep))):
         return f"--prefix {args.prefix!r} must be a plain file name (no folders)"
@@ -375,14 +410,16 @@ def main(argv: list[str] | None = None) -> int:
                              resize=args.resize, image_format=args.format, quality=args.quality,
                              max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
                              confine=root if args.confine else None, max_video_bytes=args.max_video_bytes,
-                             max_video_frames=args.max_video_frames, min_frames=args.min_frames)
+                             max_video_frames=args.max_video_frames, min_frames=args.min_frames,
+                             sample_rate=args.sample_rate, max_audio_bytes=args.max_audio_bytes,
+                             max_audio_seconds=args.max_audio_seconds, min_audio_seconds=args.min_audio_seconds)
     except (OSError, ValueError) as e:
         return fail(f"cannot create output folder {args.out!r}: {e}")
     if args.kind == "coco":
         items, total = _coco_items(coco, root, writer, args.all_captions), None
     else:
         read = {"jsonl": caption_pairs_from_jsonl, "interleaved": documents_from_jsonl,
-                "video": clips_from_jsonl}[args.kind]
+                "video": clips_from_jsonl, "audio": sounds_from_jsonl}[args.kind]
         items = read(args.input, args.images, writer)
         total = None if args.no_progress else _count_lines(args.input)
     try:

@@ -61,9 +61,9 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def demo_tokenizer():
-    """The demo tokenizer: word level over the caption vocabulary (deterministic)."""
-    return build_word_tokenizer(vocabulary())
+def demo_tokenizer(audio: bool = False):
+    """The demo tokenizer: word level over the caption vocabulary (deterministic); `audio`: with <audio>."""
+    return build_word_tokenizer(vocabulary(), audio)
 
 
 def _draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, side: float, colour):

@@ -1,7 +1,8 @@
 """Reading one webdataset tar shard into raw samples, never raising on bad data.
 
 Only whitelisted members are read (text: .txt/.json; images: `IMAGE_EXTS`, also indexed as in
-`0.jpg` for interleaved documents and frame folders; clips: .mp4/.webm); any other member (.pyd, .pickle, .pth, ...) is never
+`0.jpg` for interleaved documents and frame folders; clips: .mp4/.webm; audio: .wav/.flac/.mp3/.ogg,
+also indexed); any other member (.pyd, .pickle, .pth, ...) is never
 decoded and is counted as `ignored_member`. What an untrusted shard can make a worker read is
 bounded (`ReadLimits`): a member's bytes, the members of one sample, and, for a compressed
 shard (gzip, bzip2, xz: recognised by its first bytes whatever its name), the bytes it expands
@@ -22,6 +23,7 @@ from typing import Iterator
 
 from webdataset.tariterators import base_plus_ext
 
+from furnace.data.audio import is_audio_member
 from furnace.data.images import is_image_member
 from furnace.data.video import is_video_member
 
@@ -68,7 +70,7 @@ class _Capped:
 
 def member_allowed(ext: str) -> bool:
     ext = ext.lower()
-    return ext in TEXT_EXTS or is_image_member(ext) or is_video_member(ext)
+    return ext in TEXT_EXTS or is_image_member(ext) or is_video_member(ext) or is_audio_member(ext)
 
 
 def _open_stream(f, url: str, limits: ReadLimits, counter: Counter):

@@ -3,6 +3,8 @@
 Caption pair:   [bos] <image> caption <|endofchunk|> eos      (bos only if the tokenizer has one)
 Interleaved:    [bos] text <image> chunk <|endofchunk|> <image> chunk <|endofchunk|> ... eos
                 each image's following text chunk ends with <|endofchunk|>.
+An audio clip takes <audio> where an image takes <image> (a tokenizer with <audio>: runs with an
+audio tower); both are media tokens, counted alike (`furnace.tokens.is_media`).
 Literal "<image>" / "<|endofchunk|>" strings in sample text are removed before tokenising (in a
 generation prompt they are the control tokens); any
 other special token written in the text ("</s>", "<pad>") is encoded as text, never as a
@@ -14,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from furnace.data.tokenizer import special_ids
-from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN
+from furnace.tokens import AUDIO_TOKEN, EOC_TOKEN, IMAGE_TOKEN
 
 
 class SkipSample(Exception):
@@ -28,7 +30,10 @@ class SkipSample(Exception):
 class TextEncoder:
     def __init__(self, tokenizer, max_length: int, max_images: int):
         ids = special_ids(tokenizer)
-        self.image_id, self.eoc_id = ids["image"], ids["eoc"]
+        self.image_id, self.eoc_id, self.audio_id = ids["image"], ids["eoc"], ids["audio"]
+        # what build_labels and text_time take: the <image> id alone unless <audio> exists
+        self.media_ids = self.image_id if self.audio_id is None else (self.image_id, self.audio_id)
+        self._literals = (IMAGE_TOKEN, EOC_TOKEN) + (() if self.audio_id is None else (AUDIO_TOKEN,))
         self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
         self.max_length, self.max_images = max_length, max_images
         self.tokenizer = tokenizer
@@ -39,18 +44,27 @@ class TextEncoder:
         self._prefix = [self.bos_id] if self.bos_id is not None else []
 
     def encode(self, text: str) -> list[int]:
-        text = text.replace(IMAGE_TOKEN, " ").replace(EOC_TOKEN, " ")
+        for literal in self._literals:
+            text = text.replace(literal, " ")
         return list(self._backend.encode(text, add_special_tokens=False).ids)
 
-    def caption(self, caption: str) -> list[int]:
-        ids = self._prefix + [self.image_id] + self.encode(caption) + [self.eoc_id, self.eos_id]
+    def media_token(self, audio: bool) -> int:
+        """<audio> for an audio clip, <image> for any other medium."""
+        if not audio:
+            return self.image_id
+        if self.audio_id is None:
+            raise SkipSample("audio_not_enabled")  # a run without an audio tower
+        return self.audio_id
+
+    def caption(self, caption: str, audio: bool = False) -> list[int]:
+        ids = self._prefix + [self.media_token(audio)] + self.encode(caption) + [self.eoc_id, self.eos_id]
         if len(ids) > self.max_length:
             raise SkipSample("too_long")
         return ids
 
     def document(self, segments: list[dict]) -> tuple[list[int], list]:
-        """segments: [{"text": str} | {"image": ref}] -> (ids, the image refs kept, in order); a
-        ref is whatever names the image to the caller (a tar member name, an MMC4 index).
+        """segments: [{"text": str} | {"image": ref} | {"audio": ref}] -> (ids, the media refs kept,
+        in order); a ref is whatever names the medium to the caller (a tar member name, an MMC4 index).
 
         At most `max_images` images (the document is cut before the next one); truncated to
         `max_length`, dropping images whose <image> token was cut (and a trailing <image>).
@@ -59,13 +73,14 @@ class TextEncoder:
         images: list = []
         open_chunk = False
         for seg in segments:
-            if "image" in seg:
+            if "image" in seg or "audio" in seg:
                 if len(images) >= self.max_images:
                     break
                 if open_chunk:
                     ids.append(self.eoc_id)
-                ids.append(self.image_id)
-                images.append(seg["image"])
+                audio = "image" not in seg
+                ids.append(self.media_token(audio))
+                images.append(seg["audio" if audio else "image"])
                 open_chunk = True
             elif isinstance(seg.get("text"), str):
                 ids.extend(self.encode(seg["text"]))
@@ -74,13 +89,14 @@ class TextEncoder:
         if open_chunk:
             ids.append(self.eoc_id)
         ids.append(self.eos_id)
+        media = {self.image_id, self.audio_id}
         if len(ids) > self.max_length:
             ids = ids[: self.max_length]
-            while ids and ids[-1] == self.image_id:
+            while ids and ids[-1] in media:
                 ids.pop()
-            images = images[: sum(1 for t in ids if t == self.image_id)]
+            images = images[: sum(1 for t in ids if t in media)]
         if not images:
-            raise SkipSample("too_long" if any(t == self.image_id for t in ids) or len(ids) >= self.max_length
+            raise SkipSample("too_long" if any(t in media for t in ids) or len(ids) >= self.max_length
                              else "no_images")
         return ids, images
 
@@ -103,16 +119,20 @@ class TextEncoder:
             for j, chunk in enumerate(part.split(EOC_TOKEN)):
                 if j:
                     ids.append(self.eoc_id)
-                ids += self.encode(chunk)
+                for k, piece in enumerate(chunk.split(AUDIO_TOKEN) if self.audio_id is not None else [chunk]):
+                    if k:
+                        ids.append(self.audio_id)
+                    ids += self.encode(piece)
         return ids
 
     def reference_caption(self, ids) -> str | None:
-        """The caption text of an encoded caption pair (tokens after the first <image> up to
-        <|endofchunk|>); None for rows without an <image> (filler rows)."""
+        """The caption text of an encoded caption pair (tokens after the first media token up to
+        <|endofchunk|>); None for rows without one (filler rows)."""
         ids = [int(t) for t in ids]
-        if self.image_id not in ids:
+        first = next((i for i, t in enumerate(ids) if t in (self.image_id, self.audio_id)), None)
+        if first is None:
             return None
-        start = ids.index(self.image_id) + 1
+        start = first + 1
         end = ids.index(self.eoc_id, start) if self.eoc_id in ids[start:] else len(ids)
         return self.decode(ids[start:end])
 
@@ -134,7 +154,7 @@ class TextEncoder:
         for t in (int(x) for x in ids):
             if t in (self.eoc_id, self.eos_id, self.pad_id):
                 break
-            if t in (self.image_id, self.bos_id):
+            if t in (self.image_id, self.audio_id, self.bos_id):
                 continue
             out.append(t)
         return self.tokenizer.decode(out, skip_special_tokens=True).strip()

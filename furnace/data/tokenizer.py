@@ -15,18 +15,20 @@ from transformers import PreTrainedTokenizerFast
 
 from furnace.config import ConfigError, split_sources
 from furnace.data.sources import drawn_on_demand
-from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN
+from furnace.tokens import AUDIO_TOKEN, EOC_TOKEN, IMAGE_TOKEN
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 DEMO_PAD, DEMO_UNK, DEMO_BOS, DEMO_EOS = "<pad>", "<unk>", "<s>", "</s>"
 
 
-def _ensure_specials(tok):
-    """Register <image>/<|endofchunk|> (and a pad token when missing) as special tokens."""
+def _ensure_specials(tok, audio: bool = False):
+    """Register <image>/<|endofchunk|> (and a pad token when missing) as special tokens; with
+    `audio` (a run with an audio tower), <audio> too."""
     if not isinstance(tok, PreTrainedTokenizerFast):
         raise TypeError(f"expected a fast (tokenizers-backed) tokenizer, got {type(tok).__name__}")
-    extra = [t for t in (IMAGE_TOKEN, EOC_TOKEN) if t not in tok.get_vocab()
+    media = (IMAGE_TOKEN, EOC_TOKEN, AUDIO_TOKEN) if audio else (IMAGE_TOKEN, EOC_TOKEN)
+    extra = [t for t in media if t not in tok.get_vocab()
              or t not in tok.all_special_tokens]
     if extra:
         current = list(getattr(tok, "extra_special_tokens", None) or [])
@@ -38,16 +40,16 @@ def _ensure_specials(tok):
         tok.add_special_tokens({"eos_token": DEMO_EOS})
     if tok.pad_token is None:
         tok.add_special_tokens({"pad_token": DEMO_PAD})
-    for t in (IMAGE_TOKEN, EOC_TOKEN):
+    for t in media:
         if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id):
             raise RuntimeError(f"tokenizer failed to register {t}")
     return tok
 
 
-def build_word_tokenizer(words: Iterable[str]):
+def build_word_tokenizer(words: Iterable[str], audio: bool = False):
     """A word-level `PreTrainedTokenizerFast` over `words` (lower-cased, split on whitespace
-    and punctuation) with <pad>, <unk>, <s>, </s>, <image>, <|endofchunk|>."""
-    specials = [DEMO_PAD, DEMO_UNK, DEMO_BOS, DEMO_EOS, IMAGE_TOKEN, EOC_TOKEN]
+    and punctuation) with <pad>, <unk>, <s>, </s>, <image>, <|endofchunk|> (and <audio>)."""
+    specials = [DEMO_PAD, DEMO_UNK, DEMO_BOS, DEMO_EOS, IMAGE_TOKEN, EOC_TOKEN] + ([AUDIO_TOKEN] if audio else [])
     vocab: dict[str, int] = {t: i for i, t in enumerate(specials)}
     for w in sorted({w.lower() for w in words}):
         if w not in vocab:
@@ -59,9 +61,9 @@ def build_word_tokenizer(words: Iterable[str]):
     core.add_special_tokens(specials)
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core, bos_token=DEMO_BOS, eos_token=DEMO_EOS, unk_token=DEMO_UNK,
-        pad_token=DEMO_PAD, extra_special_tokens=[IMAGE_TOKEN, EOC_TOKEN],
+        pad_token=DEMO_PAD, extra_special_tokens=specials[4:],
         model_max_length=1024, padding_side="right")
-    return _ensure_specials(tok)
+    return _ensure_specials(tok, audio)
 
 
 def save_tokenizer(tok, path: str | os.PathLike) -> None:
@@ -69,8 +71,8 @@ def save_tokenizer(tok, path: str | os.PathLike) -> None:
     tok.save_pretrained(str(path))
 
 
-def load_tokenizer(path: str | os.PathLike):
-    """`path`: a local HF tokenizer directory (tokenizer.json etc.)."""
+def load_tokenizer(path: str | os.PathLike, audio: bool = False):
+    """`path`: a local HF tokenizer directory (tokenizer.json etc.); `audio`: <audio> registered too."""
     if path is None:
         raise FileNotFoundError("no tokenizer directory given; pass a local HF tokenizer dir (data.tokenizer)")
     path = str(path)
@@ -86,7 +88,7 @@ def load_tokenizer(path: str | os.PathLike):
 
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
     tok.padding_side = "right"
-    return _ensure_specials(tok)
+    return _ensure_specials(tok, audio)
 
 
 def tokenizer_dir(cfg) -> str:
@@ -110,11 +112,17 @@ def tokenizer_dir(cfg) -> str:
 
 
 def special_ids(tok) -> dict[str, int | None]:
-    """Ids the loader and the model need."""
+    """Ids the loader and the model need ("audio": None unless the tokenizer has <audio>)."""
     return {
         "image": tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        "audio": audio_token_id(tok),
         "eoc": tok.convert_tokens_to_ids(EOC_TOKEN),
         "pad": tok.pad_token_id,
         "eos": tok.eos_token_id,
         "bos": tok.bos_token_id,
     }
+
+
+def audio_token_id(tok) -> int | None:
+    """<audio>'s id, or None in a tokenizer without it (a run without an audio tower)."""
+    return tok.get_vocab().get(AUDIO_TOKEN)

@@ -1,9 +1,9 @@
 """Decoding for FlamingoModel and anything with its decoding interface (`check_media`, `media`,
-`next_logits`, `image_token_id`: a pipeline's stages run eagerly, `parallel.staged`): greedy,
+`next_logits`, `media_ids`: a pipeline's stages run eagerly, `parallel.staged`): greedy,
 sampling (temperature, top-k, top-p), a repetition penalty, and beam search with a length
 penalty; batched over prompts that are right- or left-padded, with the KV cache. Latents and
-their xattn keys/values are computed once per sample. <image> is never generated: no image could
-stand behind it.
+their xattn keys/values are computed once per sample. <image> (and <audio>) is never generated:
+no medium could stand behind it. Audio clips come as `audio` / `audio_valid` (the batch's).
 
 `synced_group`: ranks that must run the same number of forwards (ZeRO-3 gathers weights
 collectively): decoding goes on until every one of them is done.
@@ -38,13 +38,13 @@ def all_done(done: torch.Tensor, group=None) -> bool:
     return int(left.item()) == 0
 
 
-def shape_logits(logits: torch.Tensor, seen: torch.Tensor, *, image_token_id: int, repetition_penalty: float = 1.0,
+def shape_logits(logits: torch.Tensor, seen: torch.Tensor, *, image_token_id, repetition_penalty: float = 1.0,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """fp32 logits [N, V] with <image> ruled out; a token already in `seen` [N, S] has its logit
+    """fp32 logits [N, V] with <image> (every media id of `image_token_id`: an id or a tuple) ruled out; a token already in `seen` [N, S] has its logit
     divided (positive) or multiplied (negative) by `repetition_penalty` (CTRL's rule, as
     transformers applies it); then temperature, and top-k / top-p (nucleus) filtering to -inf."""
     logits = logits.float().clone()
-    logits[:, image_token_id] = float("-inf")
+    logits[:, list(image_token_id) if isinstance(image_token_id, tuple) else image_token_id] = float("-inf")
     if repetition_penalty != 1.0 and seen.numel():
         picked = logits.gather(1, seen)
         logits.scatter_(1, seen, torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty))
@@ -64,12 +64,17 @@ def shape_logits(logits: torch.Tensor, seen: torch.Tensor, *, image_token_id: in
 class _State:
     """The prompt's media and positions, and the caches, for `rows` decoding rows per sample."""
 
-    def __init__(self, model, input_ids, attention_mask, images, media_valid, pad_token_id: int, rows: int):
+    def __init__(self, model, input_ids, attention_mask, images, media_valid, pad_token_id: int, rows: int,
+                 audio=None, audio_valid=None):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         ids, mask = left_align(input_ids, attention_mask, pad_token_id)
-        model.check_media(ids, media_valid)
-        latents, seg, tt = model.media(ids, images, media_valid)
+        if audio is None:  # an image-only model's interface, as it was
+            model.check_media(ids, media_valid)
+            latents, seg, tt = model.media(ids, images, media_valid)
+        else:
+            model.check_media(ids, media_valid, audio_valid)
+            latents, seg, tt = model.media(ids, images, media_valid, audio, audio_valid)
         if rows > 1:  # each sample's beams side by side
             ids, mask, latents, seg, tt = (t.repeat_interleave(rows, 0) for t in (ids, mask, latents, seg, tt))
         self.model, self.ids, self.latents, self.seg = model, ids, latents, seg
@@ -101,12 +106,13 @@ def generate(model, input_ids, attention_mask=None, images=None, media_valid=Non
              eos_token_id: int | None = None, pad_token_id: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, generator: torch.Generator | None = None,
-             stop=None, synced_group=None) -> torch.Tensor:
+             stop=None, synced_group=None, audio=None, audio_valid=None) -> torch.Tensor:
     """[B, new tokens]; rows that end early are padded with `pad_token_id` after their EOS.
     Greedy by default; `do_sample` draws from the shaped distribution (with `generator`, the
     same draws every time); `num_beams` > 1 runs beam search (scores: summed log-probabilities
     over length ** `length_penalty`). `stop(new tokens [B, t]) -> [B] bool`: rows that are done
-    (a stop string written), checked after every token of greedy and sampled decoding."""
+    (a stop string written), checked after every token of greedy and sampled decoding.
+    `audio`, `audio_valid`: the prompts' audio clips (a model with an audio tower)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: decoding needs at least 1 new token")
     if num_beams > 1:
@@ -115,14 +121,14 @@ def generate(model, input_ids, attention_mask=None, images=None, media_valid=Non
         return _beam_search(model, input_ids, attention_mask, images, media_valid, max_new_tokens=max_new_tokens,
                             eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_beams=num_beams,
                             length_penalty=length_penalty, repetition_penalty=repetition_penalty,
-                            synced_group=synced_group)
-    state = _State(model, input_ids, attention_mask, images, media_valid, pad_token_id, 1)
+                            synced_group=synced_group, audio=audio, audio_valid=audio_valid)
+    state = _State(model, input_ids, attention_mask, images, media_valid, pad_token_id, 1, audio, audio_valid)
     logits = state.first()
     b = state.ids.shape[0]
     seen, out = state.ids, []
     done = torch.zeros(b, dtype=torch.bool, device=seen.device)
     for _ in range(max_new_tokens):
-        shaped = shape_logits(logits, seen, image_token_id=model.image_token_id,
+        shaped = shape_logits(logits, seen, image_token_id=model.media_ids,
                               repetition_penalty=repetition_penalty, temperature=temperature if do_sample else 1.0,
                               top_k=top_k if do_sample else 0, top_p=top_p if do_sample else 1.0)
         if do_sample:
@@ -143,13 +149,14 @@ def generate(model, input_ids, attention_mask=None, images=None, media_valid=Non
 
 
 def _beam_search(model, input_ids, attention_mask, images, media_valid, *, max_new_tokens, eos_token_id,
-                 pad_token_id, num_beams, length_penalty, repetition_penalty, synced_group) -> torch.Tensor:
+                 pad_token_id, num_beams, length_penalty, repetition_penalty, synced_group, audio=None,
+                 audio_valid=None) -> torch.Tensor:
     """Keeps the `num_beams` best unfinished prefixes of each sample; one that emits EOS among the
     best is finished with its score (summed log-probabilities / length ** length_penalty). Stops
     when no unfinished prefix can beat a sample's `num_beams` best finished ones (`_settled`),
     or at max_new_tokens, where the live beams compete with the finished ones."""
     k = num_beams
-    state = _State(model, input_ids, attention_mask, images, media_valid, pad_token_id, k)
+    state = _State(model, input_ids, attention_mask, images, media_valid, pad_token_id, k, audio, audio_valid)
     b = state.ids.shape[0] // k
     dev = state.ids.device
     scores = torch.zeros(b, k, device=dev)
@@ -159,7 +166,7 @@ def _beam_search(model, input_ids, attention_mask, images, media_valid, *, max_n
     logits = state.first()
     for step in range(max_new_tokens):
         seen = torch.cat([state.ids, tokens], dim=1)
-        logp = shape_logits(logits, seen, image_token_id=model.image_token_id,
+        logp = shape_logits(logits, seen, image_token_id=model.media_ids,
                             repetition_penalty=repetition_penalty).log_softmax(-1)
         v = logp.shape[-1]
         cand = (scores.reshape(-1, 1) + logp).reshape(b, k * v)

@@ -9,6 +9,11 @@ run the same functions, each taking the modules it needs:
     decoder_block   [gated xattn block] + decoder layer i, positions and segments as arguments
     output_logits   hidden states -> logits (the LM's head and the new-token rows)
 
+With an audio tower (`model.audio`), `model.audio` is an `AudioBranch` (tower + its own
+resampler): a batch's `audio` [B, T, S] / `audio_valid` [B, T] mark the slots that hold clips,
+whose latents replace the image side's in those slots; an <audio> token starts a medium as an
+<image> does, so the xattn blocks and text_time are the same for both.
+
 New tokens (<image>, <|endofchunk|>) that the LM's vocabulary lacks get their own embedding
 (and, for untied heads, output) rows, so a frozen LM trains exactly those rows and nothing of
 its own. Nothing per-batch is stored on a module: latents, text_time and caches are arguments.
@@ -23,9 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from furnace.config import ModelConfig
-from furnace.tokens import IGNORE_INDEX, IMAGE_TOKEN, build_labels, positions, text_time
+from furnace.tokens import AUDIO_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, build_labels, is_media, positions, text_time
 
 from . import decoding, llama
+from .audio import AudioBranch, AudioTower, audio_from_config, audio_from_hf
 from .contrastive import ContrastiveHeads
 from .layers import run_block
 from .llama import KVCache, Llama
@@ -50,19 +56,36 @@ def media_segments(media_valid: torch.Tensor, num_latents: int) -> torch.Tensor:
     return seg.repeat_interleave(num_latents, dim=1)
 
 
-def check_media(input_ids: torch.Tensor, media_valid: torch.Tensor, image_token_id: int) -> None:
-    """Every <image> token needs exactly one valid image. Checked where the batch is still on
-    the CPU: on an accelerator the comparison would stall the host once per micro-batch, so
-    there the trainer and the benchmarks call this on the loader's batch before the copy."""
+def check_media(input_ids: torch.Tensor, media_valid: torch.Tensor, image_token_id, audio_valid=None,
+                audio_token_id: int | None = None) -> None:
+    """Every <image> token needs exactly one valid image (every media token one medium: with
+    `audio_token_id`, the k-th media token of a row is <audio> exactly when its slot k holds a
+    clip in `audio_valid`). Checked where the batch is still on the CPU: on an accelerator the
+    comparison would stall the host once per micro-batch, so there the trainer and the
+    benchmarks call this on the loader's batch before the copy."""
     if input_ids.device.type != "cpu":
         return
-    n_tokens = (input_ids == image_token_id).sum(1)
+    media = image_token_id if audio_token_id is None else (image_token_id, audio_token_id)
+    word = IMAGE_TOKEN if audio_token_id is None else f"media ({IMAGE_TOKEN}, {AUDIO_TOKEN})"
+    marked = is_media(input_ids, media)
+    n_tokens = marked.sum(1)
     n_images = media_valid.sum(1)
     if not torch.equal(n_tokens, n_images):
         row = int((n_tokens != n_images).nonzero()[0, 0])
-        raise ValueError(f"batch row {row} has {int(n_tokens[row])} {IMAGE_TOKEN} tokens but "
-                         f"{int(n_images[row])} valid images; every {IMAGE_TOKEN} token needs exactly one "
+        raise ValueError(f"batch row {row} has {int(n_tokens[row])} {word} tokens but "
+                         f"{int(n_images[row])} valid images; every {word} token needs exactly one "
                          "image marked in media_valid")
+    if audio_token_id is None:
+        return
+    clips = audio_valid.bool() if audio_valid is not None else torch.zeros_like(media_valid)
+    slot = (marked.long().cumsum(1) - 1).clamp(0, media_valid.shape[1] - 1)  # each media token's slot k
+    wrong = marked & ((input_ids == audio_token_id) != clips.gather(1, slot))
+    if wrong.any():
+        row, pos = (int(x) for x in wrong.nonzero()[0])
+        k, audio = int(slot[row, pos]), bool(input_ids[row, pos] == audio_token_id)
+        raise ValueError(f"batch row {row}: media token {k} (position {pos}) is {AUDIO_TOKEN if audio else IMAGE_TOKEN} "
+                         f"but audio_valid marks slot {k} as {'an image' if audio else 'an audio clip'}; the k-th media "
+                         f"token is {AUDIO_TOKEN} exactly when slot k holds an audio clip")
 
 
 # ------------------------------------------------------------------ the forward path
@@ -87,13 +110,31 @@ def encode_media(vision: VisionTower, perceiver: PerceiverResampler, images: tor
     return out.view(b, t, *lat.shape[1:])
 
 
+def encode_all(vision: VisionTower, perceiver: PerceiverResampler, images: torch.Tensor, media_valid: torch.Tensor,
+               audio_branch: AudioBranch | None = None, audio=None, audio_valid=None) -> torch.Tensor:
+    """latents [B, T, n, dv] of every medium: the images' (`encode_media`), and with an audio
+    branch the clips' in the slots `audio_valid` marks (a batch without audio: an empty selection,
+    the branch still runs)."""
+    if audio_branch is None:
+        return encode_media(vision, perceiver, images, media_valid)
+    if audio is None:
+        audio = images.new_zeros(media_valid.shape + (1,))
+        audio_valid = torch.zeros_like(media_valid)
+    audio_valid = audio_valid & media_valid
+    from_images = encode_media(vision, perceiver, images, media_valid & ~audio_valid)
+    from_audio = audio_branch(audio, audio_valid).to(from_images.dtype)
+    return torch.where(audio_valid[:, :, None, None], from_audio, from_images)
+
+
 def media_context(vision: VisionTower, perceiver: PerceiverResampler, input_ids: torch.Tensor,
-                  images: torch.Tensor, media_valid: torch.Tensor, image_token_id: int, segment_ids=None,
-                  reset_id: int | None = None):
+                  images: torch.Tensor, media_valid: torch.Tensor, image_token_id, segment_ids=None,
+                  reset_id: int | None = None, audio_branch: AudioBranch | None = None, audio=None,
+                  audio_valid=None):
     """What every xattn block reads: (latents [B, T*n, dv], media_segment [B, T*n], text_time [B, L]);
     `segment_ids`: a packed row's samples (each sees only its own images); `reset_id`: the token
-    after which text sees no image until the next (`text_time`)."""
-    latents = encode_media(vision, perceiver, images, media_valid)
+    after which text sees no image until the next (`text_time`); `image_token_id`: the media
+    ids (`is_media`); `audio_branch`, `audio`, `audio_valid`: the clips (`encode_all`)."""
+    latents = encode_all(vision, perceiver, images, media_valid, audio_branch, audio, audio_valid)
     seg = media_segments(media_valid, latents.shape[2])
     return latents.flatten(1, 2), seg, text_time(input_ids, image_token_id, segment_ids, reset_id)
 
@@ -159,17 +200,24 @@ class FlamingoModel(nn.Module):
     tokenizer's."""
 
     def __init__(self, lm: Llama, vision: VisionTower, cfg: ModelConfig, *, vocab_size: int, image_token_id: int,
-                 eoc_token_id: int, eos_token_id: int | None = None, drawn_in=contextlib.nullcontext):
+                 eoc_token_id: int, eos_token_id: int | None = None, drawn_in=contextlib.nullcontext,
+                 audio: AudioTower | None = None, audio_token_id: int | None = None):
         """`drawn_in()`: the context the resampler, xattn blocks and adapters are built in (each draws and
         initialises its own weights in its constructor, so a context that takes them over module
         by module, such as ZeRO-3's partitioning, sees the same numbers). `eos_token_id`: the
-        tokenizer's, needed by `model.xattn.reset_after_eos`."""
+        tokenizer's, needed by `model.xattn.reset_after_eos`. `audio`: the audio tower (built
+        already, as `vision`), with `audio_token_id` (<audio>'s id) and `cfg.audio_perceiver`."""
         super().__init__()
         d, dv = lm.cfg.hidden_size, vision.hidden_size
         self.lm = lm
         self.vision = vision
         self.image_token_id = image_token_id
         self.eoc_token_id = eoc_token_id
+        if (audio is None) != (audio_token_id is None):
+            raise ValueError("an audio tower needs the tokenizer's <audio> id, and <audio> an audio tower")
+        self.audio_token_id = audio_token_id
+        # What text_time, the labels and decoding take as media tokens: <image> alone without audio.
+        self.media_ids = image_token_id if audio_token_id is None else (image_token_id, audio_token_id)
         self.num_latents = cfg.perceiver.num_latents
         self.xattn_every = cfg.xattn.every
         self.xattn_first = cfg.xattn.placement == "first"
@@ -182,10 +230,17 @@ class FlamingoModel(nn.Module):
             self.perceiver = PerceiverResampler(dv, cfg.perceiver)
             self.xattn = nn.ModuleList(GatedCrossAttentionBlock(d, dv, cfg.xattn, lm.cfg.rms_norm_eps)
                                        for _ in range(lm.cfg.num_layers // cfg.xattn.every))
+        self.audio = None
+        if audio is not None:
+            if cfg.audio_perceiver.num_latents != cfg.perceiver.num_latents:
+                raise ValueError("model.audio_perceiver.num_latents must equal model.perceiver.num_latents")
+            with drawn_in():  # the tower is built already; its projection and resampler are drawn here
+                self.audio = AudioBranch(audio, dv, cfg.audio_perceiver)
         self.base_vocab = lm.cfg.vocab_size
         n_extra = max(0, vocab_size - self.base_vocab)
-        if max(image_token_id, eoc_token_id) >= self.base_vocab + n_extra:
-            raise ValueError(f"token ids {image_token_id}/{eoc_token_id} exceed the vocabulary ({self.base_vocab + n_extra})")
+        if max(image_token_id, eoc_token_id, audio_token_id or 0) >= self.base_vocab + n_extra:
+            raise ValueError(f"token ids {image_token_id}/{eoc_token_id}/{audio_token_id} exceed the vocabulary "
+                             f"({self.base_vocab + n_extra})")
         self.new_tokens = NewTokens(lm, n_extra) if n_extra else None
         self.activation_checkpointing = cfg.activation_checkpointing
         # The loss over the head's logits; tensor parallelism swaps in the vocab-parallel CE
@@ -238,11 +293,11 @@ class FlamingoModel(nn.Module):
         if self.new_tokens is not None:
             self.new_tokens.tie_weights(self.lm.cfg.tie_word_embeddings)
 
-    def check_media(self, input_ids: torch.Tensor, media_valid: torch.Tensor) -> None:
-        check_media(input_ids, media_valid, self.image_token_id)
+    def check_media(self, input_ids: torch.Tensor, media_valid: torch.Tensor, audio_valid=None) -> None:
+        check_media(input_ids, media_valid, self.image_token_id, audio_valid, self.audio_token_id)
 
-    def encode_media(self, images: torch.Tensor, media_valid: torch.Tensor) -> torch.Tensor:
-        return encode_media(self.vision, self.perceiver, images, media_valid)
+    def encode_media(self, images: torch.Tensor, media_valid: torch.Tensor, audio=None, audio_valid=None) -> torch.Tensor:
+        return encode_all(self.vision, self.perceiver, images, media_valid, self.audio, audio, audio_valid)
 
     def decoder(self, input_ids, latents, media_segment, text_times, *, position_ids=None,
                 segment_ids=None, kv_segment_ids=None, caches=None, media_kvs=None, embedded=None) -> torch.Tensor:
@@ -269,9 +324,10 @@ class FlamingoModel(nn.Module):
     def _forward(self, batch: dict):
         """(logits, the contrastive loss or None)."""
         input_ids, media_valid = batch["input_ids"], batch["media_valid"]
-        self.check_media(input_ids, media_valid)
+        self.check_media(input_ids, media_valid, batch.get("audio_valid"))
         latents, seg, tt = media_context(self.vision, self.perceiver, input_ids, batch["images"], media_valid,
-                                         self.image_token_id, batch.get("segment_ids"), self.media_reset_id)
+                                         self.media_ids, batch.get("segment_ids"), self.media_reset_id,
+                                         self.audio, batch.get("audio"), batch.get("audio_valid"))
         h = self.embed(input_ids)
         aux = None
         if self.contrastive is not None and self.contrastive_weight:
@@ -282,8 +338,8 @@ class FlamingoModel(nn.Module):
         return logits, aux
 
     def text_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """[B, L] the tokens a text embedding pools: not padding, not <image>."""
-        keep = input_ids != self.image_token_id
+        """[B, L] the tokens a text embedding pools: not padding, not a media token."""
+        keep = ~is_media(input_ids, self.media_ids)
         return keep if attention_mask is None else keep & attention_mask.bool()
 
     def image_embeddings(self, images: torch.Tensor, media_valid: torch.Tensor) -> torch.Tensor:
@@ -299,17 +355,17 @@ class FlamingoModel(nn.Module):
         labels = batch.get("labels")
         if labels is None:
             labels = build_labels(batch["input_ids"], batch.get("attention_mask"),
-                                  image_token_id=self.image_token_id, eoc_token_id=self.eoc_token_id)
+                                  image_token_id=self.media_ids, eoc_token_id=self.eoc_token_id)
         logits, aux = self._forward(batch)
         loss = self.loss_fn(logits, labels)
         return loss if aux is None else loss + self.contrastive_weight * aux
 
     # -------------------------------------------------------------- generation
 
-    def media(self, input_ids, images, media_valid):
+    def media(self, input_ids, images, media_valid, audio=None, audio_valid=None):
         """(latents, media_segment, text_time) for decoding."""
-        return media_context(self.vision, self.perceiver, input_ids, images, media_valid, self.image_token_id,
-                             reset_id=self.media_reset_id)
+        return media_context(self.vision, self.perceiver, input_ids, images, media_valid, self.media_ids,
+                             reset_id=self.media_reset_id, audio_branch=self.audio, audio=audio, audio_valid=audio_valid)
 
     def next_logits(self, input_ids, latents, media_segment, text_times, **kw) -> torch.Tensor:
         """[B, whole vocabulary]: the logits after the last position, gathered under TP."""
@@ -318,7 +374,8 @@ class FlamingoModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, images=None, media_valid=None, **kw) -> torch.Tensor:
-        """Greedy decoding, sampling or beam search with this model (`decoding.generate`)."""
+        """Greedy decoding, sampling or beam search with this model (`decoding.generate`; `audio`,
+        `audio_valid` among `kw`)."""
         return decoding.generate(self, input_ids, attention_mask, images, media_valid, **kw)
 
 
@@ -326,10 +383,12 @@ class FlamingoModel(nn.Module):
 
 def build_flamingo(cfg: ModelConfig, *, vocab_size: int, image_token_id: int, eoc_token_id: int,
                    eos_token_id: int | None = None, lm: Llama | None = None, vision: VisionTower | None = None,
-                   drawn_in=contextlib.nullcontext) -> FlamingoModel:
-    """FlamingoModel from a `ModelConfig`; vocab ids come from the tokenizer (len, <image>, <|endofchunk|>, EOS).
-    `lm`/`vision` replace the config's (used when reloading a saved model). Draws the fresh
-    weights from torch's global RNG, in module order: seed it first for identical replicas."""
+                   drawn_in=contextlib.nullcontext, audio_token_id: int | None = None,
+                   audio: AudioTower | None = None) -> FlamingoModel:
+    """FlamingoModel from a `ModelConfig`; vocab ids come from the tokenizer (len, <image>, <|endofchunk|>, EOS,
+    and <audio> with `model.audio`). `lm`/`vision`/`audio` replace the config's (used when
+    reloading a saved model). Draws the fresh weights from torch's global RNG, in module order:
+    seed it first for identical replicas."""
     if lm is None:
         lm = (llama.from_hf(cfg.lm.path) if cfg.lm.path
               else llama.from_config(dataclasses.replace(cfg.lm, vocab_size=cfg.lm.vocab_size or vocab_size)))
@@ -337,6 +396,10 @@ def build_flamingo(cfg: ModelConfig, *, vocab_size: int, image_token_id: int, eo
         vision = (vision_from_hf(cfg.vision.path, frozen=cfg.freeze_vision) if cfg.vision.path
                   else vision_from_config(cfg.vision, frozen=cfg.freeze_vision))
     vision.features = cfg.vision.features
+    if audio is None and cfg.audio.kind != "none":
+        audio = (audio_from_hf(cfg.audio.path, frozen=cfg.freeze_audio) if cfg.audio.path
+                 else audio_from_config(cfg.audio, frozen=cfg.freeze_audio))
     return FlamingoModel(lm, vision, cfg, vocab_size=vocab_size, image_token_id=image_token_id,
-                         eoc_token_id=eoc_token_id, eos_token_id=eos_token_id, drawn_in=drawn_in)
+                         eoc_token_id=eoc_token_id, eos_token_id=eos_token_id, drawn_in=drawn_in,
+                         audio=audio, audio_token_id=audio_token_id if audio is not None else None)
 

@@ -73,8 +73,9 @@ def empty_parts(arch: dict, freeze_vision: bool) -> tuple[Llama, VisionTower]:
 
 def flamingo_meta(model: FlamingoModel, model_config: dict) -> dict:
     """flamingo.json: furnace's model config, the token ids and the `architecture`."""
+    audio = {} if model.audio_token_id is None else {"audio_token_id": model.audio_token_id}
     return {"model": model_config, "vocab_size": model.vocab_size, "image_token_id": model.image_token_id,
-            "eoc_token_id": model.eoc_token_id, "eos_token_id": model.eos_token_id, **architecture(model)}
+            "eoc_token_id": model.eoc_token_id, "eos_token_id": model.eos_token_id, **audio, **architecture(model)}
 
 
 def save_flamingo(model: FlamingoModel, path, model_config: dict, *, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -105,7 +106,7 @@ def empty_flamingo(meta: dict, mcfg: ModelConfig) -> FlamingoModel:
     with empty():
         model = build_flamingo(mcfg, vocab_size=meta["vocab_size"], image_token_id=meta["image_token_id"],
                                eoc_token_id=meta["eoc_token_id"], eos_token_id=meta.get("eos_token_id"),
-                               lm=lm, vision=vision)
+                               lm=lm, vision=vision, audio_token_id=meta.get("audio_token_id"))
     model.tie_weights()
     return model
 

@@ -15,7 +15,9 @@ Plan per block (C = column-parallel, R = row-parallel, V = vocab-parallel):
     xattn block     attn.{to_q,to_k,to_v} C, to_out R;   ff.fc1 C, ff.fc2 R  (SwiGLU: ff.{gate,up}_proj C,
                     ff.down_proj R)
     perceiver       layers[d][0].{to_q,to_k,to_v} C, to_out R;  layers[d][1].fc1 C, fc2 R
-    replicated      norms, gates, latents, frame embeddings, new_tokens, the vision tower; the
+                    (the audio resampler, audio.perceiver, as the image one)
+    replicated      norms, gates, latents, frame embeddings, new_tokens, the vision and audio towers
+                    (vision.*, audio.tower.*), the audio projection; the
                     per-head q/k norms too, their gradients summed over the ranks' heads
     LoRA adapters   C: lora_A whole, lora_B split by rows;  R: lora_A split by columns, lora_B whole
                     (`furnace.parallel.lora`)
@@ -45,6 +47,8 @@ COLUMN_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "to_q", 
 ROW_MODULES = ("o_proj", "down_proj", "to_out", "fc2")
 VOCAB_MODULES = ("embed_tokens", "lm_head")
 SHARDED_MODULES = COLUMN_MODULES + ROW_MODULES + VOCAB_MODULES
+# The towers every rank holds whole, whatever their layers are called (Whisper's are q_proj, fc1 ...).
+REPLICATED_TOWERS = ("vision.", "audio.tower.")
 
 
 def tp_split_dim(param_name: str) -> int | None:
@@ -53,7 +57,7 @@ def tp_split_dim(param_name: str) -> int | None:
     parts = param_name.split(".")
     if len(parts) >= 3 and parts[-2] in ADAPTERS and parts[-3] in COLUMN_MODULES + ROW_MODULES:
         return lora_split_dim(param_name, parts[-3] in COLUMN_MODULES)
-    if len(parts) < 2 or param_name.startswith("vision.") or parts[-2] not in SHARDED_MODULES:
+    if len(parts) < 2 or param_name.startswith(REPLICATED_TOWERS) or parts[-2] not in SHARDED_MODULES:
         return None
     if parts[-2] in ROW_MODULES:
         return 1 if parts[-1] == "weight" else None  # a row-parallel bias is added after the sum
@@ -158,7 +162,8 @@ def parallelize(model, topology, *, partition=None) -> nn.Module:
     for blk in model.xattn:
         up, down = (("gate_proj", "up_proj"), "down_proj") if hasattr(blk.ff, "gate_proj") else (("fc1",), "fc2")
         _attn_mlp(blk.attn, ("to_q", "to_k", "to_v"), "to_out", blk.ff, up, down, group, partition)
-    for attn, ff in model.perceiver.layers:
+    resamplers = [model.perceiver] + ([model.audio.perceiver] if model.audio is not None else [])
+    for attn, ff in (layer for r in resamplers for layer in r.layers):
         _attn_mlp(attn, ("to_q", "to_k", "to_v"), "to_out", ff, ("fc1",), "fc2", group, partition)
     for m in model.modules():
         if isinstance(m, HeadNorm):  # sees only this rank's heads: its weights' gradients are partial sums

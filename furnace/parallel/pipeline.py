@@ -3,7 +3,7 @@
 The stages are thin adapters over the model's own forward path (`furnace.model.flamingo`):
 each holds the modules its function needs and passes one tuple of tensors on:
 
-    media    (ids, images, media_valid[, pos, seg])      -> media_context -> (ids, latents, media_segment, tt, pos[, seg])
+    media    (ids, images, media_valid[, audio, audio_valid][, pos, seg]) -> media_context -> (ids, latents, media_segment, tt, pos[, seg])
     embed    (ids, latents, media_segment, tt, pos[, seg]) -> embed_tokens -> (h, latents, media_segment, tt, pos[, seg])
     block i  (h, ...) -> decoder_block (xattn block i's + decoder layer i) -> same
     norm     (h, ...) -> same
@@ -20,7 +20,9 @@ it into the loss of that micro-batch (embeddings and latents are both there):
 `pos` (position_ids) and `seg` (segment_ids) flow with the hidden states, so packed rows run
 under PP as they do without it; `seg` is there only when the batch has one (its presence is
 fixed for a run: DeepSpeed sizes the stage buffers from the first micro-batch). Stage 0 holds
-the vision tower, the resampler and the embeddings; the decoder and xattn layers are
+the vision tower, the resampler (and the audio branch: its inputs, audio and audio_valid,
+travel with a model that has one, a batch without clips getting an empty selection) and the
+embeddings; the decoder and xattn layers are
 partitioned by trainable parameters; the last stage holds norm, head and loss. With tied
 embeddings, embed and head are one TiedLayerSpec ("embed"): DeepSpeed keeps a copy on the first
 and the last stage and all-reduces its gradient between them. Activation checkpointing is the
@@ -33,6 +35,7 @@ which the parity tests rely on. A pretrained decoder is filled only for this ran
 """
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 
 from furnace.model.flamingo import check_media, decoder_block, embed_tokens, media_context, output_logits
@@ -42,21 +45,27 @@ from furnace.tokens import positions
 
 
 class MediaStage(nn.Module):
-    """Vision tower + Perceiver Resampler: images -> latents [B, T*n, dv]."""
+    """Vision tower + Perceiver Resampler (+ the audio branch): images (and clips) -> latents [B, T*n, dv]."""
 
     def __init__(self, model):
         super().__init__()
-        self.vision, self.perceiver = model.vision, model.perceiver
+        self.vision, self.perceiver, self.audio = model.vision, model.perceiver, model.audio
         self.image_token_id, self.media_reset_id = model.image_token_id, model.media_reset_id
+        self.audio_token_id, self.media_ids = model.audio_token_id, model.media_ids
         self.with_aux = carries_aux(model)
 
     def forward(self, inputs):
         input_ids, images, media_valid, *pos_seg = inputs
         media_valid = media_valid.bool()
-        check_media(input_ids, media_valid, self.image_token_id)
+        audio = audio_valid = None
+        if self.audio is not None:
+            audio, audio_valid, *pos_seg = pos_seg
+            audio_valid = audio_valid.bool()
+        check_media(input_ids, media_valid, self.image_token_id, audio_valid, self.audio_token_id)
         segment_ids = pos_seg[1] if len(pos_seg) > 1 and not self.with_aux else None  # else: the text mask
         latents, seg, tt = media_context(self.vision, self.perceiver, input_ids, images, media_valid,
-                                         self.image_token_id, segment_ids, self.media_reset_id)
+                                         self.media_ids, segment_ids, self.media_reset_id, self.audio, audio,
+                                         audio_valid)
         if not pos_seg:
             pos_seg = [positions(input_ids).contiguous()]  # sends need contiguous tensors
         return (input_ids, latents, seg, tt, *pos_seg)
@@ -244,11 +253,17 @@ def flamingo_pipeline(model, topology, *, partition_method: str = "parameters"):
 def batch_to_pipe(batch: dict, model=None):
     """The batch dict as the PipelineEngine wants it: ((stage-0 inputs), labels), with the
     batch's position_ids and segment_ids (packed rows) when it has them, and with `model`'s
-    contrastive loss on, the positions and the text mask."""
+    contrastive loss on, the positions and the text mask; with its audio branch, audio and
+    audio_valid after media_valid."""
     labels = batch.get("labels")
     if labels is None:
         raise ValueError("pipeline batches need labels")
     inputs = (batch["input_ids"], batch["images"], batch["media_valid"])
+    if model is not None and model.audio is not None:
+        audio = batch.get("audio")
+        if audio is None:  # no clip in this batch: one zero sample per slot, none valid
+            audio = batch["images"].new_zeros(batch["media_valid"].shape + (1,))
+        inputs += (audio, batch.get("audio_valid", torch.zeros_like(batch["media_valid"])))
     if model is not None and carries_aux(model):
         pos = batch.get("position_ids")
         pos = positions(batch["input_ids"]).contiguous() if pos is None else pos

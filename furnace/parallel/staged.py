@@ -28,6 +28,7 @@ class StagedFlamingo:
     def __init__(self, model, pipe, topology):
         self.model = model
         self.image_token_id, self.eoc_token_id = model.image_token_id, model.eoc_token_id
+        self.media_ids = model.media_ids
         n_layers = len(model.lm.layers)
         parts = list(pipe.parts)
         stage_of = lambda spec: next(s for s in range(topology.pp) if parts[s] <= spec < parts[s + 1])  # noqa: E731
@@ -51,22 +52,22 @@ class StagedFlamingo:
         self.model.train(mode)
         return self
 
-    def check_media(self, input_ids, media_valid) -> None:
-        check_media(input_ids, media_valid, self.image_token_id)
+    def check_media(self, input_ids, media_valid, audio_valid=None) -> None:
+        check_media(input_ids, media_valid, self.image_token_id, audio_valid, self.model.audio_token_id)
 
     # ---------------------------------------------------------------- the stages
 
-    def media(self, input_ids, images, media_valid, segment_ids=None):
+    def media(self, input_ids, images, media_valid, audio=None, audio_valid=None, segment_ids=None):
         """(latents, media_segment, text_time) on every stage: the media stage's latents, broadcast."""
         m = self.model
         b, t = media_valid.shape
         shape = (b, t * m.num_latents, m.vision.hidden_size)
         if self.has_media:
-            latents = m.encode_media(images, media_valid).flatten(1, 2).to(self.dtype).contiguous()
+            latents = m.encode_media(images, media_valid, audio, audio_valid).flatten(1, 2).to(self.dtype).contiguous()
         else:
             latents = torch.empty(shape, dtype=self.dtype, device=input_ids.device)
         dist.broadcast(latents, src=self.ranks[self.media_stage], group=self.group)
-        return latents, media_segments(media_valid, m.num_latents), text_time(input_ids, self.image_token_id,
+        return latents, media_segments(media_valid, m.num_latents), text_time(input_ids, self.media_ids,
                                                                                segment_ids, m.media_reset_id)
 
     def _hidden(self, input_ids, latents, media_segment, text_times, *, position_ids=None, segment_ids=None,
@@ -114,7 +115,8 @@ class StagedFlamingo:
     def __call__(self, batch: dict) -> torch.Tensor:
         """The loss of a batch (labels included), on every stage."""
         ids = batch["input_ids"]
-        latents, seg, tt = self.media(ids, batch["images"], batch["media_valid"], batch.get("segment_ids"))
+        latents, seg, tt = self.media(ids, batch["images"], batch["media_valid"], batch.get("audio"),
+                                      batch.get("audio_valid"), batch.get("segment_ids"))
         logits = self._hidden(ids, latents, seg, tt, position_ids=batch.get("position_ids"),
                               segment_ids=batch.get("segment_ids"))
         loss = (self.model.loss_fn(logits, batch["labels"]).float().reshape(1) if logits is not None

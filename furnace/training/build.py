@@ -24,12 +24,13 @@ from furnace.data.demo import ensure_demo_data
 from furnace.data.lengths import longest_sample
 from furnace.data.loader import ShardLoader
 from furnace.data.synthetic import demo_tokenizer
-from furnace.data.tokenizer import load_tokenizer, tokenizer_dir
+from furnace.data.tokenizer import audio_token_id, load_tokenizer, tokenizer_dir
 from furnace.model.flamingo import FlamingoModel, build_flamingo
 from furnace.model.empty import empty
 from furnace.model.compile import compile_media, compile_parts
 from furnace.model.llama import skeleton_from_hf
 from furnace.model.start_from import start_config, start_tensors
+from furnace.model.audio import config_of as audio_config_of
 from furnace.model.vision import config_of, vision_skeleton_from_hf
 from furnace.parallel.apply import parallelize
 from furnace.parallel.materialize import load_pretrained_lm, load_pretrained_tower, load_start
@@ -69,11 +70,13 @@ class Components:
 
 
 def build_tokenizer(cfg: Config, *, loaders: bool = True):
-    """The run's tokenizer (`tokenizer_dir`). Without data (benchmarks on random tensors) and
-    no tokenizer of its own, the demo's word-level one (the synthetic set's, not drawn)."""
+    """The run's tokenizer (`tokenizer_dir`), with <audio> when the model has an audio tower.
+    Without data (benchmarks on random tensors) and no tokenizer of its own, the demo's
+    word-level one (the synthetic set's, not drawn)."""
+    audio = cfg.model.audio.kind != "none"
     if not loaders and not (cfg.data.tokenizer or cfg.model.lm.path):
-        return demo_tokenizer()
-    return load_tokenizer(tokenizer_dir(cfg))
+        return demo_tokenizer(audio=audio)
+    return load_tokenizer(tokenizer_dir(cfg), audio=audio)
 
 
 def build_model(cfg: Config, tokenizer, *, lm=None, vision=None, drawn_in=contextlib.nullcontext) -> FlamingoModel:
@@ -83,23 +86,29 @@ def build_model(cfg: Config, tokenizer, *, lm=None, vision=None, drawn_in=contex
     model = build_flamingo(cfg.model, vocab_size=len(tokenizer),
                            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                            eoc_token_id=tokenizer.convert_tokens_to_ids(EOC_TOKEN),
-                           eos_token_id=tokenizer.eos_token_id, lm=lm, vision=vision, drawn_in=drawn_in)
+                           eos_token_id=tokenizer.eos_token_id, lm=lm, vision=vision, drawn_in=drawn_in,
+                           audio_token_id=audio_token_id(tokenizer))
     model.contrastive_weight = cfg.train.contrastive_weight
     if cfg.model.lm.path:
         cfg.model.lm = dataclasses.replace(model.lm.cfg, path=cfg.model.lm.path)
     if cfg.model.vision.path:
         cfg.model.vision = config_of(model.vision, cfg.model.vision.path)
+    if cfg.model.audio.path:
+        cfg.model.audio = audio_config_of(model.audio.tower, cfg.model.audio.path)
     return model
 
 
 def build_loader(cfg: Config, tokenizer, model: FlamingoModel, topology: Topology, *, split: str,
                  batch_size: int, num_workers: int | None = None) -> ShardLoader:
-    """This rank's loader of `split`, normalising images as the model's tower expects; tp and pp
-    peers share their dp rank's stream."""
+    """This rank's loader of `split`, normalising images as the model's tower expects (and reading
+    audio clips at the audio tower's rate, up to its window); tp and pp peers share their dp rank's stream."""
     mean, std = model.vision.image_stats
+    tower = None if model.audio is None else model.audio.tower
     return ShardLoader.from_config(cfg.data, tokenizer, split=split, batch_size=batch_size,
                                    dp_rank=topology.coord.dp, dp_size=topology.dp, seed=cfg.train.seed,
-                                   image_size=model.vision.image_size, mean=mean, std=std, num_workers=num_workers)
+                                   image_size=model.vision.image_size, mean=mean, std=std, num_workers=num_workers,
+                                   audio_rate=0 if tower is None else tower.sample_rate,
+                                   audio_samples=0 if tower is None else tower.num_samples)
 
 
 def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bool = False,

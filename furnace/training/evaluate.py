@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from furnace.data.text import TextEncoder
-from furnace.tokens import IGNORE_INDEX
+from furnace.tokens import IGNORE_INDEX, is_media
 from furnace.training.distributed import all_reduce_host
 
 
@@ -33,11 +33,12 @@ def caption_accuracy(preds, refs) -> float:
     return sum(normalize_caption(p) == normalize_caption(r) for p, r in zip(preds, refs)) / len(refs)
 
 
-def caption_prompts(batch: dict, image_token_id: int):
-    """Prompts for captioning: each row up to and including its first <image> (left part of the
-    row, right-padded to the longest prompt) and the prompt mask."""
+def caption_prompts(batch: dict, image_token_id):
+    """Prompts for captioning: each row up to and including its first <image> (its first media
+    token, `image_token_id` an id or a tuple: `is_media`; left part of the row, right-padded to
+    the longest prompt) and the prompt mask."""
     ids = batch["input_ids"]
-    prompt_len = (ids == image_token_id).float().argmax(1) + 1
+    prompt_len = is_media(ids, image_token_id).float().argmax(1) + 1
     width = int(prompt_len.max())
     pmask = (torch.arange(width)[None] < prompt_len[:, None]).long()
     return ids[:, :width].masked_fill(pmask == 0, 0), pmask
@@ -57,17 +58,18 @@ def evaluate_local(model, loader, tokenizer, *, device, max_new_tokens: int, acc
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        model.check_media(batch["input_ids"], batch["media_valid"])  # on the CPU batch, as in training
+        model.check_media(batch["input_ids"], batch["media_valid"], batch.get("audio_valid"))  # on the CPU batch
         dev = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         n_tok = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         loss = float(model(dev))  # a batch of filler rows too: every rank runs the same forwards
         if n_tok:
             stats[0] += loss * n_tok
             stats[1] += n_tok
-        prompt, pmask = caption_prompts(batch, model.image_token_id)
+        prompt, pmask = caption_prompts(batch, model.media_ids)
+        clips = {"audio": dev["audio"], "audio_valid": dev["audio_valid"]} if "audio" in dev else {}
         out = model.generate(prompt.to(device), pmask.to(device), dev["images"], dev["media_valid"],
                              max_new_tokens=max_new_tokens, eos_token_id=model.eoc_token_id,
-                             pad_token_id=tokenizer.pad_token_id or 0, synced_group=synced_group).cpu()
+                             pad_token_id=tokenizer.pad_token_id or 0, synced_group=synced_group, **clips).cpu()
         rows = batch["media_valid"].any(1).nonzero().flatten().tolist()
         if not rows:
             continue

@@ -84,6 +84,9 @@ def model_sizes(cfg: Config, vocab: int) -> ModelSizes:
     if m.vision.path:
         m = dataclasses.replace(m, vision=dataclasses.replace(vision.config_from_path(m.vision.path), path=None))
     vocab = m.lm.vocab_size or vocab
+    # The audio branch (model.audio) is left out of the plan: its tower sits with the vision
+    # tower on the first stage; an estimate without it undercounts that stage.
+    m = dataclasses.replace(m, audio=dataclasses.replace(m.audio, kind="none", path=None))
     with torch.device("meta"):
         model = build_flamingo(m, vocab_size=vocab, image_token_id=vocab - 2, eoc_token_id=vocab - 1, eos_token_id=0)
     layers = m.lm.num_layers

@@ -39,7 +39,7 @@ STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
 # furnace's tensor-parallel plan as DeepSpeed's merge patterns (names with or without a pipeline
 # layer prefix; tests/test_reshard.py checks them against tp_split_dim for every parameter).
-_VISION = r"^(?:\d+\.)?vision\."
+_VISION = r"^(?:\d+\.)?(?:vision|audio\.tower)\."  # the towers (apply.REPLICATED_TOWERS)
 _ANY = lambda mods: "(?:" + "|".join(mods) + ")"  # noqa: E731
 # LoRA: a column-parallel linear's lora_B is split like its weight, a row-parallel one's lora_A.
 _ROW_SPLIT = rf"\.{_ANY(ROW_MODULES)}\.(?:lora_A\.)?weight$"

@@ -28,7 +28,7 @@ HONOURED = {
     "train.weight_decay", "train.grad_clip", "train.eval_every", "train.save_every", "train.log_every",
     "train.keep_checkpoints", "train.allow_config_change", "train.dist_timeout_minutes", "train.run_dir",
     "data.val_shards", "data.max_member_bytes", "data.max_members_per_sample", "data.max_image_pixels",
-    "data.max_shard_bytes", "data.max_video_frames",
+    "data.max_shard_bytes", "data.max_video_frames", "data.max_audio_seconds",
     # how the same math is computed, not what it computes
     "model.activation_checkpointing", "model.attention_backend", "model.compile", "train.fused_loss_scaling",
     "parallel.zero3_gather",

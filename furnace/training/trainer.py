@@ -161,7 +161,7 @@ class Trainer:
         batch = next(it)
         tokens = int(batch["attention_mask"].sum())
         samples = int(batch["input_ids"].shape[0])
-        self.model.check_media(batch["input_ids"], batch["media_valid"])  # on the CPU: no host sync
+        self.model.check_media(batch["input_ids"], batch["media_valid"], batch.get("audio_valid"))  # on the CPU
         batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         loss = self.faults.corrupt_loss(self.engine(batch), self.step + 1)
         self.engine.backward(loss)
@@ -189,7 +189,7 @@ class Trainer:
         rank draws the step's micro-batches, so loaders stay in lockstep whatever the stage."""
         batches = [next(it) for _ in range(self.grad_accum)]
         for b in batches:
-            self.model.check_media(b["input_ids"], b["media_valid"])
+            self.model.check_media(b["input_ids"], b["media_valid"], b.get("audio_valid"))
         tokens = sum(int(b["attention_mask"].sum()) for b in batches)
         samples = sum(int(b["input_ids"].shape[0]) for b in batches)
         loss = self.engine.train_batch(data_iter=iter([batch_to_pipe(b, self.model) for b in batches]))
