@@ -20,7 +20,10 @@ rank's share of the model and optimizer plus one tensor.
 With `--fresh`, nothing is written or read: the same shapes (the Llama, the CLIP tower) are drawn
 from the seed (`model.lm.path` / `model.vision.path` unset), each rank keeping its share of each
 piece as it is drawn (`furnace.parallel.fresh`); `checkpoint_gib` is then what the LM would
-take in bf16.
+take in bf16. Each rank first builds the model alone (`build_weights`, what `build` makes before
+the engine) and records
+
+    weights_peak_rss_gib, weights_held_gib, weights_s    its peak memory then (and - before), its time
 
 With `--after`, each layout then goes on as a run would: one training step, greedy captions
 through the model as the ranks hold it (no rank builds a whole copy), a checkpoint, and
@@ -187,6 +190,26 @@ def _after_build(run, cfg, run_dir: Path) -> dict:
     return out
 
 
+def _weights(cfg, tp: int, pp: int, before: float) -> dict:
+    """This rank's model as `build` makes it, without the engine: its peak memory and time."""
+    import gc
+
+    from furnace.training import engine as eng
+    from furnace.training.build import build_tokenizer, build_weights
+
+    topology = Topology(tp, pp)
+    zero3 = (eng.build_ds_config(cfg, topology.dp, 1) if cfg.parallel.zero_stage == 3 and pp == 1 else None)
+    dist.barrier()
+    t0 = time.perf_counter()
+    model = build_weights(cfg, build_tokenizer(cfg, loaders=False), topology, zero3=zero3)
+    dist.barrier()
+    out = {"weights_s": time.perf_counter() - t0, "weights_peak_rss_gib": _peak_gib(),
+           "weights_held_gib": _peak_gib() - before}
+    del model
+    gc.collect()
+    return out
+
+
 def worker(args) -> None:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -197,14 +220,16 @@ def worker(args) -> None:
     cfg.train.global_batch_size = world // (tp * pp)
     validate(cfg, world, check_paths=False)
     before = _rss_gib()
+    rec = {"rank": rank, "rss_before_gib": before}
+    if args.fresh:  # the model alone first: the engine's own buffers come on top of it in build()
+        rec.update(_weights(cfg, tp, pp, before))
     dist.barrier()
     t0 = time.perf_counter()
     run = build(cfg, Topology(tp, pp), loaders=False)
     dist.barrier()
     took = time.perf_counter() - t0
     peak = _peak_gib()
-    rec = {"rank": rank, "rss_before_gib": before, "peak_rss_gib": peak, "held_gib": peak - before,
-           "build_s": took}
+    rec.update(peak_rss_gib=peak, held_gib=peak - before, build_s=took)
     if args.after:
         rec.update(_after_build(run, cfg, Path(args.run_dir)))
     out = [None] * world
@@ -285,7 +310,11 @@ def main(argv=None) -> int:
                              "max_held_gib": max(r["held_gib"] for r in ranks),
                              "held_vs_checkpoint": max(r["held_gib"] for r in ranks) / model["checkpoint_gib"],
                              "build_s": max(r["build_s"] for r in ranks)}
+            if args.fresh:
+                results[name]["max_weights_held_gib"] = max(r["weights_held_gib"] for r in ranks)
             r = results[name]
+            if args.fresh:
+                print(f"{name}: the model alone: held {r['max_weights_held_gib']:.2f} GiB a rank", flush=True)
             print(f"{name}: {nproc} ranks, peak RSS {r['max_peak_rss_gib']:.2f} GiB a rank (held {r['max_held_gib']:.2f} "
                   f"= {r['held_vs_checkpoint']:.1f}x the checkpoint), build {r['build_s']:.1f} s", flush=True)
             if exported is not None:
