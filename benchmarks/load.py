@@ -17,6 +17,14 @@ frozen, resampler and xattn blocks trained). Per rank:
 `checkpoint_gib` is the LM's size on disk. Sharded loading (issue #18) aims at held ~ the
 rank's share of the model and optimizer plus one tensor.
 
+With `--fresh`, nothing is written or read: the same shapes (the Llama, the CLIP tower) are drawn
+from the seed (`model.lm.path` / `model.vision.path` unset), each rank keeping its share of each
+piece as it is drawn (`furnace.parallel.fresh`); `checkpoint_gib` is then what the LM would
+take in bf16. Each rank first builds the model alone (`build_weights`, what `build` makes before
+the engine) and records
+
+    weights_peak_rss_gib, weights_held_gib, weights_s    its peak memory then (and - before), its time
+
 With `--after`, each layout then goes on as a run would: one training step, greedy captions
 through the model as the ranks hold it (no rank builds a whole copy), a checkpoint, and
 `furnace-export` of it (bf16) in a process of its own:
@@ -70,6 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--after", action="store_true", help="also train a step, evaluate, save and export")
+    p.add_argument("--fresh", action="store_true", help="draw the model from the seed instead of loading it")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # JSON path rank 0 writes
     p.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)  # where --after saves
     p.add_argument("--models", default=None, help=argparse.SUPPRESS)  # the folder with llama/ and clip/
@@ -89,20 +98,39 @@ def write_models(out: Path, hidden: int, layers: int, vocab: int) -> dict:
                                   eos_token="</s>")
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # drawn in bf16: a 3B model fits the machine writing it
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128,
-                      max_position_embeddings=256, tie_word_embeddings=False)
+    cfg = LlamaConfig(**lm_config(hidden, layers, vocab), max_position_embeddings=256, tie_word_embeddings=False)
     lm = LlamaForCausalLM(cfg)
     torch.set_default_dtype(torch.float32)
     params = sum(p.numel() for p in lm.parameters())
     lm.save_pretrained(out / "llama", max_shard_size="200MB")
     del lm
     tok.save_pretrained(out / "llama")
-    CLIPVisionModel(CLIPVisionConfig(image_size=64, patch_size=16, hidden_size=256, intermediate_size=1024,
-                                     num_hidden_layers=2, num_attention_heads=4)).save_pretrained(out / "clip")
+    CLIPVisionModel(CLIPVisionConfig(**TOWER)).save_pretrained(out / "clip")
     size = sum(f.stat().st_size for f in (out / "llama").glob("*.safetensors"))
     return {"lm_params": params, "checkpoint_gib": size / GIB, "shards": len(list((out / "llama").glob("*.safetensors"))),
             "hidden": hidden, "layers": layers, "vocab": vocab}
+
+
+def lm_config(hidden: int, layers: int, vocab: int) -> dict:
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 64 * 64,
+                num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 128)
+
+
+TOWER = dict(image_size=64, patch_size=16, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+             num_attention_heads=4)
+
+
+def fresh_sets(hidden: int, layers: int, vocab: int) -> list[str]:
+    """The --set items of a fresh model of write_models' shapes."""
+    c, t = lm_config(hidden, layers, vocab), TOWER
+    return ["model.lm.path=null", "model.vision.path=null", f"model.lm.vocab_size={vocab}",
+            f"model.lm.hidden_size={hidden}", f"model.lm.intermediate_size={c['intermediate_size']}",
+            f"model.lm.num_layers={layers}", f"model.lm.num_heads={c['num_attention_heads']}",
+            f"model.lm.num_kv_heads={c['num_key_value_heads']}", "model.lm.max_position_embeddings=256",
+            "model.vision.kind=clip", f"model.vision.image_size={t['image_size']}",
+            f"model.vision.patch_size={t['patch_size']}", f"model.vision.hidden_size={t['hidden_size']}",
+            f"model.vision.intermediate_size={t['intermediate_size']}", f"model.vision.num_layers={t['num_hidden_layers']}",
+            f"model.vision.num_heads={t['num_attention_heads']}"]
 
 
 def _rss_gib() -> float:
@@ -162,24 +190,46 @@ def _after_build(run, cfg, run_dir: Path) -> dict:
     return out
 
 
+def _weights(cfg, tp: int, pp: int, before: float) -> dict:
+    """This rank's model as `build` makes it, without the engine: its peak memory and time."""
+    import gc
+
+    from furnace.training import engine as eng
+    from furnace.training.build import build_tokenizer, build_weights
+
+    topology = Topology(tp, pp)
+    zero3 = (eng.build_ds_config(cfg, topology.dp, 1) if cfg.parallel.zero_stage == 3 and pp == 1 else None)
+    dist.barrier()
+    t0 = time.perf_counter()
+    model = build_weights(cfg, build_tokenizer(cfg, loaders=False), topology, zero3=zero3)
+    dist.barrier()
+    out = {"weights_s": time.perf_counter() - t0, "weights_peak_rss_gib": _peak_gib(),
+           "weights_held_gib": _peak_gib() - before}
+    del model
+    gc.collect()
+    return out
+
+
 def worker(args) -> None:
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = load_config("finetune", [f"model.lm.path={Path(args.models) / 'llama'}",
-                                   f"model.vision.path={Path(args.models) / 'clip'}", "data.max_length=64",
-                                   "train.micro_batch_size=1", *args.set])
+    model = (fresh_sets(args.hidden, args.layers, args.vocab) if args.fresh else
+             [f"model.lm.path={Path(args.models) / 'llama'}", f"model.vision.path={Path(args.models) / 'clip'}"])
+    cfg = load_config("finetune", [*model, "data.max_length=64", "train.micro_batch_size=1", *args.set])
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     cfg.train.global_batch_size = world // (tp * pp)
     validate(cfg, world, check_paths=False)
     before = _rss_gib()
+    rec = {"rank": rank, "rss_before_gib": before}
+    if args.fresh:  # the model alone first: the engine's own buffers come on top of it in build()
+        rec.update(_weights(cfg, tp, pp, before))
     dist.barrier()
     t0 = time.perf_counter()
     run = build(cfg, Topology(tp, pp), loaders=False)
     dist.barrier()
     took = time.perf_counter() - t0
     peak = _peak_gib()
-    rec = {"rank": rank, "rss_before_gib": before, "peak_rss_gib": peak, "held_gib": peak - before,
-           "build_s": took}
+    rec.update(peak_rss_gib=peak, held_gib=peak - before, build_s=took)
     if args.after:
         rec.update(_after_build(run, cfg, Path(args.run_dir)))
     out = [None] * world
@@ -221,19 +271,30 @@ def main(argv=None) -> int:
         return 2
     results = {}
     with tempfile.TemporaryDirectory() as models:
-        print(f"writing a {args.layers}-layer, hidden {args.hidden} Llama checkpoint ...", flush=True)
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--write-models", models, "--hidden",
-                        str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab)], check=True)
-        model = json.loads((Path(models) / "info.json").read_text())
-        print(f"  {model['lm_params'] / 1e6:.0f}M parameters, {model['checkpoint_gib']:.2f} GiB in "
-              f"{model['shards']} shards", flush=True)
+        if args.fresh:
+            c = lm_config(args.hidden, args.layers, args.vocab)
+            h, i, n = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+            kv = c["num_key_value_heads"] * 64
+            params = 2 * args.vocab * h + n * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h
+            model = {"lm_params": params, "checkpoint_gib": 2 * params / GIB, "shards": 0, "hidden": args.hidden,
+                     "layers": args.layers, "vocab": args.vocab, "fresh": True}
+            print(f"drawing a {args.layers}-layer, hidden {args.hidden} Llama ({params / 1e6:.0f}M parameters)",
+                  flush=True)
+        else:
+            print(f"writing a {args.layers}-layer, hidden {args.hidden} Llama checkpoint ...", flush=True)
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--write-models", models, "--hidden",
+                            str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab)], check=True)
+            model = json.loads((Path(models) / "info.json").read_text())
+            print(f"  {model['lm_params'] / 1e6:.0f}M parameters, {model['checkpoint_gib']:.2f} GiB in "
+                  f"{model['shards']} shards", flush=True)
         for name in args.layouts.split(","):
             nproc, extra = LAYOUTS[name]
             with tempfile.TemporaryDirectory() as td:
                 f = Path(td) / "ranks.json"
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                        str(Path(__file__).resolve()), "--worker", str(f), "--models", models,
-                       "--run-dir", str(Path(td) / "run")] + (["--after"] if args.after else [])
+                       "--run-dir", str(Path(td) / "run"), "--hidden", str(args.hidden), "--layers", str(args.layers),
+                       "--vocab", str(args.vocab)] + (["--after"] if args.after else []) + (["--fresh"] if args.fresh else [])
                 for s in (*extra, *args.set):
                     cmd += ["--set", s]
                 env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -249,7 +310,11 @@ def main(argv=None) -> int:
                              "max_held_gib": max(r["held_gib"] for r in ranks),
                              "held_vs_checkpoint": max(r["held_gib"] for r in ranks) / model["checkpoint_gib"],
                              "build_s": max(r["build_s"] for r in ranks)}
+            if args.fresh:
+                results[name]["max_weights_held_gib"] = max(r["weights_held_gib"] for r in ranks)
             r = results[name]
+            if args.fresh:
+                print(f"{name}: the model alone: held {r['max_weights_held_gib']:.2f} GiB a rank", flush=True)
             print(f"{name}: {nproc} ranks, peak RSS {r['max_peak_rss_gib']:.2f} GiB a rank (held {r['max_held_gib']:.2f} "
                   f"= {r['held_vs_checkpoint']:.1f}x the checkpoint), build {r['build_s']:.1f} s", flush=True)
             if exported is not None:

@@ -31,7 +31,7 @@ from furnace.data.text import SkipSample, TextEncoder
 from furnace.data.tokenizer import build_word_tokenizer, save_tokenizer
 from furnace.tokens import text_time
 
-from train_utils import ROOT, TINY, env, metrics, run
+from train_utils import ROOT, TINY, env, metrics, run, train_preset_briefly
 
 RATE = 16000
 
@@ -349,19 +349,7 @@ def test_demo_audio_trains_on_two_ranks(audio_set, tmp_path):
     """The demo-audio preset on 2 gloo ranks, on a tiny set, a few steps: the loss falls; the
     held-out evaluation captions clips."""
     run_dir = tmp_path / "run"
-    sets = [f"data.synthetic_dir={audio_set['dir']}", f"data.train_shards={audio_set['train']}",
-            f"data.val_shards={audio_set['val']}", f"train.run_dir={run_dir}", "train.max_steps=12",
-            "train.global_batch_size=16", "train.micro_batch_size=8", "train.warmup_steps=2", "train.log_every=1",
-            "train.eval_every=12", "train.save_every=0", "data.canonical_streams=2"]
-    argv = [sys.executable, str(ROOT / "train.py"), "--config", "demo-audio", "--nproc", "2"]
-    argv += [a for s in sets for a in ("--set", s)]
-    res = subprocess.run(argv, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    losses = [m["loss"] for m in metrics(run_dir) if "loss" in m]
-    assert len(losses) == 12 and losses[-1] < 0.85 * losses[0], losses
-    assert all(m.get("skipped_samples", 0) == 0 for m in metrics(run_dir) if "loss" in m)
-    report = json.loads((run_dir / "eval" / "step00000012.json").read_text())
-    assert report["val_samples"] == 16 and 0.0 <= report["caption_accuracy"] <= 1.0
+    train_preset_briefly("demo-audio", audio_set, run_dir)
     # exported and read back whole (flamingo.json keeps <audio>'s id), it captions a clip
     from furnace.data.tokenizer import load_tokenizer
     from furnace.export import export

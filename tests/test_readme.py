@@ -99,6 +99,7 @@ COMMANDS = {
     "python benchmarks/memory.py --out benchmarks/results/memory-cpu.json": "run",
     "python benchmarks/launch_forms.py --out benchmarks/results/launch-forms-cpu.json": "benchmark",
     "python benchmarks/load.py --after --out benchmarks/results/load-cpu.json": "run",
+    "python benchmarks/load.py --fresh --out benchmarks/results/load-cpu-fresh.json": "run",
     "furnace-shards video --input clips.jsonl --out data/clips --min-frames 4":
         "needs clips: test_video.py::test_furnace_shards_video_round_trip runs this command on clips it writes",
     "furnace-shards audio --input sounds.jsonl --out data/sounds --sample-rate 16000":

@@ -26,7 +26,7 @@ from furnace.data.testing import write_raw_tar
 from furnace.data.text import SkipSample, TextEncoder
 from furnace.data.video import VideoError, decode_clip, encode_clip, probe_clip, uniform_indices
 
-from train_utils import ROOT, env, metrics
+from train_utils import env, train_preset_briefly
 
 
 @pytest.fixture(scope="module")
@@ -280,16 +280,4 @@ def test_demo_video_trains_on_two_ranks(video_set, tmp_path):
     """The demo-video preset on 2 gloo ranks, on a tiny set, a few steps: the loss falls; the
     held-out evaluation runs on clips."""
     run_dir = tmp_path / "run"
-    sets = [f"data.synthetic_dir={video_set['dir']}", f"data.train_shards={video_set['train']}",
-            f"data.val_shards={video_set['val']}", f"train.run_dir={run_dir}", "train.max_steps=12",
-            "train.global_batch_size=16", "train.micro_batch_size=8", "train.warmup_steps=2", "train.log_every=1",
-            "train.eval_every=12", "train.save_every=0", "data.canonical_streams=2"]
-    argv = [sys.executable, str(ROOT / "train.py"), "--config", "demo-video", "--nproc", "2"]
-    argv += [a for s in sets for a in ("--set", s)]
-    res = subprocess.run(argv, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    losses = [m["loss"] for m in metrics(run_dir) if "loss" in m]
-    assert len(losses) == 12 and losses[-1] < 0.85 * losses[0], losses
-    assert all(m.get("skipped_samples", 0) == 0 for m in metrics(run_dir) if "loss" in m)
-    report = json.loads((run_dir / "eval" / "step00000012.json").read_text())
-    assert report["val_samples"] == 16 and 0.0 <= report["caption_accuracy"] <= 1.0
+    train_preset_briefly("demo-video", video_set, run_dir)

@@ -151,3 +151,23 @@ def rank_pid(run_dir, rank) -> int:
         if " pid " in line:
             return int(line.split(" pid ")[1].split(",")[0])
     raise AssertionError(f"no pid in {log}")
+
+
+def train_preset_briefly(preset: str, data: dict, run_dir: Path) -> dict:
+    """`train.py --config PRESET` on 2 ranks for 12 steps on a tiny drawn set (`data`: its dir,
+    train and val patterns): the loss falls, no sample is skipped, the held-out evaluation ran on
+    16 samples. Returns that evaluation's report."""
+    sets = [f"data.synthetic_dir={data['dir']}", f"data.train_shards={data['train']}",
+            f"data.val_shards={data['val']}", f"train.run_dir={run_dir}", "train.max_steps=12",
+            "train.global_batch_size=16", "train.micro_batch_size=8", "train.warmup_steps=2", "train.log_every=1",
+            "train.eval_every=12", "train.save_every=0", "data.canonical_streams=2"]
+    argv = [sys.executable, str(ROOT / "train.py"), "--config", preset, "--nproc", "2"]
+    argv += [a for s in sets for a in ("--set", s)]
+    res = subprocess.run(argv, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    losses = [m["loss"] for m in metrics(run_dir) if "loss" in m]
+    assert len(losses) == 12 and losses[-1] < 0.85 * losses[0], losses
+    assert all(m.get("skipped_samples", 0) == 0 for m in metrics(run_dir) if "loss" in m)
+    report = json.loads((run_dir / "eval" / "step00000012.json").read_text())
+    assert report["val_samples"] == 16 and 0.0 <= report["caption_accuracy"] <= 1.0
+    return report

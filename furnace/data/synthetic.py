@@ -167,10 +167,16 @@ def build(out: str, n: int, seed: int = 0, image_size: int = 32, shards: int = T
     n_val = default_val_count(n) if n_val is None else n_val
     train = write_split(out, "train", n, seed, image_size, shards, progress)
     val = write_split(out, "val", n_val, seed, image_size, 1, progress)
-    save_tokenizer(demo_tokenizer(), os.path.join(out, "tokenizer"))
-    meta = {"version": GENERATOR_VERSION, "n": n, "n_val": n_val, "seed": seed, "image_size": image_size,
-            "shards": shards,
-            "train_pattern": shard_pattern(home or out, "train", len(train["shards"])),
+    return finish_set(out, home, demo_tokenizer(), train, val, version=GENERATOR_VERSION, n=n, n_val=n_val, seed=seed,
+                      image_size=image_size, shards=shards)
+
+
+def finish_set(out: str, home: str | None, tokenizer, train: dict, val: dict, **fields) -> dict:
+    """A drawn set's last step (the shapes, video and audio sets): its tokenizer saved, then the
+    `.complete` marker holding `fields` and the shard patterns (under `home`, the folder the set
+    is moved to; default `out`). Returns the marker's contents."""
+    save_tokenizer(tokenizer, os.path.join(out, "tokenizer"))
+    meta = {**fields, "train_pattern": shard_pattern(home or out, "train", len(train["shards"])),
             "val_pattern": shard_pattern(home or out, "val", len(val["shards"]))}
     with open(os.path.join(out, COMPLETE_MARKER), "w") as f:
         json.dump(meta, f)

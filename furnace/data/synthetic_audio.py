@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from furnace.data.audio import encode_audio
 from furnace.data.shard_writer import ShardWriter
-from furnace.data.synthetic import TRAIN_SHARDS, default_val_count, shard_pattern
-from furnace.data.tokenizer import build_word_tokenizer, save_tokenizer
+from furnace.data.synthetic import TRAIN_SHARDS, default_val_count, finish_set
+from furnace.data.tokenizer import build_word_tokenizer
 from furnace.system import usable_cores
 
 KIND = "audio"
@@ -40,7 +40,6 @@ SAMPLE_RATE = 16000
 SECONDS = 1.0
 CAPTIONS = ("a rising tone", "a falling tone", "a low hum", "a high whistle", "a long beep", "one short beep",
             "two short beeps", "three short beeps")
-COMPLETE_MARKER = ".complete"
 # Bumped whenever the drawing changes; a set written by another version is rebuilt.
 GENERATOR_VERSION = 1
 
@@ -139,14 +138,8 @@ def build(out: str, n: int, seed: int = 0, image_size: int | None = None, shards
     n_val = default_val_count(n) if n_val is None else n_val
     train = write_split(out, "train", n, seed, shards, progress)
     val = write_split(out, "val", n_val, seed, 1, progress)
-    save_tokenizer(demo_tokenizer(), os.path.join(out, "tokenizer"))
-    meta = {"kind": KIND, "version": GENERATOR_VERSION, "n": n, "n_val": n_val, "seed": seed,
-            "sample_rate": SAMPLE_RATE, "seconds": SECONDS, "shards": shards,
-            "train_pattern": shard_pattern(home or out, "train", len(train["shards"])),
-            "val_pattern": shard_pattern(home or out, "val", len(val["shards"]))}
-    with open(os.path.join(out, COMPLETE_MARKER), "w") as f:
-        json.dump(meta, f)
-    return meta
+    return finish_set(out, home, demo_tokenizer(), train, val, kind=KIND, version=GENERATOR_VERSION, n=n,
+                      n_val=n_val, seed=seed, sample_rate=SAMPLE_RATE, seconds=SECONDS, shards=shards)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from furnace.data.shard_writer import ShardWriter
 from furnace.data.synthetic import COLOURS, SHAPES, SUPERSAMPLE, TRAIN_SHARDS, _draw_shape, default_val_count, \
-    shard_pattern
-from furnace.data.tokenizer import build_word_tokenizer, save_tokenizer
+    finish_set
+from furnace.data.tokenizer import build_word_tokenizer
 from furnace.data.video import encode_clip
 from furnace.system import usable_cores
 
@@ -42,7 +42,6 @@ KIND = "video"
 DIRECTIONS = ("left", "right", "up", "down")
 MIN_FRAMES, MAX_FRAMES = 8, 16
 FPS = 8
-COMPLETE_MARKER = ".complete"
 # Bumped whenever the drawing changes; a set written by another version is rebuilt.
 GENERATOR_VERSION = 1
 
@@ -124,14 +123,8 @@ def build(out: str, n: int, seed: int = 0, image_size: int = 32, shards: int = T
     n_val = default_val_count(n) if n_val is None else n_val
     train = write_split(out, "train", n, seed, image_size, shards, progress)
     val = write_split(out, "val", n_val, seed, image_size, 1, progress)
-    save_tokenizer(demo_tokenizer(), os.path.join(out, "tokenizer"))
-    meta = {"kind": KIND, "version": GENERATOR_VERSION, "n": n, "n_val": n_val, "seed": seed,
-            "image_size": image_size, "shards": shards,
-            "train_pattern": shard_pattern(home or out, "train", len(train["shards"])),
-            "val_pattern": shard_pattern(home or out, "val", len(val["shards"]))}
-    with open(os.path.join(out, COMPLETE_MARKER), "w") as f:
-        json.dump(meta, f)
-    return meta
+    return finish_set(out, home, demo_tokenizer(), train, val, kind=KIND, version=GENERATOR_VERSION, n=n,
+                      n_val=n_val, seed=seed, image_size=image_size, shards=shards)
 
 
 def main(argv: list[str] | None = None) -> int:

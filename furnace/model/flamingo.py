@@ -20,7 +20,6 @@ its own. Nothing per-batch is stored on a module: latents, text_time and caches 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import torch
@@ -171,15 +170,19 @@ class NewTokens(nn.Module):
     """Embedding (and, for an untied LM, output) rows of tokens the LM's vocabulary lacks.
     `embed` and `head` are modules so ZeRO-3 gathers their weights when they run."""
 
-    def __init__(self, lm: Llama, count: int):
+    def __init__(self, lm: Llama, count: int, mean_row: torch.Tensor | None = None):
+        """`mean_row`: the mean of the LM's embedding rows (fp32), when the caller has it; else taken
+        from a real `lm` (a decoder filled in later calls start_at itself)."""
         super().__init__()
         self.count = count
         d = lm.cfg.hidden_size
         self.embed = nn.Embedding(count, d)
         self.head = nn.Linear(d, count, bias=False)
         w = lm.embed_tokens.weight.detach()
-        if w.device.type != "meta":  # a decoder filled in later (materialize) calls start_at itself
-            self.start_at(w.float().mean(0))
+        if mean_row is None and w.device.type != "meta":
+            mean_row = w.float().mean(0)
+        if mean_row is not None:
+            self.start_at(mean_row)
         self.tie_weights(lm.cfg.tie_word_embeddings)
 
     def tie_weights(self, tied: bool) -> None:
@@ -188,10 +191,10 @@ class NewTokens(nn.Module):
 
     def start_at(self, mean_row: torch.Tensor) -> None:
         """Every new row at the mean of the LM's embedding rows: a neutral point."""
-        with torch.no_grad():
-            self.embed.weight.copy_(mean_row.to(self.embed.weight.dtype).expand_as(self.embed.weight))
-            if self.head.weight is not self.embed.weight:
-                self.head.weight.copy_(self.embed.weight)
+        with torch.no_grad():  # each real one (under pipeline parallelism embed and head may be on other stages)
+            for w in {id(w): w for w in (self.embed.weight, self.head.weight)}.values():
+                if not w.is_meta:
+                    w.copy_(mean_row.to(w.dtype).expand_as(w))
 
 
 class FlamingoModel(nn.Module):
@@ -200,13 +203,18 @@ class FlamingoModel(nn.Module):
     tokenizer's."""
 
     def __init__(self, lm: Llama, vision: VisionTower, cfg: ModelConfig, *, vocab_size: int, image_token_id: int,
-                 eoc_token_id: int, eos_token_id: int | None = None, drawn_in=contextlib.nullcontext,
-                 audio: AudioTower | None = None, audio_token_id: int | None = None):
-        """`drawn_in()`: the context the resampler, xattn blocks and adapters are built in (each draws and
-        initialises its own weights in its constructor, so a context that takes them over module
-        by module, such as ZeRO-3's partitioning, sees the same numbers). `eos_token_id`: the
-        tokenizer's, needed by `model.xattn.reset_after_eos`. `audio`: the audio tower (built
-        already, as `vision`), with `audio_token_id` (<audio>'s id) and `cfg.audio_perceiver`."""
+                 eoc_token_id: int, eos_token_id: int | None = None, drawn=llama.whole,
+                 embed_mean: torch.Tensor | None = None, audio: AudioTower | None = None,
+                 audio_token_id: int | None = None):
+        """`drawn(name, module)`: called with each freshly drawn piece (the resampler, each xattn
+        block, the audio branch, the new-token rows, each adapted linear, the contrastive heads) as
+        soon as its weights are final, under its name in this model; what it returns takes the
+        piece's place (a parallel build keeps its share and passes a shape on). Each piece draws its
+        own weights in its constructor, in this order, so the numbers are those of a whole build.
+        `embed_mean`: the mean of the LM's embedding rows, where the new rows start (else taken
+        from a real `lm`). `eos_token_id`: the tokenizer's, needed by `model.xattn.reset_after_eos`.
+        `audio`: the audio tower (built already, as `vision`), with `audio_token_id` (<audio>'s id)
+        and `cfg.audio_perceiver`."""
         super().__init__()
         d, dv = lm.cfg.hidden_size, vision.hidden_size
         self.lm = lm
@@ -226,22 +234,21 @@ class FlamingoModel(nn.Module):
                              "use a tokenizer with an eos_token or set model.xattn.reset_after_eos=false")
         self.eos_token_id = eos_token_id
         self.media_reset_id = eos_token_id if cfg.xattn.reset_after_eos else None
-        with drawn_in():
-            self.perceiver = PerceiverResampler(dv, cfg.perceiver)
-            self.xattn = nn.ModuleList(GatedCrossAttentionBlock(d, dv, cfg.xattn, lm.cfg.rms_norm_eps)
-                                       for _ in range(lm.cfg.num_layers // cfg.xattn.every))
+        self.perceiver = drawn("perceiver", PerceiverResampler(dv, cfg.perceiver))
+        self.xattn = nn.ModuleList(drawn(f"xattn.{j}", GatedCrossAttentionBlock(d, dv, cfg.xattn, lm.cfg.rms_norm_eps))
+                                   for j in range(lm.cfg.num_layers // cfg.xattn.every))
         self.audio = None
         if audio is not None:
             if cfg.audio_perceiver.num_latents != cfg.perceiver.num_latents:
                 raise ValueError("model.audio_perceiver.num_latents must equal model.perceiver.num_latents")
-            with drawn_in():  # the tower is built already; its projection and resampler are drawn here
-                self.audio = AudioBranch(audio, dv, cfg.audio_perceiver)
+            # one piece: the tower (built already) with its projection and resampler, drawn here
+            self.audio = drawn("audio", AudioBranch(audio, dv, cfg.audio_perceiver))
         self.base_vocab = lm.cfg.vocab_size
         n_extra = max(0, vocab_size - self.base_vocab)
         if max(image_token_id, eoc_token_id, audio_token_id or 0) >= self.base_vocab + n_extra:
             raise ValueError(f"token ids {image_token_id}/{eoc_token_id}/{audio_token_id} exceed the vocabulary "
                              f"({self.base_vocab + n_extra})")
-        self.new_tokens = NewTokens(lm, n_extra) if n_extra else None
+        self.new_tokens = drawn("new_tokens", NewTokens(lm, n_extra, embed_mean)) if n_extra else None
         self.activation_checkpointing = cfg.activation_checkpointing
         # The loss over the head's logits; tensor parallelism swaps in the vocab-parallel CE
         # (furnace.parallel.apply), which reads this rank's vocabulary slice of the logits.
@@ -251,11 +258,10 @@ class FlamingoModel(nn.Module):
         self.lm.requires_grad_(not cfg.freeze_lm)
         # After everything else is drawn: the other weights are those of the same run without LoRA
         # or contrastive heads.
-        add_lora(self.lm, cfg.lora, drawn_in)
+        add_lora(self.lm, cfg.lora, lambda name, module: drawn("lm." + name, module))
         self.contrastive = None
         if cfg.contrastive.dim:
-            with drawn_in():
-                self.contrastive = ContrastiveHeads(d, dv, cfg.contrastive)
+            self.contrastive = drawn("contrastive", ContrastiveHeads(d, dv, cfg.contrastive))
         # The contrastive loss's weight (train.contrastive_weight, set by the builder) and the
         # gather of every data-parallel rank's rows for its negatives (set by furnace.parallel).
         self.contrastive_weight = 0.0
@@ -383,23 +389,33 @@ class FlamingoModel(nn.Module):
 
 def build_flamingo(cfg: ModelConfig, *, vocab_size: int, image_token_id: int, eoc_token_id: int,
                    eos_token_id: int | None = None, lm: Llama | None = None, vision: VisionTower | None = None,
-                   drawn_in=contextlib.nullcontext, audio_token_id: int | None = None,
+                   drawn=llama.whole, audio_token_id: int | None = None,
                    audio: AudioTower | None = None) -> FlamingoModel:
     """FlamingoModel from a `ModelConfig`; vocab ids come from the tokenizer (len, <image>, <|endofchunk|>, EOS,
     and <audio> with `model.audio`). `lm`/`vision`/`audio` replace the config's (used when
     reloading a saved model). Draws the fresh weights from torch's global RNG, in module order:
-    seed it first for identical replicas."""
+    seed it first for identical replicas. `drawn(name, module)` sees each fresh piece as soon as
+    it is drawn (`llama.draw`, `FlamingoModel`; a fresh tower is one piece, "vision") and returns
+    what takes its place."""
+    mean = None
     if lm is None:
-        lm = (llama.from_hf(cfg.lm.path) if cfg.lm.path
-              else llama.from_config(dataclasses.replace(cfg.lm, vocab_size=cfg.lm.vocab_size or vocab_size)))
+        if cfg.lm.path:
+            lm = llama.from_hf(cfg.lm.path)
+        else:
+            lm, mean = llama.draw(lm_config(cfg, vocab_size), lambda name, module: drawn("lm." + name, module))
     if vision is None:
         vision = (vision_from_hf(cfg.vision.path, frozen=cfg.freeze_vision) if cfg.vision.path
-                  else vision_from_config(cfg.vision, frozen=cfg.freeze_vision))
+                  else drawn("vision", vision_from_config(cfg.vision, frozen=cfg.freeze_vision)))
     vision.features = cfg.vision.features
     if audio is None and cfg.audio.kind != "none":
         audio = (audio_from_hf(cfg.audio.path, frozen=cfg.freeze_audio) if cfg.audio.path
                  else audio_from_config(cfg.audio, frozen=cfg.freeze_audio))
     return FlamingoModel(lm, vision, cfg, vocab_size=vocab_size, image_token_id=image_token_id,
-                         eoc_token_id=eoc_token_id, eos_token_id=eos_token_id, drawn_in=drawn_in,
+                         eoc_token_id=eoc_token_id, eos_token_id=eos_token_id, drawn=drawn, embed_mean=mean,
                          audio=audio, audio_token_id=audio_token_id if audio is not None else None)
+
+
+def lm_config(cfg: ModelConfig, vocab_size: int):
+    """The LMConfig of a fresh decoder: the tokenizer's vocabulary unless `model.lm.vocab_size` is set."""
+    return dataclasses.replace(cfg.lm, vocab_size=cfg.lm.vocab_size or vocab_size)
 

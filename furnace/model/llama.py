@@ -6,6 +6,7 @@ cache arrive through forward. Attention goes through `furnace_kernels.attention`
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -146,15 +147,7 @@ class Llama(nn.Module):
         self.activation_checkpointing = False
 
     def reset_parameters(self, std: float = 0.02) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=std)
-            elif isinstance(m, RMSNorm):
-                nn.init.ones_(m.weight)
+        init_weights(self, std)
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:
@@ -173,6 +166,20 @@ class Llama(nn.Module):
         for layer in self.layers:
             h = run_block(self, layer, h, cos, sin, segment_ids, None)
         return self.lm_head(self.norm(h))
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """A fresh decoder's weights, module by module in `module.modules()` order: N(0, std) matrices
+    and embeddings, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
 
 
 # ---------------------------------------------------------------------------- HF import / export
@@ -303,8 +310,55 @@ def to_hf(model: Llama, path, *, dtype: torch.dtype | None = None, max_shard_byt
     save_weights(state, path, max_shard_bytes=max_shard_bytes)
 
 
+def pieces(model: Llama) -> list[tuple[str, nn.Module]]:
+    """The decoder in the pieces it is drawn (and filled) in, in module order."""
+    return ([("embed_tokens", model.embed_tokens)] + [(f"layers.{i}", layer) for i, layer in enumerate(model.layers)]
+            + [("norm", model.norm), ("lm_head", model.lm_head)])
+
+
+def _real(piece: nn.Module) -> nn.Module:
+    """An uninitialised copy of a meta piece on the default device (meta itself under the planner's
+    `torch.device("meta")`)."""
+    return copy.deepcopy(piece).to_empty(device=torch.get_default_device())
+
+
+def whole(name: str, piece: nn.Module) -> nn.Module:
+    """The `drawn` hook that keeps every piece as drawn."""
+    return piece
+
+
+def draw(cfg: LMConfig, drawn=whole) -> tuple[Llama, torch.Tensor]:
+    """A decoder with fresh weights, bit for bit those of `Llama(cfg)` then `reset_parameters()`,
+    drawn one piece at a time (`pieces`): each is handed to `drawn(name, piece)` as soon as its
+    weights are final, and what that returns takes its place (a parallel build keeps its share).
+    Returns (decoder, the mean of its embedding rows in fp32, where new tokens start)."""
+    model = skeleton(cfg)
+    parts = pieces(model)
+    # Llama(cfg)'s constructor draws torch's own init of every linear and embedding, which
+    # reset_parameters then draws over: replay those draws, one piece at a time, for the RNG stream.
+    for _, piece in parts:
+        for m in _real(piece).modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.reset_parameters()
+    tied = cfg.tie_word_embeddings
+    mean = None
+    for name, piece in parts:
+        real = _real(piece)
+        init_weights(real)
+        if name == "embed_tokens" and tied:
+            continue  # the tied head's draw below overwrites these rows
+        if name == "lm_head" and tied:
+            embed = copy.deepcopy(model.embed_tokens)
+            embed.weight = real.weight
+            mean = real.weight.detach().float().mean(0)
+            model.set_submodule("embed_tokens", drawn("embed_tokens", embed))
+        elif name == "embed_tokens":
+            mean = real.weight.detach().float().mean(0)
+        model.set_submodule(name, drawn(name, real))
+    model.tie_weights()
+    return model, mean
+
+
 def from_config(cfg: LMConfig) -> Llama:
     """A decoder with fresh weights (N(0, 0.02) matrices, unit norms)."""
-    model = Llama(cfg)
-    model.reset_parameters()
-    return model
+    return draw(cfg)[0]

@@ -12,8 +12,6 @@ Tensor parallelism swaps these for `furnace.parallel.lora`'s layers.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -71,26 +69,27 @@ def merge(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) 
     return (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
 
 
-def add_lora(lm: nn.Module, cfg: LoraConfig, drawn_in=contextlib.nullcontext) -> int:
+def add_lora(lm: nn.Module, cfg: LoraConfig, drawn=None) -> int:
     """Wrap `cfg.targets` of every decoder layer of `lm` in LoraLinear (nothing for rank 0).
-    The adapters are drawn layer by layer in LORA_TARGETS order, inside `drawn_in()` (ZeRO-3
-    partitions them as they are made); the base weight may be a meta shape (filled in later).
+    The adapters are drawn layer by layer in LORA_TARGETS order; each adapted linear goes to
+    `drawn(name, module)` as it is made (its name in `lm`; what it returns takes its place: a
+    parallel build keeps its share); the base weight may be a meta shape (filled in later).
     Returns the number of layers wrapped."""
     if cfg.rank == 0:
         return 0
     n = 0
-    for layer in lm.layers:
+    for i, layer in enumerate(lm.layers):
         for short, (parent_name, leaf) in LORA_TARGETS.items():
             if short not in cfg.targets:
                 continue
             parent = getattr(layer, parent_name)
             base = getattr(parent, leaf)
             real = base.weight if not base.weight.is_meta else None  # adapters are real even on a meta decoder
-            with drawn_in():
-                a, b = new_adapters(base.in_features, base.out_features, cfg.rank,
-                                    dtype=None if real is None else real.dtype,
-                                    device=None if real is None else real.device)
-            setattr(parent, leaf, LoraLinear(base, a, b, scaling(cfg), cfg.dropout))
+            a, b = new_adapters(base.in_features, base.out_features, cfg.rank,
+                                dtype=None if real is None else real.dtype,
+                                device=None if real is None else real.device)
+            lin = LoraLinear(base, a, b, scaling(cfg), cfg.dropout)
+            setattr(parent, leaf, lin if drawn is None else drawn(f"layers.{i}.{parent_name}.{leaf}", lin))
             n += 1
     return n
 

@@ -186,3 +186,9 @@ def vision_from_config(cfg: VisionConfig, frozen: bool = False) -> VisionTower:
     if cfg.sincos_positions:
         init_sincos_positions(model)
     return VisionTower(model, cfg.kind, frozen)
+
+
+def vision_skeleton(cfg: VisionConfig, frozen: bool = False) -> VisionTower:
+    """The shape of `vision_from_config(cfg, frozen)`: parameters on the meta device, buffers real."""
+    with empty():
+        return vision_from_config(cfg, frozen)

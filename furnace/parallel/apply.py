@@ -2,11 +2,11 @@
 
 torchtitan's approach: the model is written once, unaware of parallelism; this module swaps
 its linear layers and embeddings for the Megatron ones of `furnace.parallel.tensor`, taking
-this rank's shard of the full weights. Drawing the model with the training seed on every rank
-and then sharding reproduces the 1-rank initialisation exactly (what the parity tests need);
-under ZeRO-3 each module is gathered while it is cut and the cut partitioned at once. A
-pretrained decoder is cut as a meta-device shape and filled per rank afterwards
-(`furnace.parallel.materialize`).
+this rank's shard of the full weights (`tp_shard` is the same cut). The trainer's builder applies
+it to the model's meta-device shape and then fills each rank's cuts: fresh weights as they are
+drawn (`furnace.parallel.fresh`: the 1-rank numbers, what the parity tests need), a pretrained
+decoder as it is read (`furnace.parallel.materialize`). Applied to a built model, a ZeRO-3
+partitioned module is gathered while it is cut and the cut goes to `partition`.
 
 Plan per block (C = column-parallel, R = row-parallel, V = vocab-parallel):
 
@@ -47,8 +47,9 @@ COLUMN_MODULES = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "to_q", 
 ROW_MODULES = ("o_proj", "down_proj", "to_out", "fc2")
 VOCAB_MODULES = ("embed_tokens", "lm_head")
 SHARDED_MODULES = COLUMN_MODULES + ROW_MODULES + VOCAB_MODULES
-# The towers every rank holds whole, whatever their layers are called (Whisper's are q_proj, fc1 ...).
-REPLICATED_TOWERS = ("vision.", "audio.tower.")
+# Whole on every rank though their layers bear those names: the towers (Whisper's are q_proj,
+# fc1 ...) and the contrastive text encoder (to_out, fc1, fc2).
+REPLICATED = ("vision.", "audio.tower.", "contrastive.")
 
 
 def tp_split_dim(param_name: str) -> int | None:
@@ -57,7 +58,7 @@ def tp_split_dim(param_name: str) -> int | None:
     parts = param_name.split(".")
     if len(parts) >= 3 and parts[-2] in ADAPTERS and parts[-3] in COLUMN_MODULES + ROW_MODULES:
         return lora_split_dim(param_name, parts[-3] in COLUMN_MODULES)
-    if len(parts) < 2 or param_name.startswith(REPLICATED_TOWERS) or parts[-2] not in SHARDED_MODULES:
+    if len(parts) < 2 or param_name.startswith(REPLICATED) or parts[-2] not in SHARDED_MODULES:
         return None
     if parts[-2] in ROW_MODULES:
         return 1 if parts[-1] == "weight" else None  # a row-parallel bias is added after the sum

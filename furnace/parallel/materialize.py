@@ -1,9 +1,10 @@
 """Filling in a pretrained decoder and vision tower that were built without weights (their shapes
 only), so that no rank ever holds the whole LM.
 
-`build` makes the FlamingoModel with a meta LM (`llama.skeleton_from_hf`) and tower
+`build` makes the FlamingoModel's shape with a meta LM (`llama.skeleton_from_hf`) and tower
 (`vision.vision_skeleton_from_hf`), applies tensor parallelism to it (the meta parameters take
-their tensor-parallel shapes) and calls `load_pretrained_lm` and `load_pretrained_tower`. Piece by
+their tensor-parallel shapes), fills in the fresh parts (`furnace.parallel.fresh`) and calls
+`load_pretrained_lm` and `load_pretrained_tower`. Piece by
 piece (the embedding, each decoder layer, the norm, the head; each encoder block of the tower,
 then the rest of it), each rank allocates the parameters it keeps and reads into them only its
 tensor-parallel rows or columns of each checkpoint tensor (safetensors slices: nothing else of the
@@ -104,7 +105,16 @@ def load_pretrained_lm(model, path: str, topology=None, *, keep=None, partition=
                  rank, size, keep=keep, partition=partition, dtype=dtype, device=device)
     if model.new_tokens is not None:  # the new rows start at the mean of the embedding rows, as from_hf's
         key = hf_name("embed_tokens.weight", False)
-        model.new_tokens.start_at(reader.read(key).float().mean(0))
+        mean = reader.read(key).float().mean(0)
+        partitioned = [p for p in model.new_tokens.parameters() if hasattr(p, "ds_id")]  # as drawn (ZeRO-3)
+        if partitioned:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+        else:
+            gathered = contextlib.nullcontext()
+        with gathered:
+            model.new_tokens.start_at(mean)
     return read
 
 

@@ -28,10 +28,11 @@ embeddings, embed and head are one TiedLayerSpec ("embed"): DeepSpeed keeps a co
 and the last stage and all-reduces its gradient between them. Activation checkpointing is the
 model's own (`model.activation_checkpointing`, applied per block by `run_block`).
 
-The specs wrap modules of an already built (and, with tp > 1, already sharded) FlamingoModel:
-drawing the model with the run's seed on every rank reproduces the 1-rank weights exactly,
-which the parity tests rely on. A pretrained decoder is filled only for this rank's stage
-(`stage_parameters`, `furnace.parallel.materialize`); the other stages' stay meta shapes.
+The specs wrap modules of an already built (and, with tp > 1, already sharded) FlamingoModel in
+which only this rank's stage is real (`stage_parameters`): fresh weights are drawn piece by piece
+with the run's seed and kept only for the stage (`furnace.parallel.fresh`: the 1-rank numbers,
+which the parity tests rely on), a pretrained decoder is read only for it
+(`furnace.parallel.materialize`); the other stages' parameters stay meta shapes.
 """
 from __future__ import annotations
 

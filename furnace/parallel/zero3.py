@@ -1,8 +1,8 @@
 """ZeRO-3 integration: gather granularity (whole repeated blocks instead of every submodule),
 the fused loss-scaling hook (`furnace_kernels`' one-pass gradient statistics inside
 DeepSpeed's ZeRO-3 optimizer), and partitioning while the model is built (`partitioner`,
-`zero3_placement`: the resampler and xattn blocks as they are drawn, tensor-parallel cuts and
-pretrained decoder modules as they are made, so no rank holds them whole).
+`zero3_placement`: each freshly drawn piece and each pretrained module as it is filled in, so no
+rank holds the model whole).
 
 DeepSpeed's ZeRO-3 puts a fetch/release hook pair on every module and runs its bookkeeping at
 each one, for the frozen LM and vision tower too. flamingo-1b has ~620 modules per forward; on an
@@ -159,19 +159,23 @@ def partitioner(ds_config: dict, topology):
     return init
 
 
-def zero3_placement(model, zero3: dict) -> tuple[torch.dtype, torch.device]:
-    """DeepSpeed leaves a model it finds partitioned already in the dtype and on the device it
-    has (the engine casts and moves only unpartitioned models): put every parameter that is
-    neither partitioned nor a meta shape where the engine would (the run's precision, the
-    device; buffers keep their dtype) and return that placement for what is filled in later."""
+def zero3_placement(zero3: dict) -> tuple[torch.dtype, torch.device]:
+    """Where the engine would put the parameters (the run's precision, the device). DeepSpeed
+    leaves a model it finds partitioned already in the dtype and on the device it has (the engine
+    casts and moves only unpartitioned models), so what is partitioned while the model is built
+    goes there first."""
     from deepspeed.accelerator import get_accelerator
 
     dtype = (torch.bfloat16 if zero3.get("bf16", {}).get("enabled") else
              torch.float16 if zero3.get("fp16", {}).get("enabled") else torch.float32)
-    device = torch.device(get_accelerator().current_device_name())
+    return dtype, torch.device(get_accelerator().current_device_name())
+
+
+def place(model, dtype: torch.dtype, device: torch.device) -> None:
+    """Every parameter that is neither partitioned nor a meta shape in `dtype` on `device`, and
+    the buffers on `device` (keeping their dtype)."""
     for p in model.parameters():
         if not p.is_meta and not hasattr(p, "ds_id"):
             p.data = p.data.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)
     for b in model.buffers():
         b.data = b.data.to(device)
-    return dtype, device

@@ -57,6 +57,15 @@ def init_distributed(timeout: datetime.timedelta | None = None) -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **kw)
 
 
+def close_distributed() -> None:
+    """Tear the process groups down once every rank is done with them (a barrier first). Left to
+    the interpreter's exit, gloo's threads die in static destructors: a rank that has saved its
+    last checkpoint could still abort ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def join_launched_group() -> tuple[int, int]:
     """(rank, world size) of a process a launcher started (torchrun, deepspeed: RANK, WORLD_SIZE,
     MASTER_ADDR in the environment), its torch.distributed group made (NCCL on this rank's GPU,

@@ -28,7 +28,7 @@ from furnace.parallel.pipeline import batch_to_pipe
 from furnace.parallel.topology import Topology
 from furnace.training import checkpoint as ckpt
 from furnace.training.build import build
-from furnace.training.distributed import all_reduce_host, init_distributed
+from furnace.training.distributed import all_reduce_host, close_distributed, init_distributed
 from furnace.training.engine import current_loss_scale, total_grad_norm
 from furnace.training.caption_scores import caption_scores
 from furnace.training.evaluate import caption_accuracy, evaluate_local, summarize
@@ -233,7 +233,9 @@ class Trainer:
         rank = int(os.environ.get("RANK", 0))
         try:
             self.setup()
-            return self._loop()
+            status = self._loop()
+            close_distributed()  # every rank got here: the same steps, the same collectives
+            return status
         except KeyboardInterrupt:
             log.error("interrupted by a second SIGINT: no checkpoint saved at this step")
             if rank == 0:
