@@ -280,4 +280,6 @@ def test_demo_video_trains_on_two_ranks(video_set, tmp_path):
     """The demo-video preset on 2 gloo ranks, on a tiny set, a few steps: the loss falls; the
     held-out evaluation runs on clips."""
     run_dir = tmp_path / "run"
-    train_preset_briefly("demo-video", video_set, run_dir)
+    report = train_preset_briefly("demo-video", video_set, run_dir)
+    # the held-out evaluation captioned clips of the moving-shapes set
+    assert report["samples"] and all(s["reference"].split()[-2] == "moves" for s in report["samples"])

@@ -40,6 +40,14 @@ def replace_parameters(model: nn.Module, new: dict[int, nn.Parameter]) -> None:
                 mod._parameters[k] = new[id(p)]
 
 
+def filled(like: nn.Parameter, value: torch.Tensor, *, dtype: torch.dtype | None = None, device=None) -> nn.Parameter:
+    """A real parameter holding `value` (cast and moved when asked) to stand in for the meta one
+    `like`: its requires_grad and its attributes (tensor-parallel marks) carried over."""
+    q = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=like.requires_grad)
+    q.__dict__.update(like.__dict__)
+    return q
+
+
 def fill(model: nn.Module, read: Callable[[str], torch.Tensor], *, dtype: torch.dtype | None = None,
          where: str = "the checkpoint") -> None:
     """Every meta parameter of `model` from `read(name)` (its name in `model.named_parameters()`;
@@ -51,7 +59,5 @@ def fill(model: nn.Module, read: Callable[[str], torch.Tensor], *, dtype: torch.
         t = read(name)
         if tuple(t.shape) != tuple(p.shape):
             raise ValueError(f"{name} is {tuple(t.shape)} in {where} but {tuple(p.shape)} in the model it builds")
-        q = nn.Parameter(t if dtype is None else t.to(dtype), requires_grad=p.requires_grad)
-        q.__dict__.update(p.__dict__)
-        new[id(p)] = q
+        new[id(p)] = filled(p, t, dtype=dtype)
     replace_parameters(model, new)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from furnace.model.empty import replace_parameters
+from furnace.model.empty import filled, replace_parameters
 from furnace.parallel.apply import tp_shard
 
 
@@ -64,9 +64,7 @@ def keep_drawn(model: nn.Module, topology=None, *, keep=None, partition=None, dt
             if tuple(cut.shape) != tuple(dst.shape):
                 raise ValueError(f"{name}.{leaf}: drawn {tuple(src.shape)}, cut {tuple(cut.shape)} for tp rank {rank} "
                                  f"of {size}, but this rank holds {tuple(dst.shape)}")
-            q = nn.Parameter(cut.to(device=device, dtype=dtype).contiguous(), requires_grad=dst.requires_grad)
-            q.__dict__.update(dst.__dict__)  # tensor-parallel marks
-            new[id(dst)] = q
+            new[id(dst)] = filled(dst, cut.contiguous(), dtype=dtype, device=device)
         replace_parameters(model, new)
         if partition is not None and new:
             _partition_real(target, partition)

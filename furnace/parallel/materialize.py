@@ -20,7 +20,7 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from furnace.model.empty import persistent_buffers, replace_parameters
+from furnace.model.empty import filled, persistent_buffers, replace_parameters
 from furnace.model.flamingo_io import check_names, empty_flamingo, read_meta
 from furnace.model.hf_io import WeightReader
 from furnace.model.llama import hf_name
@@ -78,9 +78,7 @@ def _fill(model, pieces, path: str, reader: WeightReader, key_of, rank: int, siz
             if tuple(t.shape) != tuple(p.shape):
                 raise ValueError(f"{key} in {path!r} is {tuple(reader.shape(key))}, which does not give this rank's "
                                  f"{tuple(p.shape)} at tp={size}")
-            q = nn.Parameter(t.to(device=device, dtype=dtype).contiguous(), requires_grad=p.requires_grad)
-            q.__dict__.update(p.__dict__)  # tensor-parallel marks
-            new[id(p)] = q
+            new[id(p)] = filled(p, t.contiguous(), dtype=dtype, device=device)
             read += t.numel() * t.element_size()
         if not new:
             continue
