@@ -1,10 +1,9 @@
 """`model.compile`: torch.compile for the media path, one block at a time.
 
 Each encoder layer of the vision tower and each attention / feed-forward module of the resampler
-gets its `forward` replaced by a compiled one. Per block rather than whole: the graphs stay small
-(quick to compile, one graph reused by every layer of a kind once shapes settle), and the
-module hooks that ZeRO-3 and the tensor-parallel mappings rely on run outside the compiled code,
-as they would in eager mode. Parameter names, state dicts and checkpoints are unchanged.
+gets its `forward` replaced by a compiled one. Per block rather than whole: the graphs stay small,
+and the module hooks that ZeRO-3 and the tensor-parallel mappings rely on run outside the
+compiled code, as they would in eager mode. Parameter names, state dicts and checkpoints are unchanged.
 
 The tower's batch (the valid images of a step) varies; after the first recompile torch marks
 that dimension dynamic instead of compiling once per size.
