@@ -18,7 +18,7 @@ setup(
         "furnace_kernels",
     ],
     package_dir={"furnace_kernels": "kernels"},
-    package_data={"furnace.presets": ["*.yaml"]},
+    package_data={"furnace.presets": ["*.yaml"], "furnace_kernels": ["attention_configs.json"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.45",

@@ -4,7 +4,10 @@
     python benchmarks/kernels.py --out /tmp/kernels-smoke.json --quick                   # CPU smoke / CI
 
 Attention (TFLOP/s for fwd, bwd, fwd+bwd; fwd = 4*B*H*Lq*Lk*D*density, bwd = 2.5 x fwd):
-  * causal self-attention: furnace Triton vs scaled_dot_product_attention (flash backend);
+  * causal self-attention: furnace Triton vs scaled_dot_product_attention's flash and cuDNN
+    backends, and flash-attn 2 / FlashAttention-3 where installed (`furnace_speedup`: their
+    fwd+bwd time over furnace's); pinned configs from FURNACE_ATTN_CONFIGS when set
+    (benchmarks/tune_attention.py);
   * Flamingo mask (text 2048, 5 images x 64 latents, batch 8, 16 heads, hd 128): furnace vs
     FlexAttention (torch.compile, block mask) vs SDPA with a dense boolean mask. Both the
     "dense-equivalent" rate (density 1) and the "useful" rate (visible pairs only) are given.
@@ -143,7 +146,7 @@ def bench_causal(quick, dtype):
     dev = "cuda" if CUDA else "cpu"
     shapes = [(1, 2, 64, 32)] if not CUDA else ([(2, 16, 1024, 128)] if quick else
                                                  [(8, 16, 1024, 128), (4, 16, 2048, 128), (2, 16, 4096, 128),
-                                                  (4, 32, 2048, 64), (4, 16, 2048, 96)])
+                                                  (1, 16, 8192, 128), (4, 32, 2048, 64), (4, 16, 2048, 96)])
     results = []
     for b, h, l, d in shapes:
         q, k, v = (torch.randn(b, h, l, d, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -161,9 +164,43 @@ def bench_causal(quick, dtype):
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
+            def sdpa_cudnn(q, k, v):
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
             row["results"].append(_safe(lambda: _record("sdpa_flash", _attn_modes(sdpa_flash, (q, k, v), quick), flops)))
+            row["results"].append(_safe(lambda: _record("sdpa_cudnn", _attn_modes(sdpa_cudnn, (q, k, v), quick), flops)))
+            for name, fn in _flash_attn_impls():
+                row["results"].append(_safe(lambda: _record(name, _attn_modes(fn, (q, k, v), quick), flops)))
+            row["furnace_speedup"] = _speedups(row["results"])
         results.append(row)
     return results
+
+
+def _flash_attn_impls():
+    """The flash-attn packages where installed: FlashAttention-2 (`flash_attn`) and -3
+    (`flash_attn_interface`, Hopper). They take [B, L, H, D]; the transposes are timed too."""
+    impls = []
+    for module, name in (("flash_attn", "flash_attn_2"), ("flash_attn_interface", "flash_attn_3")):
+        try:
+            mod = __import__(module)
+        except ImportError:
+            continue
+
+        def run(q, k, v, f=mod.flash_attn_func):
+            out = f(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            out = out[0] if isinstance(out, tuple) else out  # FA3 returns (out, lse)
+            return out.transpose(1, 2)
+
+        impls.append((name, run))
+    return impls
+
+
+def _speedups(results):
+    """furnace_triton's fwd+bwd time against each other row's: > 1 means furnace is faster."""
+    ms = {r["impl"]: r["ms"]["fwd+bwd"] for r in results if "impl" in r and r["ms"].get("fwd+bwd")}
+    mine = ms.pop("furnace_triton", None)
+    return {name: round(other / mine, 3) for name, other in ms.items()} if mine else {}
 
 
 def _flamingo_segments(b, t_txt, n_img, n_lat, dev, seed=0):

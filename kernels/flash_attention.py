@@ -33,6 +33,8 @@ Without segments, tiles that all queries of the block see entirely run without m
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
 import os
 
@@ -103,10 +105,49 @@ def picked_configs() -> dict[tuple, triton.Config]:
     return dict(_picked)
 
 
-def _launcher(kernel, which: str, grid, key: tuple):
-    """A launch of `kernel` on `grid`: with the forced config's meta (`forced_configs`), with the
-    config picked for `key` before, or through the autotuner (its pick is then cached)."""
+# Pinned configs: the winners of a multi-repeat tune per device (benchmarks/tune_attention.py),
+# because the autotuner times each config once on a noisy clock and may pick differently on
+# every run. A JSON file {"configs": {device name: [entry, ...]}}, entry = {"kernel", "head_dim"
+# (BLOCK_D), "causal", "segments", "dtype", "BLOCK_M", "BLOCK_N", "num_warps", "num_stages"};
+# read from FURNACE_ATTN_CONFIGS, else the table shipped beside this file.
+PINNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attention_configs.json")
+
+
+def _device_name(t: torch.Tensor) -> str:
+    return torch.cuda.get_device_name(t.device) if t.is_cuda else "interpreter"
+
+
+@functools.cache
+def _pinned_table(path: str, device: str) -> dict[tuple, triton.Config]:
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            entries = json.load(f)["configs"].get(device, [])
+        return {(e["kernel"], int(e["head_dim"]), bool(e["causal"]), bool(e["segments"]), e["dtype"]):
+                _cfg(int(e["BLOCK_M"]), int(e["BLOCK_N"]), int(e["num_warps"]), int(e["num_stages"]))
+                for e in entries}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"attention: pinned config table {path} is unreadable ({type(e).__name__}: {e}); "
+                         "rewrite it with benchmarks/tune_attention.py or unset FURNACE_ATTN_CONFIGS") from None
+
+
+def pinned_config(kernel_name: str, key: tuple, q: torch.Tensor) -> triton.Config | None:
+    """The pinned config for a launch of one of this file's kernels (`_tune_key`'s key), if any."""
+    table = _pinned_table(os.environ.get("FURNACE_ATTN_CONFIGS", PINNED_FILE), _device_name(q))
+    if not table:
+        return None
+    _, _, block_d, _, causal, has_seg, _, dtype = key
+    return table.get((kernel_name, block_d, bool(causal), bool(has_seg), str(dtype).removeprefix("torch.")))
+
+
+def _launcher(kernel, which: str, grid, key: tuple, q: torch.Tensor | None = None):
+    """A launch of `kernel` on `grid`: with the forced config's meta (`forced_configs`), the
+    config pinned for this device (`pinned_config`, given `q`), the config picked for `key`
+    before, or through the autotuner (its pick is then cached)."""
     cfg = _forced[which]
+    if cfg is None and q is not None:
+        cfg = pinned_config(kernel.fn.__name__, key, q)
     if cfg is None:
         cfg = _picked.get((kernel.fn.__name__, key))
     if cfg is not None:
@@ -536,7 +577,7 @@ def _forward(q, k, v, qseg, kseg, causal, sm_scale):
     def grid(meta):
         return (triton.cdiv(m["lq"], meta["BLOCK_M"]), m["b"] * m["h"])
 
-    _launcher(_attn_fwd, "fwd", grid, _tune_key(m, q))(
+    _launcher(_attn_fwd, "fwd", grid, _tune_key(m, q), q)(
         q, k, v, o, lse, segq, segk,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         m["h"], m["lq"], m["lk"], m["d"], sm_scale * _LOG2E,
@@ -567,7 +608,7 @@ def _backward(do, q, k, v, o, lse, qseg, kseg, causal, sm_scale):
     def grid_kv(meta):
         return (triton.cdiv(m["lk"], meta["BLOCK_N"]), m["b"] * m["hkv"])
 
-    _launcher(_attn_bwd_dkdv, "bwd", grid_kv, _tune_key(m, q))(
+    _launcher(_attn_bwd_dkdv, "bwd", grid_kv, _tune_key(m, q), q)(
         q, k, v, do, lse, delta, dk, dv, segq, segk,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         m["h"], m["hkv"], m["lq"], m["lk"], m["d"], sm_scale * _LOG2E, sm_scale,
@@ -577,7 +618,7 @@ def _backward(do, q, k, v, o, lse, qseg, kseg, causal, sm_scale):
     def grid_q(meta):
         return (triton.cdiv(m["lq"], meta["BLOCK_M"]), m["b"] * m["h"])
 
-    _launcher(_attn_bwd_dq, "bwd", grid_q, _tune_key(m, q))(
+    _launcher(_attn_bwd_dq, "bwd", grid_q, _tune_key(m, q), q)(
         q, k, v, do, lse, delta, dq, segq, segk,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         m["h"], m["lq"], m["lk"], m["d"], sm_scale * _LOG2E, sm_scale,
@@ -619,4 +660,4 @@ def attention_triton(q, k, v, *, causal=False, q_segment=None, kv_segment=None, 
     return FlashAttentionFunction.apply(q, k, v, qseg, kseg, bool(causal), sm_scale)
 
 
-__all__ = ["attention_triton", "FlashAttentionFunction", "forced_configs", "picked_configs"]
+__all__ = ["attention_triton", "FlashAttentionFunction", "forced_configs", "picked_configs", "pinned_config"]

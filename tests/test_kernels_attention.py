@@ -335,3 +335,54 @@ def test_a_tuned_shape_launches_without_the_autotuner(monkeypatch):
     assert calls == []
     step(20, 64)  # another head dim: another key
     assert sorted(calls) == ["_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_fwd"]
+
+
+def test_pinned_configs_from_the_tuner_launch_without_the_autotuner(monkeypatch, tmp_path):
+    """benchmarks/tune_attention.py writes a table for this device; with FURNACE_ATTN_CONFIGS
+    naming it, the tuned kernels launch with the pinned config (the autotuner never runs, nothing
+    cached before), with dense attention's result; a mask the table lacks is tuned as before; an
+    unreadable table is one error naming the variable."""
+    import subprocess
+    import sys
+    import json
+    from pathlib import Path
+
+    from triton.runtime.autotuner import Autotuner
+
+    root = Path(__file__).resolve().parent.parent
+    table = tmp_path / "pinned.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if not CUDA else dict(os.environ)
+    args = [] if not CUDA else ["--head-dims", "32", "--lengths", "256", "--repeats", "2"]
+    subprocess.run([sys.executable, str(root / "benchmarks" / "tune_attention.py"), "--out", str(table), *args],
+                   check=True, env=env, cwd=root, capture_output=True)
+    entries = json.loads(table.read_text())["configs"][fa._device_name(torch.empty(1, device=DEV))]
+    assert {e["kernel"] for e in entries} == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+    assert {(e["causal"], e["segments"]) for e in entries} == {(True, False), (False, True)}
+
+    calls = []
+    run = Autotuner.run
+
+    def counting(self, *a, **kw):
+        calls.append(self.base_fn.__name__)
+        return run(self, *a, **kw)
+
+    monkeypatch.setattr(Autotuner, "run", counting)
+    monkeypatch.setattr(fa, "_picked", {})
+    monkeypatch.setenv("FURNACE_ATTN_CONFIGS", str(table))
+    fa._pinned_table.cache_clear()
+    gen = torch.Generator().manual_seed(5)
+    d = 32
+    q, k, v = (torch.randn(1, 2, 24, d, generator=gen).to(DEV).requires_grad_() for _ in range(3))
+    out = fa.attention_triton(q, k, v, causal=True)
+    out.backward(torch.ones_like(out))
+    torch.testing.assert_close(out.double(), dense_attention(q.detach(), k.detach(), v.detach(), causal=True),
+                               atol=2e-4, rtol=1e-3)
+    assert calls == [] and fa.picked_configs() == {}
+    fa.attention_triton(q, k, v)  # no mask: not in the table
+    assert calls == ["_attn_fwd"]
+
+    table.write_text("{not json")
+    fa._pinned_table.cache_clear()
+    with pytest.raises(ValueError, match="FURNACE_ATTN_CONFIGS"):
+        fa.attention_triton(q, k, v, causal=True)
+    fa._pinned_table.cache_clear()
