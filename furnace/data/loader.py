@@ -174,9 +174,11 @@ class ShardLoader:
     @classmethod
     def from_config(cls, data_cfg, tokenizer, *, split: str = "train", batch_size: int, dp_rank: int = 0,
                     dp_size: int = 1, seed: int = 0, image_size: int = 224, mean=CLIP_MEAN, std=CLIP_STD,
-                    num_workers: int | None = None, audio_rate: int = 0, audio_samples: int = 0) -> "ShardLoader":
+                    num_workers: int | None = None, audio_rate: int = 0, audio_samples: int = 0,
+                    pin_memory: bool = False) -> "ShardLoader":
         """The train (infinite, shuffled, resumable) or val (one pass) loader of a DataConfig;
-        `audio_rate` / `audio_samples`: the audio tower's rate and window (0: no audio)."""
+        `audio_rate` / `audio_samples`: the audio tower's rate and window (0: no audio);
+        `pin_memory`: workers hand on page-locked batches (a copy to the GPU that does not block)."""
         sources, training = sources_from_config(data_cfg, split)
         audio = (AudioSpec(audio_rate, audio_samples, data_cfg.max_audio_seconds, data_cfg.min_audio_seconds)
                  if audio_samples else None)
@@ -186,7 +188,7 @@ class ShardLoader:
                    canonical_streams=data_cfg.canonical_streams, shuffle_buffer=data_cfg.shuffle_buffer,
                    training=training, limits=ReadLimits.from_config(data_cfg),
                    max_image_pixels=data_cfg.max_image_pixels, pack=data_cfg.pack, frames=data_cfg.video_frames,
-                   max_video_frames=data_cfg.max_video_frames, audio=audio)
+                   max_video_frames=data_cfg.max_video_frames, audio=audio, pin_memory=pin_memory)
 
     # ------------------------------------------------------------------ config helpers
     @staticmethod

@@ -151,7 +151,8 @@ def build_loader(cfg: Config, tokenizer, model: FlamingoModel, topology: Topolog
                                    dp_rank=topology.coord.dp, dp_size=topology.dp, seed=cfg.train.seed,
                                    image_size=model.vision.image_size, mean=mean, std=std, num_workers=num_workers,
                                    audio_rate=0 if tower is None else tower.sample_rate,
-                                   audio_samples=0 if tower is None else tower.num_samples)
+                                   audio_samples=0 if tower is None else tower.num_samples,
+                                   pin_memory=torch.cuda.is_available())
 
 
 def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bool = False,
