@@ -27,13 +27,12 @@ def _source(tmp_path_factory, tokenizer=None, **over):
     torch.manual_seed(123)
     model = build_model(cfg, tok)
     with torch.no_grad():
-        for p in list(model.perceiver.parameters()) + list(model.xattn.parameters()):
+        for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     out = tmp_path_factory.mktemp("start") / "flamingo"
     save_flamingo(model, out, dataclasses.asdict(cfg.model))
     tok.save_pretrained(out)
-    return out, {n: p.detach().clone() for n, p in model.named_parameters()
-                 if n.startswith(("perceiver.", "xattn.", "new_tokens."))}
+    return out, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def _started(run_dir, tmp_path, name):
@@ -48,6 +47,8 @@ def _started(run_dir, tmp_path, name):
 @pytest.mark.parametrize("layout", [["parallel.tp=2", "parallel.zero_stage=3"],
                                     ["parallel.pp=2", "parallel.zero_stage=1"]], ids=["tp2_zero3", "pp2"])
 def test_a_run_starts_from_an_export_on_every_layout(data, tmp_path_factory, tmp_path, layout):
+    """A scratch model continued (no model.lm.path / model.vision.path): its LM and tower are the
+    source's too."""
     source, want = _source(tmp_path_factory)
     run_dir = tmp_path / "run"
     # lr 0: the first step leaves every weight as it started
@@ -85,9 +86,35 @@ def test_a_run_starts_from_open_flamingos_checkpoint(data, tmp_path_factory, tmp
 
 
 def test_a_source_that_does_not_fit_is_refused_in_one_line(data, tmp_path_factory, tmp_path):
-    source, _ = _source(tmp_path_factory, **{"model.lm.hidden_size": 32})  # xattn blocks for a narrower LM
-    res = run(train_cmd(tmp_path / "run", data, f"model.start_from={source}", "train.max_steps=1", nproc=1))
+    from furnace.data.tokenizer import load_tokenizer
+
+    w = tiny_pretrained(tmp_path_factory.mktemp("fit"))  # its LM is 64 wide
+    # a scratch model 32 wide, its specials rows of its own: no new rows, xattn for a narrower LM
+    source, _ = _source(tmp_path_factory, tokenizer=load_tokenizer(w / "llama"), **{"model.lm.hidden_size": 32})
+    res = run(train_cmd(tmp_path / "run", data, f"model.start_from={source}", "train.max_steps=1",
+                        f"model.lm.path={w / 'llama'}", f"data.tokenizer={w / 'llama'}", nproc=1))
     assert res.returncode != 0
-    assert "model.start_from=" in res.stderr and "xattn" in res.stderr, res.stderr[-2000:]
+    line = next(x for x in res.stderr.splitlines() if "model.start_from=" in x)
+    assert "lacks ['new_tokens.embed.weight'" in line and "start from a model with the same parts" in line, line
     res = run(train_cmd(tmp_path / "run2", data, f"model.start_from={tmp_path}", "train.max_steps=1", nproc=1))
     assert res.returncode != 0 and "neither a furnace export folder" in res.stderr, res.stderr[-2000:]
+
+
+def test_what_a_run_adds_to_its_source_starts_as_drawn_or_as_the_source_holds_it(data, tmp_path_factory, tmp_path):
+    """LoRA adapters and contrastive heads a source lacks start as drawn, and rank 0 says so;
+    contrastive heads it holds are its own, in its shapes (16 wide, not the run's 8)."""
+    plain, _ = _source(tmp_path_factory)
+    adds = ("train.max_steps=1", "train.lr=0", "model.contrastive.dim=8", "train.contrastive_weight=0.1")
+    res = run(train_cmd(tmp_path / "a", data, f"model.start_from={plain}", *adds, "model.freeze_lm=true",
+                        "model.lora.rank=2", nproc=1))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "holds no LoRA adapters, contrastive heads: they start as drawn" in res.stdout + res.stderr
+    heads, want = _source(tmp_path_factory, **{"model.contrastive.dim": 16})
+    res = run(train_cmd(tmp_path / "b", data, f"model.start_from={heads}", *adds, nproc=1))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "start as drawn" not in res.stdout + res.stderr
+    got = _started(tmp_path / "b", tmp_path, "export")
+    names = [n for n in want if n.startswith("contrastive.")]
+    assert names and got["contrastive.image_proj.weight"].shape[0] == 16
+    for n in names:
+        torch.testing.assert_close(got[n], want[n], atol=0, rtol=0, msg=n)

@@ -571,8 +571,11 @@ def _check_pretrained(cfg: Config) -> None:
 
 def check_trainable(cfg: Config) -> None:
     """A training run (not a benchmark, which measures a preset's shapes as they are) must
-    not freeze a part it builds with random weights: that part would never learn."""
+    not freeze a part it builds with random weights: that part would never learn. (A furnace
+    export in model.start_from gives the parts the run names no path for: those are trained.)"""
     m = cfg.model
+    if m.start_from is not None and os.path.isfile(os.path.join(m.start_from, "flamingo.json")):
+        return
     if m.audio.kind == "scratch" and m.freeze_audio:
         raise ConfigError("model.freeze_audio=true with model.audio.kind=scratch would train around a frozen random audio "
                           "tower: --set model.freeze_audio=false (or model.audio.kind=whisper with model.audio.path)")

@@ -183,7 +183,11 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
         with empty():  # the plain model's names and shapes, to map the source onto
             plain = build_model(copy.deepcopy(cfg), tokenizer, lm=skeleton_from_hf(lm_path) if lm_path else None,
                                 vision=vision_skeleton_from_hf(tower_path, cfg.model.freeze_vision) if tower_path else None)
-        load_start(model, start_tensors(cfg.model.start_from, plain), topology)
+        tensors, drawn = start_tensors(cfg.model, plain)
+        load_start(model, tensors, topology)
+        if drawn and topology.rank == 0:
+            print(f"model.start_from={cfg.model.start_from} holds no {', '.join(drawn)}: they start as drawn",
+                  flush=True)
     if model.contrastive is not None and dp > 1:  # the contrastive loss's negatives: every dp rank's rows
         model.gather_batch = BatchGather(topology.get_data_parallel_group())
     compile_media(model, compile_parts(cfg.model.compile))  # after TP: the split blocks are what runs
