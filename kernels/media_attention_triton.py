@@ -6,11 +6,12 @@ outputs exactly 0 and gets zero gradient. Layout and GQA as in flash_attention.p
 helpers (`_fwd_tile`, `_dq_tile`, `_dkdv_tile`), configs and launch cache this module reuses.
 (Not named media_attention.py: that submodule would shadow the package's function of that name.)
 
-Range tables (`media_ranges`, torch, no host sync, exact for any integer ids): one stable sort of
-each row's key ids and of its query ids, and searchsorted of each side into the other's sorted
-ids. Per query: its value's first index in the sorted keys (`qid`, -1 when no key has the value)
-and one past its last (`q_hi`); per key: its own value's first index (`kid`) and the range of that
-value in the sorted queries (`k_lo`, `k_hi`). A stable sort keeps equal ids in position order, so
+Range tables (torch, no host sync, exact for any integer ids): one stable sort of each row's key
+ids (`key_ranges`, forward) and of its query ids (`query_ranges`, backward only), and
+searchsorted of each side into the other's sorted ids. Per query: its value's first index in
+the sorted keys (`qid`, -1 when no key has the value) and one past its last (`q_hi`); per key:
+its own value's first index (`kid`) and the range of that value in the sorted queries (`k_lo`,
+`k_hi`). A stable sort keeps equal ids in position order, so
 perm[first] and perm[last] are the first and last positions holding the value. qid and kid are
 compact ids (equal iff the values are), which the kernels compare instead of the raw values.
 
@@ -210,22 +211,26 @@ def _media_bwd_dkdv(
 # host side
 
 
-def media_ranges(text_time: torch.Tensor, media_segment: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The range tables (module docstring), all [B, Lq] or [B, Lk]: qid, q_hi, kid, k_lo, k_hi
-    (int32), kperm, qperm (int64, the stable sorts' permutations)."""
-    tt = text_time.to(torch.int64).contiguous()
-    ms = media_segment.to(torch.int64).contiguous()
-    k_sorted, kperm = torch.sort(ms, dim=1, stable=True)
-    q_sorted, qperm = torch.sort(tt, dim=1, stable=True)
-    q_lo = torch.searchsorted(k_sorted, tt, out_int32=True)
-    q_hi = torch.searchsorted(k_sorted, tt, right=True, out_int32=True)
-    return dict(
-        qid=torch.where(q_hi > q_lo, q_lo, -1), q_hi=q_hi,
-        kid=torch.searchsorted(k_sorted, ms, out_int32=True),
-        k_lo=torch.searchsorted(q_sorted, ms, out_int32=True),
-        k_hi=torch.searchsorted(q_sorted, ms, right=True, out_int32=True),
-        kperm=kperm, qperm=qperm,
-    )
+def key_ranges(text_time: torch.Tensor, media_segment: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The forward's and dQ's tables (module docstring): qid, q_hi [B, Lq], kid [B, Lk] (int32)
+    and kperm [B, Lk] (int64, the stable sort of the key ids)."""
+    k_sorted, kperm = torch.sort(media_segment, dim=1, stable=True)
+    q_lo = torch.searchsorted(k_sorted, text_time, out_int32=True)
+    q_hi = torch.searchsorted(k_sorted, text_time, right=True, out_int32=True)
+    return dict(qid=torch.where(q_hi > q_lo, q_lo, -1), q_hi=q_hi,
+                kid=torch.searchsorted(k_sorted, media_segment, out_int32=True), kperm=kperm)
+
+
+def query_ranges(text_time: torch.Tensor, media_segment: torch.Tensor) -> dict[str, torch.Tensor]:
+    """dK/dV's tables, built in the backward only: k_lo, k_hi [B, Lk] (int32) and qperm [B, Lq]
+    (int64, the stable sort of the query ids)."""
+    q_sorted, qperm = torch.sort(text_time, dim=1, stable=True)
+    return dict(k_lo=torch.searchsorted(q_sorted, media_segment, out_int32=True),
+                k_hi=torch.searchsorted(q_sorted, media_segment, right=True, out_int32=True), qperm=qperm)
+
+
+def _ids(s: torch.Tensor) -> torch.Tensor:
+    return s.to(torch.int64).contiguous()  # one dtype for sort / searchsorted; no copy for the model's
 
 
 def _meta(q, k):
@@ -287,22 +292,21 @@ def _backward(do, q, k, v, o, lse, t, sm_scale):
     return dq, dk, dv
 
 
-_TABLES = ("qid", "q_hi", "kid", "k_lo", "k_hi", "kperm", "qperm")
-
-
 class MediaAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, text_time, media_segment, scale):
-        t = media_ranges(text_time, media_segment)
+        tt, ms = _ids(text_time), _ids(media_segment)
+        t = key_ranges(tt, ms)
         o, lse = _forward(q, k, v, t, scale)
-        ctx.save_for_backward(q, k, v, o, lse, *(t[n] for n in _TABLES))
+        ctx.save_for_backward(q, k, v, o, lse, tt, ms, t["qid"], t["q_hi"], t["kid"], t["kperm"])
         ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, *tables = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, dict(zip(_TABLES, tables)), ctx.scale)
+        q, k, v, o, lse, tt, ms, qid, q_hi, kid, kperm = ctx.saved_tensors
+        t = dict(qid=qid, q_hi=q_hi, kid=kid, kperm=kperm, **query_ranges(tt, ms))
+        dq, dk, dv = _backward(do, q, k, v, o, lse, t, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
@@ -325,4 +329,4 @@ def media_attention_triton(q, k, v, text_time, media_segment, *, scale=None):
     return MediaAttentionFunction.apply(q, k, v, text_time, media_segment, sm_scale)
 
 
-__all__ = ["media_attention_triton", "media_ranges", "MediaAttentionFunction"]
+__all__ = ["media_attention_triton", "key_ranges", "query_ranges", "MediaAttentionFunction"]

@@ -185,7 +185,7 @@ def test_tokens_outside_the_spans_are_never_loaded():
 def test_range_tables():
     tt = torch.tensor([[0, 2, 2, 1, 2]])
     ms = torch.tensor([[1, 1, -1, 2, 2, 3]])
-    t = ma.media_ranges(tt, ms)
+    t = {**ma.key_ranges(tt, ms), **ma.query_ranges(tt, ms)}
     # the kernels compare qid with kid: equal iff the ids are
     assert torch.equal(t["qid"][:, :, None] == t["kid"][:, None, :], tt[:, :, None] == ms[:, None, :])
     assert t["qid"][0, 0] == -1  # id 0: no key carries it
@@ -221,9 +221,10 @@ def test_flamingo_model_loss_and_grads_match_reference_backend():
     from test_model_flamingo import IMG as MODEL_IMG
 
     torch.manual_seed(20)
-    model = make_model(freeze_lm=False)
+    model = make_model(freeze_lm=False).to(DEV)
     set_gates(model, 0.5)
     batch = make_batch([[1, MODEL_IMG, 2, 3, 4, MODEL_IMG, 5, 6, 7, 8], [3, 4, MODEL_IMG, 6, 7, 1, 1, 2, 2, 3]], t_img=2)
+    batch = {k: t.to(DEV) for k, t in batch.items()}
     prev = furnace_kernels.get_backend("media_attention")
     results = {}
     try:
