@@ -46,7 +46,7 @@ numpy.__version__, torch.cuda.get_device_name())'" ;;
         $py train.py --set train.max_steps=$((${DEMO_STEPS:-200} + 20)) --set train.eval_every=0 \
         --set train.run_dir=/tmp/furnace-demo" ;;
     tests)
-      TAIL=40 stage tests "${TESTS_S:-220}" $py -m pytest -q -p no:cacheprovider -n 8 \
+      TAIL=40 stage tests "${TESTS_S:-280}" $py -m pytest -q -p no:cacheprovider -n 8 \
         tests/test_kernels_attention.py tests/test_kernels_loss_scale.py tests/test_kernels_compile.py \
         tests/test_kernels_fused.py tests/test_kernels_media_attention.py ;;
     kernels)

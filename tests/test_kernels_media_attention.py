@@ -246,12 +246,34 @@ def test_flamingo_model_loss_and_grads_match_reference_backend():
 # ---------------------------------------------------------------------------------------------- CUDA
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-@pytest.mark.parametrize("n_lat,d", [(64, 128), (64, 64), (8, 80)])
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+def gpu_layout(seed, n_lat, length=1000):
+    """Two rows of `length` tokens, five images at random places, an EOS (IDEFICS reset) near
+    the end, six media slots (the last one padding)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [row(length, sorted(torch.randperm(length - 10, generator=g)[:5].tolist()), eos_at=(length - 5,), seed=s)
+            for s in range(2)]
+    return layout(rows, n_lat, 6, reset_id=EOS)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype,n_lat,d", [(torch.bfloat16, 64, 128), (torch.bfloat16, 8, 80),
+                                           (torch.float16, 64, 64)], ids=["bf16-64-128", "bf16-8-80", "fp16-64-64"])
 def test_gpu_flamingo_shapes(dtype, n_lat, d):
-    g = torch.Generator().manual_seed(n_lat + d)
-    rows = [row(1000, sorted(torch.randperm(990, generator=g)[:5].tolist()), eos_at=(995,), seed=s) for s in range(2)]
-    tt, ms = layout(rows, n_lat, 6, reset_id=EOS)
+    tt, ms = gpu_layout(d, n_lat)
     run(tt, ms, h=8, hkv=2, d=d, dtype=dtype, seed=d)
-    run(tt[:, torch.randperm(1000, generator=g)], ms, h=8, hkv=2, d=d, dtype=dtype, seed=d + 1)
+    g = torch.Generator().manual_seed(d)
+    run(tt[:, torch.randperm(tt.shape[1], generator=g)], ms, h=8, hkv=2, d=d, dtype=dtype, seed=d + 1)
+
+
+@needs_cuda
+@pytest.mark.parametrize("i", range(6))
+def test_gpu_every_config(i):
+    """Each config the autotuner may pick (the general kernel's lists), forced; head dim 96 pads to 128."""
+    from furnace_kernels.flash_attention import _BWD_CONFIGS, _FWD_CONFIGS, forced_configs
+
+    tt, ms = gpu_layout(i, 64, length=300)
+    with forced_configs(fwd=_FWD_CONFIGS[i % len(_FWD_CONFIGS)], bwd=_BWD_CONFIGS[i]):
+        run(tt, ms, h=4, hkv=2, d=96, dtype=torch.bfloat16, seed=i)
