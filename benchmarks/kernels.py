@@ -214,9 +214,10 @@ def bench_flamingo(quick, dtype):
     row["furnace_rel_err_vs_fp32"] = _safe(
         rel_errors, lambda q, k, v: attention_triton(q, k, v, q_segment=qs, kv_segment=ks),
         lambda q, k, v: attention_reference(q, k, v, q_segment=qs, kv_segment=ks), (q, k, v))
-    add("furnace_media_triton", lambda q, k, v: media_attention_triton(q, k, v, qs, ks))
+    qs64, ks64 = qs.long(), ks.long()  # the model's ids are int64 (the kernel's tables want them so)
+    add("furnace_media_triton", lambda q, k, v: media_attention_triton(q, k, v, qs64, ks64))
     row["furnace_media_rel_err_vs_fp32"] = _safe(
-        rel_errors, lambda q, k, v: media_attention_triton(q, k, v, qs, ks),
+        rel_errors, lambda q, k, v: media_attention_triton(q, k, v, qs64, ks64),
         lambda q, k, v: attention_reference(q, k, v, q_segment=qs, kv_segment=ks), (q, k, v))
     row["media_memory_floor"] = _safe(_media_floor, q, k, qs, ks, quick)
     if CUDA:
