@@ -7,7 +7,7 @@
 #
 # Stages: env (GPU, driver, versions), smoke (flamingo-1b, a few steps), demo (train.py on the
 # demo preset for DEMO_STEPS, then the same command resuming), tests (the CUDA kernel tests, the
-# fused kernels' bf16 ones included),
+# fused kernels' and the Flamingo cross-attention kernel's bf16 ones included),
 # kernels (benchmarks/kernels.py, the fused kernels' rows included), throughput (flamingo-1b with
 # every ablation, or those named in ABLATE=zero3_gather,zero, and a profile of the baseline), pack
 # (caption-length data, padded against packed rows). DeepSpeed and webdataset must be
@@ -46,9 +46,9 @@ numpy.__version__, torch.cuda.get_device_name())'" ;;
         $py train.py --set train.max_steps=$((${DEMO_STEPS:-200} + 20)) --set train.eval_every=0 \
         --set train.run_dir=/tmp/furnace-demo" ;;
     tests)
-      TAIL=40 stage tests "${TESTS_S:-220}" $py -m pytest -q -p no:cacheprovider -n 8 \
+      TAIL=40 stage tests "${TESTS_S:-280}" $py -m pytest -q -p no:cacheprovider -n 8 \
         tests/test_kernels_attention.py tests/test_kernels_loss_scale.py tests/test_kernels_compile.py \
-        tests/test_kernels_fused.py ;;
+        tests/test_kernels_fused.py tests/test_kernels_media_attention.py ;;
     kernels)
       stage kernels "${KERNELS_S:-290}" $py benchmarks/kernels.py --out "$OUT/kernels.json" ;;
     throughput)

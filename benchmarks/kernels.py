@@ -8,9 +8,12 @@ Attention (TFLOP/s for fwd, bwd, fwd+bwd; fwd = 4*B*H*Lq*Lk*D*density, bwd = 2.5
     backends, and flash-attn 2 / FlashAttention-3 where installed (`furnace_speedup`: their
     fwd+bwd time over furnace's); pinned configs from FURNACE_ATTN_CONFIGS when set
     (benchmarks/tune_attention.py);
-  * Flamingo mask (text 2048, 5 images x 64 latents, batch 8, 16 heads, hd 128): furnace vs
-    FlexAttention (torch.compile, block mask) vs SDPA with a dense boolean mask. Both the
-    "dense-equivalent" rate (density 1) and the "useful" rate (visible pairs only) are given.
+  * Flamingo mask (text 2048, 5 images x 64 latents, batch 8, 16 heads, hd 128): furnace (the
+    general kernel and media_attention, the one specialised to the mask) vs FlexAttention
+    (torch.compile, block mask) vs SDPA with a dense boolean mask. Both the "dense-equivalent"
+    rate (density 1) and the "useful" rate (visible pairs only) are given; media_attention's
+    speed-up over the others per mode, and its memory floor (bytes it must move once, at the
+    measured copy bandwidth) with the fraction of it achieved.
 Loss scaling (GB/s over the bytes each path must move, and as a fraction of the device's
 measured copy bandwidth):
   * furnace grad_stats (one read) and grad_stats + apply_ (read, then read+write);
@@ -47,6 +50,7 @@ import triton  # noqa: E402
 import furnace_kernels as fk  # noqa: E402
 from furnace_kernels import attention_reference  # noqa: E402
 from furnace_kernels.flash_attention import attention_triton  # noqa: E402
+from furnace_kernels.media_attention_triton import key_ranges, media_attention_triton, query_ranges  # noqa: E402
 from furnace_kernels.loss_scale import apply_, grad_stats  # noqa: E402
 from furnace.parallel.zero3 import install_fused_loss_scaling  # noqa: E402
 from furnace.training.distributed import init_distributed  # noqa: E402
@@ -247,6 +251,12 @@ def bench_flamingo(quick, dtype):
     row["furnace_rel_err_vs_fp32"] = _safe(
         rel_errors, lambda q, k, v: attention_triton(q, k, v, q_segment=qs, kv_segment=ks),
         lambda q, k, v: attention_reference(q, k, v, q_segment=qs, kv_segment=ks), (q, k, v))
+    qs64, ks64 = qs.long(), ks.long()  # the model's ids are int64 (the kernel's tables want them so)
+    add("furnace_media_triton", lambda q, k, v: media_attention_triton(q, k, v, qs64, ks64))
+    row["furnace_media_rel_err_vs_fp32"] = _safe(
+        rel_errors, lambda q, k, v: media_attention_triton(q, k, v, qs64, ks64),
+        lambda q, k, v: attention_reference(q, k, v, q_segment=qs, kv_segment=ks), (q, k, v))
+    row["media_memory_floor"] = _safe(_media_floor, q, k, qs, ks, quick)
     if CUDA:
         mask = visible[:, None]  # [B, 1, Lq, Lk]; rows that see nothing give NaN rows in SDPA (timing only)
 
@@ -275,7 +285,43 @@ def bench_flamingo(quick, dtype):
         row["results"].append(_safe(flex))
     else:
         row["skipped"] = ["sdpa_dense_bool_mask", "flex_attention_compiled"]
+    row["media_speedup"] = _media_speedups(row)
+    floor = row["media_memory_floor"]
+    media = _impl(row, "furnace_media_triton")
+    if "ms" in floor and media:
+        floor["fraction_achieved"] = {m: floor["ms"][m] / media["ms"][m] for m in floor["ms"]}
     return row
+
+
+def _impl(row, name):
+    return next((r for r in row["results"] if r.get("impl") == name and "ms" in r), None)
+
+
+def _media_speedups(row):
+    """Time of each other row / time of furnace_media_triton, per mode (> 1: the media kernel is faster)."""
+    media = _impl(row, "furnace_media_triton")
+    out = {}
+    for name in ("flex_attention_compiled", "furnace_triton", "sdpa_dense_bool_mask"):
+        other = _impl(row, name)
+        if media and other:
+            out[f"vs_{name}"] = {m: other["ms"][m] / media["ms"][m] for m in media["ms"]}
+    return out
+
+
+def _media_floor(q, k, qs, ks, quick):
+    """Least time each mode of the media kernel could take: the bytes it must read and write once
+    at the measured copy bandwidth. fwd: q, k, v, o and the segment ids + range tables; bwd:
+    q, k, v, o, dO, dq, dk, dv and the same tables; fwd+bwd: the same as bwd (every tensor once;
+    in practice q is read and o written by the forward and read again by the backward)."""
+    big, small = q.numel() * q.element_size(), k.numel() * k.element_size()  # q / o / dO / dq; k / v / dk / dv
+    qs, ks = qs.long(), ks.long()
+    tables = [*key_ranges(qs, ks).values(), *query_ranges(qs, ks).values()]
+    ids = sum(t.numel() * t.element_size() for t in (qs, ks, *tables))
+    nbytes = {"fwd": 2 * big + 2 * small + ids, "bwd": 4 * big + 4 * small + ids}
+    nbytes["fwd+bwd"] = nbytes["bwd"]
+    gbs = copy_bandwidth(min(max(big, 1 << 16), 1 << 30), quick)
+    return {"copy_bandwidth_gbs": gbs, "bytes": nbytes, "table_bytes": ids,
+            "ms": {m: n / (gbs * 1e9) * 1e3 for m, n in nbytes.items()}}
 
 
 # --------------------------------------------------------------------------------------------- loss scaling

@@ -1,10 +1,11 @@
 """furnace's kernels (installed as `furnace_kernels`; the folder is `kernels/`). torch and triton only.
 
-`attention(q, k, v, *, causal=False, q_segment=None, kv_segment=None, scale=None)` is the one
-attention entry point of the model. `grad_stats`, `apply_`, `unscale_clip_` and
+`attention(q, k, v, *, causal=False, q_segment=None, kv_segment=None, scale=None)` is the model's
+self-attention entry point. `grad_stats`, `apply_`, `unscale_clip_` and
 `DynamicLossScaler` (loss_scale.py) are the fused loss-scaling pieces; see docs/kernels.md (the
 ZeRO-3 hook that drives them lives in `furnace.parallel.zero3`). Which implementation runs:
-`set_backend("attention" | "loss_scale", "auto" | "triton" | "reference")` (backend.py).
+`set_backend("attention" | "media_attention" | "loss_scale", "auto" | "triton" | "reference")`
+(backend.py); `media_attention(q, k, v, text_time, media_segment)` is the xattn blocks' form of it.
 The Triton attention kernels live in flash_attention.py (not attention.py: a submodule of that
 name would shadow this function as a package attribute once imported).
 
@@ -34,6 +35,17 @@ def attention(q, k, v, *, causal=False, q_segment=None, kv_segment=None, scale=N
 
         return attention_triton(q, k, v, causal=causal, q_segment=q_segment, kv_segment=kv_segment, scale=scale)
     return attention_reference(q, k, v, causal=causal, q_segment=q_segment, kv_segment=kv_segment, scale=scale)
+
+
+def media_attention(q, k, v, text_time, media_segment, *, scale=None):
+    """Flamingo cross-attention: `attention(q, k, v, q_segment=text_time, kv_segment=media_segment)`
+    (query i sees key j iff text_time[b, i] == media_segment[b, j]) through a kernel that loops only
+    over each block's image spans (media_attention_triton.py); op "media_attention"."""
+    if use_triton("media_attention", q):
+        from .media_attention_triton import media_attention_triton
+
+        return media_attention_triton(q, k, v, text_time, media_segment, scale=scale)
+    return attention_reference(q, k, v, q_segment=text_time, kv_segment=media_segment, scale=scale)
 
 
 # Triton modules are imported inside each function: only where they run (the package itself
@@ -89,6 +101,7 @@ def linear_cross_entropy(hidden, weights, labels, ignore_index=-100, chunk=None,
 
 __all__ = [
     "attention",
+    "media_attention",
     "attention_reference",
     "set_backend",
     "get_backend",

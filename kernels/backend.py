@@ -17,6 +17,7 @@ import torch
 CHOICES = ("auto", "triton", "reference")
 # What each op's Triton path imports (the attention kernels compile at import).
 TRITON_MODULES = {"attention": "furnace_kernels.flash_attention", "loss_scale": "triton.language",
+                  "media_attention": "furnace_kernels.media_attention_triton",
                   "rms_norm": "furnace_kernels.norms", "add_rms_norm": "furnace_kernels.norms",
                   "swiglu": "furnace_kernels.glu", "rope": "furnace_kernels.rope",
                   "linear_cross_entropy": "furnace_kernels.linear_ce_triton"}

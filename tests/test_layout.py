@@ -87,6 +87,7 @@ def test_imports_point_one_way():
 LAZY = {("furnace.training.launch", "furnace.training.trainer"): "the ranks alone load the trainer (seconds)",
         ("furnace.training.launch", "furnace.training.planner"): "the model code loads only for parallel.layout=auto",
         ("furnace_kernels", "furnace_kernels.flash_attention"): "Triton compiles at import: only where it runs",
+        ("furnace_kernels", "furnace_kernels.media_attention_triton"): "Triton compiles at import: only where it runs",
         **{("furnace_kernels", f"furnace_kernels.{m}"): "imports triton: only where it runs"
            for m in ("norms", "glu", "rope")},
         ("furnace_kernels.linear_ce", "furnace_kernels.linear_ce_triton"): "imports triton: only where it runs"}

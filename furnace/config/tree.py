@@ -158,7 +158,7 @@ class ModelConfig:
     freeze_vision: bool = True
     freeze_audio: bool = True          # the audio tower (a scratch one must train: false)
     activation_checkpointing: bool = False
-    attention_backend: str = "auto"    # auto | triton | reference
+    attention_backend: str = "auto"    # auto | triton | reference (self- and cross-attention kernels)
     # torch.compile for the media path, per block (furnace/model/compile.py): none, or a comma
     # list of vision (the tower's encoder layers) and perceiver (the resampler's blocks).
     compile: str = "none"

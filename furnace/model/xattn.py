@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from furnace.config import XAttnConfig
-from furnace_kernels import attention
+from furnace_kernels import media_attention
 
 from .layers import FeedForward, GatedFeedForward, HeadNorm, make_norm, merge_heads, split_heads
 
@@ -51,7 +51,7 @@ class CrossAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
         kv = self.media_kv(latents, media_kv)
-        out = attention(q, kv.k, kv.v, q_segment=text_time, kv_segment=media_segment)
+        out = media_attention(q, kv.k, kv.v, text_time, media_segment)
         return self.to_out(merge_heads(out))
 
 

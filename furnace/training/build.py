@@ -160,6 +160,7 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
     """Everything a run needs on this rank (collective: every rank calls it). `loaders=False`
     skips the data (benchmarks on random tensors); `tokenizer` replaces the configured one."""
     furnace_kernels.set_backend("attention", cfg.model.attention_backend)
+    furnace_kernels.set_backend("media_attention", cfg.model.attention_backend)
     dp = topology.dp
     grad_accum = gradient_accumulation_steps(cfg, dp)
     if loaders:
