@@ -9,7 +9,8 @@
 # demo preset for DEMO_STEPS, then the same command resuming), tests (the CUDA kernel tests, the
 # fused kernels' and the Flamingo cross-attention kernel's bf16 ones included),
 # kernels (benchmarks/kernels.py, the fused kernels' rows included), throughput (flamingo-1b with
-# every ablation, or those named in ABLATE=zero3_gather,zero, and a profile of the baseline), pack
+# every ablation (fused: model.fused_kernels none vs all among them), or those named in
+# ABLATE=zero3_gather,zero, and a profile of the baseline), pack
 # (caption-length data, padded against packed rows). DeepSpeed and webdataset must be
 # importable first: see ../shared/device/prepare-wheels.sh for the wheelhouse and install lines.
 set -uo pipefail

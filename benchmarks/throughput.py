@@ -71,6 +71,8 @@ ABLATIONS = {
                      "ZeRO-3 gathering per block vs per module"),
     "compile": (["model.compile=none"], [["model.compile=vision,perceiver"]],
                 "eager vs torch.compile per block of the tower and the resampler"),
+    "fused": (["model.fused_kernels=none"], [["model.fused_kernels=all"]],
+              "the model's own norms / SwiGLU / RoPE / logits + CE vs the fused kernels (no full logits)"),
     "pack": (["data.pack=false"], [["data.pack=true"]],
              "one sample a row vs packed rows (with --caption-data: LAION-length captions)"),
 }

@@ -123,6 +123,9 @@ BAD = [
     ("model.activation_checkpointing", None, 1),
     ("model.attention_backend", "flash", 1),
     ("model.compile", "vision,tower", 1),
+    ("model.fused_kernels", "rms_norm,gelu", 1),
+    ("model.fused_kernels", "swiglu,swiglu", 1),
+    ("model.fused_kernels", "", 1),
     ("data.train_shards", " ; ", 1),               # "" is valid: no data (train.py then asks for it)
     ("data.val_shards", ";", 1),
     ("data.tokenizer", "", 1),

@@ -119,6 +119,9 @@ LORA_TARGETS = {"q": ("self_attn", "q_proj"), "k": ("self_attn", "k_proj"), "v":
                 "o": ("self_attn", "o_proj"), "gate": ("mlp", "gate_proj"), "up": ("mlp", "up_proj"),
                 "down": ("mlp", "down_proj")}
 
+# The fused Triton kernels `model.fused_kernels` can switch on (furnace_kernels' op names).
+FUSED_OPS = ("rms_norm", "add_rms_norm", "swiglu", "rope", "linear_cross_entropy")
+
 
 @dataclass
 class LoraConfig:
@@ -162,6 +165,9 @@ class ModelConfig:
     # torch.compile for the media path, per block (furnace/model/compile.py): none, or a comma
     # list of vision (the tower's encoder layers) and perceiver (the resampler's blocks).
     compile: str = "none"
+    # Fused kernels in the model (furnace/model/fused.py): none, all, or a comma list of FUSED_OPS.
+    # The same math; their implementation follows attention_backend (Triton on CUDA with auto).
+    fused_kernels: str = "none"
     # A pretrained Flamingo to start from: a furnace export folder (OUT/flamingo) or open_flamingo's
     # checkpoint.pt. Its resampler, xattn blocks and new token rows (open_flamingo: its embedding
     # rows) replace the drawn ones, and it decides their shapes; the LM and tower still come from

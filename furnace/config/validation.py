@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 
 from furnace.config.loading import as_float, field_types, split_optional
-from furnace.config.tree import LORA_TARGETS, Config, ConfigError
+from furnace.config.tree import FUSED_OPS, LORA_TARGETS, Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,9 @@ RULES: dict[str, Rule] = {
         bool(v.strip()) and all(p.strip() in ("vision", "perceiver") for p in v.split(","))
         and len({p.strip() for p in v.split(",")}) == len(v.split(","))),
         "none, or a comma list of vision and perceiver", "vision,perceiver"),
+    "model.fused_kernels": Rule(lambda v: v.strip() in ("none", "all") or (
+        all(p.strip() in FUSED_OPS for p in v.split(",")) and len({p.strip() for p in v.split(",")}) == len(v.split(","))),
+        f"none, all, or a comma list of distinct ops from {', '.join(FUSED_OPS)}", "rms_norm,swiglu"),
     "data.train_shards": Rule(lambda v: not v.strip() or bool(split_sources(v)),
                               "empty or ';'-separated shard patterns", "data/train-000000.tar"),
     "data.val_shards": Rule(lambda v: not v.strip() or bool(split_sources(v)), "empty or ';'-separated shard patterns",

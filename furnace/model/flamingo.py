@@ -32,6 +32,7 @@ from furnace.tokens import AUDIO_TOKEN, IGNORE_INDEX, IMAGE_TOKEN, build_labels,
 from . import decoding, llama
 from .audio import AudioBranch, AudioTower, audio_from_config, audio_from_hf
 from .contrastive import ContrastiveHeads
+from .fused import HeadLoss, fused_ops, use_fused
 from .layers import run_block
 from .llama import KVCache, Llama
 from .lora import add_lora
@@ -255,6 +256,10 @@ class FlamingoModel(nn.Module):
         self.loss_fn = causal_lm_loss
         # Decoding needs every row of the vocabulary: tensor parallelism sets a gather here.
         self.gather_logits = None
+        # model.fused_kernels; with linear_cross_entropy the training loss comes from the hidden
+        # states (`head_loss`), while logits() and decoding keep the head and loss_fn.
+        self.fused = fused_ops(cfg.fused_kernels)
+        self.head_loss = HeadLoss(self.base_vocab) if "linear_cross_entropy" in self.fused else None
         self.lm.requires_grad_(not cfg.freeze_lm)
         # After everything else is drawn: the other weights are those of the same run without LoRA
         # or contrastive heads.
@@ -262,6 +267,7 @@ class FlamingoModel(nn.Module):
         self.contrastive = None
         if cfg.contrastive.dim:
             self.contrastive = drawn("contrastive", ContrastiveHeads(d, dv, cfg.contrastive))
+        use_fused(self, self.fused)
         # The contrastive loss's weight (train.contrastive_weight, set by the builder) and the
         # gather of every data-parallel rank's rows for its negatives (set by furnace.parallel).
         self.contrastive_weight = 0.0
@@ -305,10 +311,14 @@ class FlamingoModel(nn.Module):
     def encode_media(self, images: torch.Tensor, media_valid: torch.Tensor, audio=None, audio_valid=None) -> torch.Tensor:
         return encode_all(self.vision, self.perceiver, images, media_valid, self.audio, audio, audio_valid)
 
-    def decoder(self, input_ids, latents, media_segment, text_times, *, position_ids=None,
-                segment_ids=None, kv_segment_ids=None, caches=None, media_kvs=None, embedded=None) -> torch.Tensor:
-        """Logits of the decoder with xattn blocks; latents [B, T*n, dv]; `embedded`: the ids'
-        embeddings when the caller has them already."""
+    def decoder(self, input_ids, latents, media_segment, text_times, **kw) -> torch.Tensor:
+        """Logits of the decoder with xattn blocks; latents [B, T*n, dv] (`hidden` for the rest)."""
+        return self.head(self.hidden(input_ids, latents, media_segment, text_times, **kw))
+
+    def hidden(self, input_ids, latents, media_segment, text_times, *, position_ids=None,
+               segment_ids=None, kv_segment_ids=None, caches=None, media_kvs=None, embedded=None) -> torch.Tensor:
+        """The final hidden states (after the LM's norm) of the decoder with xattn blocks;
+        `embedded`: the ids' embeddings when the caller has them already."""
         h = self.embed(input_ids) if embedded is None else embedded
         if position_ids is None:
             position_ids = positions(input_ids)
@@ -319,16 +329,16 @@ class FlamingoModel(nn.Module):
             media_kv = None if media_kvs is None or j is None else media_kvs[j]
             h = run_block(self, decoder_block, layer, xattn, h, cos, sin, latents, media_segment, text_times,
                           segment_ids, kv_segment_ids, media_kv, cache=None if caches is None else caches[i])
-        return self.head(self.lm.norm(h))
+        return self.lm.norm(h)
 
     # -------------------------------------------------------------- training
 
     def logits(self, batch: dict) -> torch.Tensor:
         """batch: input_ids, images, media_valid; optional position_ids and segment_ids (packed rows)."""
-        return self._forward(batch)[0]
+        return self.head(self._forward(batch)[0])
 
     def _forward(self, batch: dict):
-        """(logits, the contrastive loss or None)."""
+        """(the final hidden states, the contrastive loss or None)."""
         input_ids, media_valid = batch["input_ids"], batch["media_valid"]
         self.check_media(input_ids, media_valid, batch.get("audio_valid"))
         latents, seg, tt = media_context(self.vision, self.perceiver, input_ids, batch["images"], media_valid,
@@ -339,9 +349,9 @@ class FlamingoModel(nn.Module):
         if self.contrastive is not None and self.contrastive_weight:
             aux = self.contrastive(h, latents, seg, self.text_mask(input_ids, batch.get("attention_mask")),
                                    self.gather_batch)
-        logits = self.decoder(input_ids, latents, seg, tt, position_ids=batch.get("position_ids"),
-                              segment_ids=batch.get("segment_ids"), embedded=h)
-        return logits, aux
+        h = self.hidden(input_ids, latents, seg, tt, position_ids=batch.get("position_ids"),
+                        segment_ids=batch.get("segment_ids"), embedded=h)
+        return h, aux
 
     def text_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """[B, L] the tokens a text embedding pools: not padding, not a media token."""
@@ -362,8 +372,11 @@ class FlamingoModel(nn.Module):
         if labels is None:
             labels = build_labels(batch["input_ids"], batch.get("attention_mask"),
                                   image_token_id=self.media_ids, eoc_token_id=self.eoc_token_id)
-        logits, aux = self._forward(batch)
-        loss = self.loss_fn(logits, labels)
+        h, aux = self._forward(batch)
+        if self.head_loss is not None:
+            loss = self.head_loss(h, labels, self.lm.lm_head, None if self.new_tokens is None else self.new_tokens.head)
+        else:
+            loss = self.loss_fn(self.head(h), labels)
         return loss if aux is None else loss + self.contrastive_weight * aux
 
     # -------------------------------------------------------------- generation

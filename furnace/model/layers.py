@@ -6,14 +6,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import furnace_kernels as fk
+
 
 class RMSNorm(nn.Module):
+    fused: frozenset = frozenset()  # model.fused_kernels (furnace/model/fused.py)
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with `residual`, (x + residual, norm(x + residual)) in one fused pass (the
+        add inside the norm's own forward, where ZeRO-3 has gathered its weight)."""
+        if residual is not None:
+            return fk.add_rms_norm(x, residual, self.weight, self.eps)
+        if "rms_norm" in self.fused:
+            return fk.rms_norm(x, self.weight, self.eps)
         # Normalise in fp32, scale in the input dtype (as HF does, for bit-level parity).
         dtype = x.dtype
         x = x.float()
@@ -71,6 +81,7 @@ class FeedForward(nn.Module):
 
 class GatedFeedForward(nn.Module):
     """Pre-norm SwiGLU MLP with Llama's names (IDEFICS' xattn blocks)."""
+    fused: frozenset = frozenset()  # model.fused_kernels (furnace/model/fused.py)
 
     def __init__(self, dim: int, hidden: int, norm: nn.Module):
         super().__init__()
@@ -81,7 +92,11 @@ class GatedFeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.fused))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, fused: frozenset) -> torch.Tensor:
+    return fk.swiglu(gate, up) if "swiglu" in fused else F.silu(gate) * up
 
 
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:

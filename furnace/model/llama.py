@@ -11,14 +11,13 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from furnace.config import LMConfig
 from furnace.tokens import positions
-from furnace_kernels import attention
+from furnace_kernels import attention, rope_
 
 from .hf_io import load_weights, read_config, save_weights, write_config
-from .layers import RMSNorm, merge_heads, run_block, split_heads
+from .layers import RMSNorm, merge_heads, run_block, split_heads, swiglu
 from .lora import merged_state_dict
 
 SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -74,6 +73,8 @@ class KVCache:
 
 
 class SelfAttention(nn.Module):
+    fused: frozenset = frozenset()  # model.fused_kernels (furnace/model/fused.py)
+
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.head_dim = d = cfg.attention_head_dim()
@@ -84,8 +85,12 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, segment_ids=None, kv_segment_ids=None, cache: KVCache | None = None):
-        q = apply_rope(split_heads(self.q_proj(x), self.head_dim), cos, sin)
-        k = apply_rope(split_heads(self.k_proj(x), self.head_dim), cos, sin)
+        q = split_heads(self.q_proj(x), self.head_dim)
+        k = split_heads(self.k_proj(x), self.head_dim)
+        if "rope" in self.fused:  # in place: the projections' outputs, which their backward does not read
+            q, k = rope_(q, k, cos, sin)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = split_heads(self.v_proj(x), self.head_dim)
         if cache is not None:
             k, v = cache.extend(k, v)
@@ -99,6 +104,8 @@ class SelfAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
+    fused: frozenset = frozenset()  # model.fused_kernels (furnace/model/fused.py)
+
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
@@ -106,10 +113,12 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.fused))
 
 
 class DecoderLayer(nn.Module):
+    fused: frozenset = frozenset()  # model.fused_kernels (furnace/model/fused.py)
+
     def __init__(self, cfg: LMConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -118,7 +127,11 @@ class DecoderLayer(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, h, cos, sin, segment_ids=None, kv_segment_ids=None, cache=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, kv_segment_ids, cache)
+        a = self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, kv_segment_ids, cache)
+        if "add_rms_norm" in self.fused:
+            h, x = self.post_attention_layernorm(a, residual=h)
+            return h + self.mlp(x)
+        h = h + a
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

@@ -24,7 +24,8 @@ Plan per block (C = column-parallel, R = row-parallel, V = vocab-parallel):
 
 Heads are split contiguously, so each rank keeps whole query heads together with their GQA
 key/value heads (tp divides num_kv_heads). The loss becomes the vocab-parallel CE, with the
-new-token logits (replicated) joined into the same log-sum-exp.
+new-token logits (replicated) joined into the same log-sum-exp (with model.fused_kernels'
+linear_cross_entropy: the same, computed by the fused kernel from the hidden states).
 """
 from __future__ import annotations
 
@@ -174,5 +175,8 @@ def parallelize(model, topology, *, partition=None) -> nn.Module:
     _swap(lm, "lm_head", lambda head: _vocab_head(head, tied, group), partition)
     n_new = 0 if model.new_tokens is None else model.new_tokens.count
     model.loss_fn = VocabParallelLMLoss(model.base_vocab, n_new, group)
+    if model.head_loss is not None:  # the fused loss: vocab-parallel over this rank's real head rows
+        start, end, _ = vocab_range(model.base_vocab, dist.get_rank(group), tp)
+        model.head_loss.group, model.head_loss.vocab_start, model.head_loss.rows = group, start, end - start
     model.gather_logits = GatherVocabLogits(model.base_vocab, n_new, group)
     return model

@@ -9,6 +9,9 @@ each holds the modules its function needs and passes one tuple of tensors on:
     norm     (h, ...) -> same
     head     (h, latents, ...) -> output_logits                -> logits   (then loss_fn(logits, labels))
 
+With model.fused_kernels' linear_cross_entropy the head stage passes the hidden states on
+instead, and the loss is the model's `head_loss` over the head's weights (no logits).
+
 With the contrastive loss on (`model.contrastive`, train.contrastive_weight > 0; never with packed
 rows) the stage-0 inputs end in each row's text mask, and a contrastive stage after embed turns
 it into the loss of that micro-batch (embeddings and latents are both there):
@@ -85,6 +88,7 @@ class EmbedHead(nn.Module):
         self.lm_head = lm.lm_head if with_head else None
         self.new_head = new.head if with_head and new is not None else None
         self.with_aux = carries_aux(model)
+        self.fused_loss = model.head_loss is not None
 
     def forward(self, inputs):
         input_ids, *rest = inputs
@@ -95,8 +99,8 @@ class EmbedHead(nn.Module):
         # A zero-valued use of the travelling latents: the pipeline engine sends a gradient back
         # for every floating-point input of a stage, so each must be part of the graph.
         h = h + latents.sum() * 0
-        logits = output_logits(h, self.lm_head, self.new_head)
-        return (logits, inputs[-1]) if self.with_aux else logits
+        out = h if self.fused_loss else output_logits(h, self.lm_head, self.new_head)
+        return (out, inputs[-1]) if self.with_aux else out
 
 
 def head_fn(module: EmbedHead, inputs):
@@ -241,11 +245,17 @@ def flamingo_pipeline(model, topology, *, partition_method: str = "parameters"):
     c = topology.coord
     if topo.get_rank(pipe=c.pp, data=c.dp, model=c.tp) != topology.rank:  # same grid, same order
         raise RuntimeError(f"DeepSpeed's pipeline grid disagrees with {topology}")
-    def loss_fn(outputs, labels):  # the model's loss_fn at call time (tensor parallelism swaps it)
+    def lm_loss(out, labels):  # the model's loss_fn at call time (tensor parallelism swaps it)
+        if model.head_loss is None:
+            return model.loss_fn(out, labels)
+        new_head = None if model.new_tokens is None else model.new_tokens.head
+        return model.head_loss(out, labels, model.lm.lm_head, new_head)  # out: the hidden states
+
+    def loss_fn(outputs, labels):
         if isinstance(outputs, tuple):
-            logits, aux = outputs
-            return model.loss_fn(logits, labels) + model.contrastive_weight * aux.sum()
-        return model.loss_fn(outputs, labels)
+            out, aux = outputs
+            return lm_loss(out, labels) + model.contrastive_weight * aux.sum()
+        return lm_loss(outputs, labels)
 
     return PipelineModule(layers=specs, topology=topo, loss_fn=loss_fn, partition_method=partition_method,
                           activation_checkpoint_interval=0)

@@ -49,6 +49,18 @@ def gather_by_block(model: nn.Module) -> int:
     return len(blocks)
 
 
+def gather_head_weights(model: nn.Module) -> None:
+    """The fused loss (`model.head_loss`, model.fused_kernels' linear_cross_entropy) reads the
+    output heads' weights outside the heads' own forward: ZeRO-3 gathers them for its forward."""
+    if getattr(model, "head_loss", None) is None:
+        return
+    import deepspeed
+
+    heads = [model.lm.lm_head] + ([] if model.new_tokens is None else [model.new_tokens.head])
+    for head in heads:
+        deepspeed.zero.register_external_parameter(model.head_loss, head.weight)
+
+
 def scaler_from_deepspeed(ds_scaler) -> DynamicLossScaler:
     """furnace's DynamicLossScaler with the configuration and state of a DeepSpeed one."""
     s = DynamicLossScaler(ds_scaler.cur_scale, growth_factor=ds_scaler.scale_factor,

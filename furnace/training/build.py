@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import furnace_kernels
-from furnace.config import Config, gradient_accumulation_steps, split_sources
+from furnace.config import FUSED_OPS, Config, gradient_accumulation_steps, split_sources
 from furnace.data.demo import ensure_demo_data
 from furnace.data.lengths import longest_sample
 from furnace.data.loader import ShardLoader
@@ -39,7 +39,7 @@ from furnace.parallel.materialize import load_pretrained_lm, load_pretrained_tow
 from furnace.parallel.batch_gather import BatchGather
 from furnace.parallel.pipeline import flamingo_pipeline, stage_parameters
 from furnace.parallel.topology import Topology
-from furnace.parallel.zero3 import partitioner, place, zero3_placement
+from furnace.parallel.zero3 import gather_head_weights, partitioner, place, zero3_placement
 from furnace.tokens import EOC_TOKEN, IMAGE_TOKEN
 from furnace.training import engine as eng
 from furnace.training.metrics import StepShape, flamingo_flops_per_sample
@@ -159,8 +159,8 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
           tokenizer=None) -> Components:
     """Everything a run needs on this rank (collective: every rank calls it). `loaders=False`
     skips the data (benchmarks on random tensors); `tokenizer` replaces the configured one."""
-    furnace_kernels.set_backend("attention", cfg.model.attention_backend)
-    furnace_kernels.set_backend("media_attention", cfg.model.attention_backend)
+    for op in ("attention", "media_attention", *FUSED_OPS):  # one choice for every kernel the model runs
+        furnace_kernels.set_backend(op, cfg.model.attention_backend)
     dp = topology.dp
     grad_accum = gradient_accumulation_steps(cfg, dp)
     if loaders:
@@ -192,6 +192,8 @@ def build(cfg: Config, topology: Topology, *, loaders: bool = True, progress: bo
     if model.contrastive is not None and dp > 1:  # the contrastive loss's negatives: every dp rank's rows
         model.gather_batch = BatchGather(topology.get_data_parallel_group())
     compile_media(model, compile_parts(cfg.model.compile))  # after TP: the split blocks are what runs
+    if zero3 is not None:
+        gather_head_weights(model)
     pipe = flamingo_pipeline(model, topology) if topology.pp > 1 else None
     engine, _ = eng.initialize(cfg, pipe if pipe is not None else model, topology, dp, grad_accum)
     train_loader = None
