@@ -25,6 +25,11 @@ The span covers every matching pair for any layout (a block's min first / max la
 non-contiguous layouts only make it longer. Tiles are masked by id equality as in the general
 kernel. dQ computes delta = rowsum(dO * O) itself and stores it for dK/dV, which runs after it
 (one fewer pass over O and dO than a separate delta kernel).
+
+With `span=n` (keys in aligned spans of n, one id each, no query id on two spans: the model's
+latents) the backward is one pass instead (`_media_bwd_span`): each query sees one span at most,
+so the program of a span owns its keys' dK/dV and its queries' dQ outright -- q, o, dO read once,
+dq written once, no atomics (`_media_bwd_blind_dq` zeroes the dQ of queries that see nothing).
 """
 from __future__ import annotations
 
