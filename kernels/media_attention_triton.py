@@ -422,9 +422,10 @@ def _backward(do, q, k, v, o, lse, t, sm_scale):
     return dq, dk, dv
 
 
-# The span kernel keeps a span's K, V, dK, dV resident: spans whose tile exceeds this many
-# elements (e.g. 256 latents at head dim 128) take the two-kernel backward instead.
-SPAN_TILE_MAX = 128 * 128
+# The span kernel keeps a span's K, V, dK, dV resident, as the general dK/dV kernel keeps its key
+# block's: at most its tile at head dim 128 (64 x 128 elements). Longer spans (128 latents at
+# head dim 128) take the two-kernel backward.
+SPAN_TILE_MAX = 64 * 128
 
 
 def span_tile(span: int, d: int) -> int | None:
