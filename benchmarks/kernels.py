@@ -9,11 +9,12 @@ Attention (TFLOP/s for fwd, bwd, fwd+bwd; fwd = 4*B*H*Lq*Lk*D*density, bwd = 2.5
     fwd+bwd time over furnace's); pinned configs from FURNACE_ATTN_CONFIGS when set
     (benchmarks/tune_attention.py);
   * Flamingo mask (text 2048, 5 images x 64 latents, batch 8, 16 heads, hd 128): furnace (the
-    general kernel and media_attention, the one specialised to the mask) vs FlexAttention
-    (torch.compile, block mask) vs SDPA with a dense boolean mask. Both the "dense-equivalent"
-    rate (density 1) and the "useful" rate (visible pairs only) are given; media_attention's
-    speed-up over the others per mode, and its memory floor (bytes it must move once, at the
-    measured copy bandwidth) with the fraction of it achieved.
+    general kernel and media_attention, the one specialised to the mask, with span=64 as the
+    model calls it -- the one-pass backward -- and without, its two-kernel backward) vs
+    FlexAttention (torch.compile, block mask) vs SDPA with a dense boolean mask. Both the
+    "dense-equivalent" rate (density 1) and the "useful" rate (visible pairs only) are given;
+    media_attention's speed-up over the others per mode, and the memory floor (bytes it must
+    move once, at the measured copy bandwidth) with the fraction of it each media row achieves.
 Loss scaling (GB/s over the bytes each path must move, and as a fraction of the device's
 measured copy bandwidth):
   * furnace grad_stats (one read) and grad_stats + apply_ (read, then read+write);
@@ -220,6 +221,10 @@ def _flamingo_segments(b, t_txt, n_img, n_lat, dev, seed=0):
     return qs.to(dev), ks.to(dev)
 
 
+# media_attention without `span=`: its two-kernel backward (dQ, then dK/dV), for comparison
+MEDIA_TWO_KERNEL = "furnace_media_triton_two_kernel_bwd"
+
+
 def bench_flamingo(quick, dtype):
     dev = "cuda" if CUDA else "cpu"
     if CUDA:
@@ -252,10 +257,16 @@ def bench_flamingo(quick, dtype):
         rel_errors, lambda q, k, v: attention_triton(q, k, v, q_segment=qs, kv_segment=ks),
         lambda q, k, v: attention_reference(q, k, v, q_segment=qs, kv_segment=ks), (q, k, v))
     qs64, ks64 = qs.long(), ks.long()  # the model's ids are int64 (the kernel's tables want them so)
-    add("furnace_media_triton", lambda q, k, v: media_attention_triton(q, k, v, qs64, ks64))
-    row["furnace_media_rel_err_vs_fp32"] = _safe(
-        rel_errors, lambda q, k, v: media_attention_triton(q, k, v, qs64, ks64),
-        lambda q, k, v: attention_reference(q, k, v, q_segment=qs, kv_segment=ks), (q, k, v))
+
+    def media(span):
+        return lambda q, k, v: media_attention_triton(q, k, v, qs64, ks64, span=span)
+
+    # as the model calls it (span=n_lat: the one-pass backward), and with the two-kernel backward
+    for name, span in (("furnace_media_triton", n_lat), (MEDIA_TWO_KERNEL, None)):
+        add(name, media(span))
+        row[f"{name}_rel_err_vs_fp32"] = _safe(
+            rel_errors, media(span), lambda q, k, v: attention_reference(q, k, v, q_segment=qs, kv_segment=ks),
+            (q, k, v))
     row["media_memory_floor"] = _safe(_media_floor, q, k, qs, ks, quick)
     if CUDA:
         mask = visible[:, None]  # [B, 1, Lq, Lk]; rows that see nothing give NaN rows in SDPA (timing only)
@@ -287,9 +298,10 @@ def bench_flamingo(quick, dtype):
         row["skipped"] = ["sdpa_dense_bool_mask", "flex_attention_compiled"]
     row["media_speedup"] = _media_speedups(row)
     floor = row["media_memory_floor"]
-    media = _impl(row, "furnace_media_triton")
-    if "ms" in floor and media:
-        floor["fraction_achieved"] = {m: floor["ms"][m] / media["ms"][m] for m in floor["ms"]}
+    if "ms" in floor:
+        floor["fraction_achieved"] = {name: {m: floor["ms"][m] / rec["ms"][m] for m in floor["ms"]}
+                                      for name in ("furnace_media_triton", MEDIA_TWO_KERNEL)
+                                      if (rec := _impl(row, name))}
     return row
 
 
@@ -301,7 +313,7 @@ def _media_speedups(row):
     """Time of each other row / time of furnace_media_triton, per mode (> 1: the media kernel is faster)."""
     media = _impl(row, "furnace_media_triton")
     out = {}
-    for name in ("flex_attention_compiled", "furnace_triton", "sdpa_dense_bool_mask"):
+    for name in ("flex_attention_compiled", "furnace_triton", "sdpa_dense_bool_mask", MEDIA_TWO_KERNEL):
         other = _impl(row, name)
         if media and other:
             out[f"vs_{name}"] = {m: other["ms"][m] / media["ms"][m] for m in media["ms"]}
@@ -312,7 +324,8 @@ def _media_floor(q, k, qs, ks, quick):
     """Least time each mode of the media kernel could take: the bytes it must read and write once
     at the measured copy bandwidth. fwd: q, k, v, o and the segment ids + range tables; bwd:
     q, k, v, o, dO, dq, dk, dv and the same tables; fwd+bwd: the same as bwd (every tensor once;
-    in practice q is read and o written by the forward and read again by the backward)."""
+    in practice q is read and o written by the forward and read again by the backward).
+    `query_passes`: the query-sized passes (q, o, dO, dq) each media row makes against the floor's."""
     big, small = q.numel() * q.element_size(), k.numel() * k.element_size()  # q / o / dO / dq; k / v / dk / dv
     qs, ks = qs.long(), ks.long()
     tables = [*key_ranges(qs, ks).values(), *query_ranges(qs, ks).values()]
@@ -320,7 +333,12 @@ def _media_floor(q, k, qs, ks, quick):
     nbytes = {"fwd": 2 * big + 2 * small + ids, "bwd": 4 * big + 4 * small + ids}
     nbytes["fwd+bwd"] = nbytes["bwd"]
     gbs = copy_bandwidth(min(max(big, 1 << 16), 1 << 30), quick)
-    return {"copy_bandwidth_gbs": gbs, "bytes": nbytes, "table_bytes": ids,
+    passes = {"floor": {"fwd": 2, "bwd": 4, "fwd+bwd": 4},
+              # fwd reads q, writes o; the one-pass bwd reads q, o, dO, writes dq
+              "furnace_media_triton": {"fwd": 2, "bwd": 4, "fwd+bwd": 6},
+              # dQ reads q, o, dO, writes dq; dK/dV reads q and dO again
+              MEDIA_TWO_KERNEL: {"fwd": 2, "bwd": 6, "fwd+bwd": 8}}
+    return {"copy_bandwidth_gbs": gbs, "bytes": nbytes, "table_bytes": ids, "query_passes": passes,
             "ms": {m: n / (gbs * 1e9) * 1e3 for m, n in nbytes.items()}}
 
 

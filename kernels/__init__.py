@@ -37,14 +37,16 @@ def attention(q, k, v, *, causal=False, q_segment=None, kv_segment=None, scale=N
     return attention_reference(q, k, v, causal=causal, q_segment=q_segment, kv_segment=kv_segment, scale=scale)
 
 
-def media_attention(q, k, v, text_time, media_segment, *, scale=None):
+def media_attention(q, k, v, text_time, media_segment, *, scale=None, span=None):
     """Flamingo cross-attention: `attention(q, k, v, q_segment=text_time, kv_segment=media_segment)`
     (query i sees key j iff text_time[b, i] == media_segment[b, j]) through a kernel that loops only
-    over each block's image spans (media_attention_triton.py); op "media_attention"."""
+    over each block's image spans (media_attention_triton.py); op "media_attention". `span=n`:
+    the keys come in aligned runs of n with one id each, one run per id that text carries (the
+    latents of one medium); the Triton backward then takes one pass. The reference ignores it."""
     if use_triton("media_attention", q):
         from .media_attention_triton import media_attention_triton
 
-        return media_attention_triton(q, k, v, text_time, media_segment, scale=scale)
+        return media_attention_triton(q, k, v, text_time, media_segment, scale=scale, span=span)
     return attention_reference(q, k, v, q_segment=text_time, kv_segment=media_segment, scale=scale)
 
 

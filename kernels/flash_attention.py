@@ -79,15 +79,17 @@ def _bwd_configs():
     return _BWD_CONFIGS if AUTOTUNE else [_ONE_CONFIG]
 
 
-_forced = {"fwd": None, "bwd": None}
+_forced = {"fwd": None, "bwd": None, "span": None}
 
 
 @contextlib.contextmanager
-def forced_configs(fwd: triton.Config | None = None, bwd: triton.Config | None = None):
+def forced_configs(fwd: triton.Config | None = None, bwd: triton.Config | None = None,
+                   span: triton.Config | None = None):
     """Launch the forward (and the two backward kernels) with these configs, bypassing the
-    autotuner, so that a test can check every config the autotuner may pick."""
+    autotuner, so that a test can check every config the autotuner may pick. `span`: the media
+    kernel's one-pass backward (media_attention_triton.py), whose configs set BLOCK_M only."""
     saved = dict(_forced)
-    _forced.update(fwd=fwd, bwd=bwd)
+    _forced.update(fwd=fwd, bwd=bwd, span=span)
     try:
         yield
     finally:

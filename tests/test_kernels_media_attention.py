@@ -3,6 +3,9 @@ attention_reference(q_segment=text_time, kv_segment=media_segment) in float64, o
 the model builds (furnace.tokens.text_time, furnace.model.flamingo.media_segments) and on
 shuffled / arbitrary ids that its loop ranges must still cover.
 
+Layout tests run twice: with the two-kernel backward and with `span=n_lat` (the one-pass
+backward for keys in aligned spans), which must agree with the reference equally well.
+
 On CPU the kernels run under TRITON_INTERPRET=1 (fp32/fp16, one config, 16 x 16 tiles); bf16
 runs only with CUDA.
 """
@@ -48,8 +51,9 @@ def row(length, image_at, eos_at=(), seed=0):
     return r
 
 
-def run(tt, ms, *, h=2, hkv=2, d=32, dtype=torch.float32, seed=0, scale=None, kv_noncontiguous=False):
-    """Output and q/k/v gradients of the kernel and of the float64 reference; asserts they agree."""
+def run(tt, ms, *, h=2, hkv=2, d=32, dtype=torch.float32, seed=0, scale=None, kv_noncontiguous=False, span=None):
+    """Output and q/k/v gradients of the kernel and of the float64 reference; asserts they agree.
+    `span`: passed to the kernel (the one-pass backward)."""
     tt, ms = tt.to(DEV), ms.to(DEV)
     (b, lq), lk = tt.shape, ms.shape[1]
     g = torch.Generator().manual_seed(seed)
@@ -61,7 +65,7 @@ def run(tt, ms, *, h=2, hkv=2, d=32, dtype=torch.float32, seed=0, scale=None, kv
         k = torch.randn(b, hkv, lk, d, generator=g).to(DEV, dtype).requires_grad_()
         v = torch.randn(b, hkv, lk, d, generator=g).to(DEV, dtype).requires_grad_()
     do = torch.randn(b, h, lq, d, generator=g).to(DEV, dtype)
-    out = ma.media_attention_triton(q, k, v, tt, ms, scale=scale)
+    out = ma.media_attention_triton(q, k, v, tt, ms, scale=scale, span=span)
     grads = torch.autograd.grad(out, (q, k, v), do)
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref = furnace_kernels.attention_reference(*ref_in, q_segment=tt, kv_segment=ms, scale=scale)
@@ -87,51 +91,61 @@ def assert_blind_exact_zeros(tt, ms, out, grads):
     assert (grads[1].transpose(1, 2)[bk] == 0).all() and (grads[2].transpose(1, 2)[bk] == 0).all()
 
 
+one_pass = pytest.mark.parametrize("one_pass", [False, True], ids=["two-kernel", "span"])
+
+
+@one_pass
 @pytest.mark.parametrize("n_lat", [8, 16])
-def test_flamingo_rows_gqa_blind_text_and_padding_media(n_lat):
+def test_flamingo_rows_gqa_blind_text_and_padding_media(n_lat, one_pass):
     # three images in row 0, two in row 1 (its third slot is padding media, -1); text before the
     # first image sees nothing; 45 tokens, Lk = 3 * n_lat: neither a multiple of the 16-tile
     rows = [row(45, (6, 19, 33), seed=1), row(45, (3, 40), seed=2)]
     tt, ms = layout(rows, n_lat, 3)
-    out, grads = run(tt, ms, h=4, hkv=2, seed=n_lat)
+    out, grads = run(tt, ms, h=4, hkv=2, seed=n_lat, span=n_lat if one_pass else None)
     assert_blind_exact_zeros(tt, ms, out, grads)
 
 
-def test_fp16_and_noncontiguous_kv_and_scale():
+@one_pass
+def test_fp16_and_noncontiguous_kv_and_scale(one_pass):
     tt, ms = layout([row(37, (0, 11, 30), seed=3)], 8, 4)
-    run(tt, ms, h=2, hkv=1, d=80, dtype=torch.float16, seed=4, scale=0.2, kv_noncontiguous=True)
+    run(tt, ms, h=2, hkv=1, d=80, dtype=torch.float16, seed=4, scale=0.2, kv_noncontiguous=True,
+        span=8 if one_pass else None)
 
 
-def test_idefics_resets_give_runs_of_zero_between_images():
+@one_pass
+def test_idefics_resets_give_runs_of_zero_between_images(one_pass):
     r = row(48, (2, 20, 36), eos_at=(12, 30), seed=5)
     tt, ms = layout([r], 8, 3, reset_id=EOS)
     assert (tt[0, 14:20] == 0).all() and (tt[0, 32:36] == 0).all()  # the runs after each EOS
-    out, grads = run(tt, ms, seed=6)
+    out, grads = run(tt, ms, seed=6, span=8 if one_pass else None)
     assert_blind_exact_zeros(tt, ms, out, grads)
 
 
-def test_packed_rows_see_only_their_own_images():
+@one_pass
+def test_packed_rows_see_only_their_own_images(one_pass):
     # two samples per row: the second's tokens before its first image get 0 (global count otherwise)
     r = row(50, (1, 14, 33, 44), seed=7)
     segment_ids = torch.tensor([[0] * 25 + [1] * 25])
     tt, ms = layout([r], 8, 4, segment_ids=segment_ids)
     assert (tt[0, 25:33] == 0).all() and tt[0, 33] == 3
-    out, grads = run(tt, ms, h=4, hkv=1, seed=8)
+    out, grads = run(tt, ms, h=4, hkv=1, seed=8, span=8 if one_pass else None)
     assert_blind_exact_zeros(tt, ms, out, grads)
 
 
-def test_decode_one_query():
+@one_pass
+def test_decode_one_query(one_pass):
     for t in (0, 1, 2):  # before any image, and after one / two
         tt = torch.tensor([[t]])
         ms = torch.tensor([[1] * 8 + [2] * 8 + [-1] * 8])
-        out, grads = run(tt, ms, h=4, hkv=2, seed=t)
+        out, grads = run(tt, ms, h=4, hkv=2, seed=t, span=8 if one_pass else None)
         if t == 0:
             assert (out == 0).all() and all((gr == 0).all() for gr in grads)
 
 
-def test_row_without_images_is_all_zeros():
+@one_pass
+def test_row_without_images_is_all_zeros(one_pass):
     tt, ms = layout([row(20, (), seed=9), row(20, (4,), seed=10)], 8, 2)
-    out, grads = run(tt, ms, seed=11)
+    out, grads = run(tt, ms, seed=11, span=8 if one_pass else None)
     assert (out[0] == 0).all() and all((gr[0] == 0).all() for gr in grads)
 
 
@@ -142,6 +156,56 @@ def test_shuffled_ids_are_covered():
     tt = tt[:, torch.randperm(45, generator=g)]
     ms = ms[:, torch.randperm(32, generator=g)]
     run(tt, ms, h=4, hkv=2, seed=15)
+
+
+def test_span_shuffled_text_and_unordered_spans():
+    """The span promise is about the keys only: text in any order (each span's query range then
+    covers most of the row, other ids masked), and spans in any order of ids."""
+    g = torch.Generator().manual_seed(21)
+    tt, ms = layout([row(45, (5, 17, 30), seed=22), row(45, (2, 9), seed=23)], 8, 4)
+    tt = tt[:, torch.randperm(45, generator=g)]
+    order = torch.randperm(4, generator=g)
+    ms = ms.view(2, 4, 8)[:, order].reshape(2, 32)
+    out, grads = run(tt, ms, h=4, hkv=2, seed=24, span=8)
+    assert_blind_exact_zeros(tt, ms, out, grads)
+
+
+def test_span_backward_is_deterministic():
+    tt, ms = layout([row(45, (6, 19, 33), seed=25), row(45, (3,), seed=26)], 16, 3)
+    first = run(tt, ms, h=4, hkv=1, seed=27, span=16)
+    second = run(tt, ms, h=4, hkv=1, seed=27, span=16)
+    for a, b in zip((first[0], *first[1]), (second[0], *second[1])):
+        assert torch.equal(a, b)
+
+
+def test_span_promise_is_checked():
+    tt, ms = layout([row(30, (4, 15), seed=28)], 8, 3)
+    q = torch.randn(1, 2, 30, 32, device=DEV, requires_grad=True)
+    k = torch.randn(1, 2, 24, 32, device=DEV, requires_grad=True)
+
+    def backward(ms, span):
+        ma.media_attention_triton(q, k, k, tt.to(DEV), ms.to(DEV), span=span).sum().backward()
+
+    with pytest.raises(ValueError, match="span=5"):  # 24 keys are not runs of 5
+        backward(ms, 5)
+    if CUDA:
+        return  # a failed device assert would end the process's CUDA context
+    shifted = torch.roll(ms, 3, dims=1)  # runs of 8 one id each, but not aligned to multiples of 8
+    with pytest.raises(RuntimeError, match="span=8 promised"):
+        backward(shifted, 8)
+    twice = ms.clone()
+    twice[0, 16:] = 2  # image 2's id on two spans, and text carries it
+    with pytest.raises(RuntimeError, match="span=8 promised"):
+        backward(twice, 8)
+    # an id on two spans that no text carries (as padding media's -1 is): kept, and exact
+    run(tt, torch.tensor([[7] * 8 + [2] * 8 + [7] * 8]), seed=31, span=8)
+
+
+def test_spans_longer_than_one_tile_fall_back():
+    assert ma.span_tile(8, 32) == 16 and ma.span_tile(12, 80) == 16 and ma.span_tile(64, 128) == 64
+    assert ma.span_tile(128, 64) == 128 and ma.span_tile(128, 128) is None and ma.span_tile(64, 256) is None
+    tt, ms = layout([row(20, (2, 9), seed=29)], 128, 2)
+    run(tt, ms, h=2, hkv=1, d=80, seed=30, span=128)  # 128 x 128 tile: the two-kernel backward
 
 
 def test_arbitrary_integer_ids_compare_exactly():
@@ -162,6 +226,11 @@ def test_tokens_outside_the_spans_are_never_loaded():
     tt, ms = layout([row(lq, (8, 20), seed=17)], n_lat, 3)
     ms[0, 2 * n_lat:] = 3  # a third image that no query reaches
     tt, ms = tt.to(DEV), ms.to(DEV)
+    for span in (None, n_lat):  # two-kernel backward; one-pass (12 keys: a span off the tile)
+        _poisoned_run(tt, ms, b, h, lq, d, n_lat, span)
+
+
+def _poisoned_run(tt, ms, b, h, lq, d, n_lat, span):
     g = torch.Generator().manual_seed(18)
     q, k, v = (torch.randn(b, h, n, d, generator=g).to(DEV) for n in (lq, 3 * n_lat, 3 * n_lat))
     ref_in = [q.clone(), k[:, :, :2 * n_lat].clone(), v[:, :, :2 * n_lat].clone()]
@@ -171,7 +240,7 @@ def test_tokens_outside_the_spans_are_never_loaded():
     v[:, :, 2 * n_lat:] = float("nan")
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     ref_in = [t.double().requires_grad_() for t in ref_in]
-    out = ma.media_attention_triton(q, k, v, tt, ms)
+    out = ma.media_attention_triton(q, k, v, tt, ms, span=span)
     do = torch.randn_like(out)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
     ref = furnace_kernels.attention_reference(*ref_in, q_segment=tt, kv_segment=ms[:, :2 * n_lat])
@@ -216,10 +285,14 @@ def test_dispatch_and_errors():
         ma.media_attention_triton(q, k, k, tt.float().to(DEV), ms.to(DEV))
 
 
-def test_flamingo_model_loss_and_grads_match_reference_backend():
+def test_flamingo_model_loss_and_grads_match_reference_backend(monkeypatch):
+    """The xattn blocks pass span=num_latents: the triton run's backward is the one-pass kernel."""
     from test_model_flamingo import make_batch, make_model, set_gates
     from test_model_flamingo import IMG as MODEL_IMG
 
+    spans = []
+    one_pass = ma._backward_span
+    monkeypatch.setattr(ma, "_backward_span", lambda *a: spans.append(a[-2]) or one_pass(*a))
     torch.manual_seed(20)
     model = make_model(freeze_lm=False).to(DEV)
     set_gates(model, 0.5)
@@ -236,6 +309,7 @@ def test_flamingo_model_loss_and_grads_match_reference_backend():
             results[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     finally:
         furnace_kernels.set_backend("media_attention", prev)
+    assert spans and set(spans) == {model.num_latents} and len(spans) == len(model.xattn)
     (lt, gt), (lr, gr) = results["triton"], results["reference"]
     torch.testing.assert_close(lt, lr, atol=1e-5, rtol=1e-5)
     assert gt.keys() == gr.keys() and any("xattn" in n for n in gt)
@@ -261,11 +335,22 @@ def gpu_layout(seed, n_lat, length=1000):
 @needs_cuda
 @pytest.mark.parametrize("dtype,n_lat,d", [(torch.bfloat16, 64, 128), (torch.bfloat16, 8, 80),
                                            (torch.float16, 64, 64)], ids=["bf16-64-128", "bf16-8-80", "fp16-64-64"])
-def test_gpu_flamingo_shapes(dtype, n_lat, d):
+@one_pass
+def test_gpu_flamingo_shapes(dtype, n_lat, d, one_pass):
     tt, ms = gpu_layout(d, n_lat)
-    run(tt, ms, h=8, hkv=2, d=d, dtype=dtype, seed=d)
+    span = n_lat if one_pass else None
+    run(tt, ms, h=8, hkv=2, d=d, dtype=dtype, seed=d, span=span)
     g = torch.Generator().manual_seed(d)
-    run(tt[:, torch.randperm(tt.shape[1], generator=g)], ms, h=8, hkv=2, d=d, dtype=dtype, seed=d + 1)
+    run(tt[:, torch.randperm(tt.shape[1], generator=g)], ms, h=8, hkv=2, d=d, dtype=dtype, seed=d + 1, span=span)
+
+
+@needs_cuda
+def test_gpu_span_backward_is_deterministic():
+    tt, ms = gpu_layout(7, 64)
+    first = run(tt, ms, h=8, hkv=2, d=128, dtype=torch.bfloat16, seed=7, span=64)
+    second = run(tt, ms, h=8, hkv=2, d=128, dtype=torch.bfloat16, seed=7, span=64)
+    for a, b in zip((first[0], *first[1]), (second[0], *second[1])):
+        assert torch.equal(a, b)
 
 
 @needs_cuda
@@ -277,3 +362,16 @@ def test_gpu_every_config(i):
     tt, ms = gpu_layout(i, 64, length=300)
     with forced_configs(fwd=_FWD_CONFIGS[i % len(_FWD_CONFIGS)], bwd=_BWD_CONFIGS[i]):
         run(tt, ms, h=4, hkv=2, d=96, dtype=torch.bfloat16, seed=i)
+
+
+@needs_cuda
+@pytest.mark.parametrize("i", range(len(ma._SPAN_CONFIGS)))
+def test_gpu_every_span_config(i):
+    """Each config of the one-pass backward, forced, at its largest tiles: 64 latents at head dim
+    128 (96 padded), 128 latents at head dim 64."""
+    from furnace_kernels.flash_attention import forced_configs
+
+    with forced_configs(span=ma._SPAN_CONFIGS[i]):
+        for n_lat, d in ((64, 96), (128, 64)):
+            tt, ms = gpu_layout(i, n_lat, length=300)
+            run(tt, ms, h=4, hkv=2, d=d, dtype=torch.bfloat16, seed=i, span=n_lat)

@@ -236,7 +236,8 @@ class FlamingoModel(nn.Module):
         self.eos_token_id = eos_token_id
         self.media_reset_id = eos_token_id if cfg.xattn.reset_after_eos else None
         self.perceiver = drawn("perceiver", PerceiverResampler(dv, cfg.perceiver))
-        self.xattn = nn.ModuleList(drawn(f"xattn.{j}", GatedCrossAttentionBlock(d, dv, cfg.xattn, lm.cfg.rms_norm_eps))
+        self.xattn = nn.ModuleList(drawn(f"xattn.{j}", GatedCrossAttentionBlock(d, dv, cfg.xattn, lm.cfg.rms_norm_eps,
+                                                                             self.num_latents))
                                    for j in range(lm.cfg.num_layers // cfg.xattn.every))
         self.audio = None
         if audio is not None:

@@ -23,10 +23,15 @@ class MediaKV:
 
 
 class CrossAttention(nn.Module):
+    """`num_latents`: the latents per medium (n), when every medium has that many: the keys then
+    come in aligned spans of n with one id each, which media_attention's backward exploits
+    (`span=`); None for latents of any layout."""
+
     def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int, norm: str = "layernorm",
-                 qk_norm: bool = False, eps: float = 1e-6):
+                 qk_norm: bool = False, eps: float = 1e-6, num_latents: int | None = None):
         super().__init__()
         self.dim_head = dim_head
+        self.num_latents = num_latents
         self.norm = make_norm(norm, dim, eps)
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
         self.to_k = nn.Linear(dim_visual, heads * dim_head, bias=False)
@@ -51,17 +56,18 @@ class CrossAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
         kv = self.media_kv(latents, media_kv)
-        out = media_attention(q, kv.k, kv.v, text_time, media_segment)
+        out = media_attention(q, kv.k, kv.v, text_time, media_segment, span=self.num_latents)
         return self.to_out(merge_heads(out))
 
 
 class GatedCrossAttentionBlock(nn.Module):
     """`dim`: the decoder's width; `dim_visual`: the latents' (the vision tower's); `eps`: the
-    decoder's RMSNorm epsilon (used by the rmsnorm form)."""
+    decoder's RMSNorm epsilon (used by the rmsnorm form); `num_latents`: the resampler's latents
+    per medium (CrossAttention)."""
 
-    def __init__(self, dim: int, dim_visual: int, cfg: XAttnConfig, eps: float = 1e-6):
+    def __init__(self, dim: int, dim_visual: int, cfg: XAttnConfig, eps: float = 1e-6, num_latents: int | None = None):
         super().__init__()
-        self.attn = CrossAttention(dim, dim_visual, cfg.heads, cfg.dim_head, cfg.norm, cfg.qk_norm, eps)
+        self.attn = CrossAttention(dim, dim_visual, cfg.heads, cfg.dim_head, cfg.norm, cfg.qk_norm, eps, num_latents)
         gate_shape = (dim,) if cfg.gate == "vector" else (1,)
         self.attn_gate = nn.Parameter(torch.full(gate_shape, float(cfg.gate_init)))
         if cfg.ff == "swiglu":
