@@ -115,3 +115,28 @@ def test_flop_model_matches_flop_counter(preset, extra, tmp_path):
         assert fwd["decoder_before_xattn"] > 0 and bwd["decoder_before_xattn"] == 0
     if early and model.new_tokens is not None:
         assert bwd["decoder_before_xattn"] > 0
+
+
+def test_a_step_counts_the_images_that_ran(tmp_path):
+    """Rows with fewer valid images than data.max_images: the tower and the resampler run on the
+    valid ones only, and the trainer's count (`step_flops` over `batch_counts`) is what runs."""
+    from furnace.training.metrics import batch_counts, step_flops
+
+    cfg, tok, model = narrow("flamingo-1b", [], tmp_path)
+    slots = cfg.data.max_images
+    assert slots > 2
+    batch = batch_of(model, tok, 2)  # two <image> tokens a row, in `slots` media slots
+    rows, size = batch["input_ids"].shape[0], model.vision.image_size
+    batch["images"] = torch.randn(rows, slots, 1, 3, size, size)
+    batch["media_valid"] = torch.zeros(rows, slots, dtype=torch.bool)
+    batch["media_valid"][:, :2] = True
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    with FlopCounterMode(display=False) as fc:
+        model(batch).backward()
+    f = flamingo_flops_per_sample(model, StepShape(seq_len=SEQ, images=slots))
+    tokens, counted_rows, images = batch_counts(batch)
+    assert (tokens, counted_rows, images) == (rows * SEQ, rows, 2 * rows)
+    assert fc.get_total_flops() == pytest.approx(step_flops(f, rows, images), rel=0.02)
+    # the shape's count (every slot an image) is what a full batch runs, and more than this one
+    assert step_flops(f, rows, rows * slots) == pytest.approx(rows * f["train"])
+    assert fc.get_total_flops() < 0.98 * rows * f["train"]

@@ -156,8 +156,28 @@ def flamingo_flops_per_sample(model, shape: StepShape) -> dict:
         bwd["head"] = head_row * (model.vocab_size + model.base_vocab * lm.lm_head.weight.requires_grad
                                   + (new.count * new.head.weight.requires_grad if new is not None else 0))
     total_fwd = sum(fwd.values())
+    # The tower and the resampler run on the valid images only (the rest is per row): a step's
+    # count follows the images its batches held (`step_flops`).
+    per_image = sum(f[p] for f in (fwd, bwd) for p in ("vision", "perceiver")) / T if T else 0.0
     return {"forward": total_fwd, "train": total_fwd + sum(bwd.values()), "forward_by_part": fwd,
-            "backward_by_part": bwd}
+            "backward_by_part": bwd, "images": T, "train_per_image": per_image}
+
+
+def step_flops(flops: dict, samples: int, images: int) -> float:
+    """Training FLOPs of `samples` rows holding `images` valid images in all (`flops`: the model's
+    per-sample count, `flamingo_flops_per_sample`, at its shape's image count): the per-row part
+    for every row, the tower and resampler for each image that ran."""
+    per_image = flops.get("train_per_image", 0.0)
+    return samples * (flops["train"] - per_image * flops.get("images", 0)) + per_image * images
+
+
+def batch_counts(batch: dict) -> tuple[int, int, int]:
+    """(tokens, rows, images) of a batch as the loader hands it on (on the CPU): the images are the
+    valid media slots that hold no audio clip, the ones the vision tower encodes."""
+    images = batch["media_valid"].bool()
+    if batch.get("audio_valid") is not None:
+        images = images & ~batch["audio_valid"].bool()
+    return int(batch["attention_mask"].sum()), int(batch["input_ids"].shape[0]), int(images.sum())
 
 
 class ThroughputMeter:

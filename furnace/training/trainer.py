@@ -35,7 +35,8 @@ from furnace.training.evaluate import caption_accuracy, evaluate_local, summariz
 from furnace.training.faults import Faults
 from furnace.training.gate_grads import GateGrads
 from furnace.system import usable_cores
-from furnace.training.metrics import MetricsWriter, ThroughputMeter, device_peak_tflops, peak_memory_gb
+from furnace.training.metrics import (MetricsWriter, ThroughputMeter, batch_counts, device_peak_tflops,
+                                      peak_memory_gb, step_flops)
 from furnace.training.reshard import load_resharded
 from furnace.training.resume import agree_on_resume, apply_honoured
 from furnace.training.run_lock import RunDirBusy, RunDirLock
@@ -157,10 +158,9 @@ class Trainer:
     def _logs(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
 
-    def _micro_step(self, it) -> tuple[torch.Tensor, int, int]:
+    def _micro_step(self, it) -> tuple[torch.Tensor, tuple[int, int, int]]:
         batch = next(it)
-        tokens = int(batch["attention_mask"].sum())
-        samples = int(batch["input_ids"].shape[0])
+        counts = batch_counts(batch)
         self.model.check_media(batch["input_ids"], batch["media_valid"], batch.get("audio_valid"))  # on the CPU
         batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         loss = self.faults.corrupt_loss(self.engine(batch), self.step + 1)
@@ -170,32 +170,31 @@ class Trainer:
         if self.own_grad_norm and self._logs(self.step + 1) and self.engine.is_gradient_accumulation_boundary():
             self.grad_norm = total_grad_norm(self.model)  # reduced over dp by backward, before the clip
         self.engine.step()
-        return loss.detach().float(), tokens, samples
+        return loss.detach().float(), counts
 
-    def _train_step(self, it) -> tuple[torch.Tensor, int, int]:
-        """One optimizer step: (mean loss over its micro-batches, tokens, samples) on this rank."""
+    def _train_step(self, it) -> tuple[torch.Tensor, list[int]]:
+        """One optimizer step: (mean loss over its micro-batches, [tokens, samples, images]) on
+        this rank."""
         if self.pipe is not None:
             return self._pipe_step(it)
-        losses, tokens, samples = [], 0, 0
+        losses, total = [], [0, 0, 0]
         for _ in range(self.grad_accum):
-            loss, n_tok, n_s = self._micro_step(it)
+            loss, counts = self._micro_step(it)
             losses.append(loss)
-            tokens += n_tok
-            samples += n_s
-        return torch.stack(losses).mean().cpu(), tokens, samples  # one host sync a step, not one a micro-batch
+            total = [a + b for a, b in zip(total, counts)]
+        return torch.stack(losses).mean().cpu(), total  # one host sync a step, not one a micro-batch
 
-    def _pipe_step(self, it) -> tuple[torch.Tensor, int, int]:
+    def _pipe_step(self, it) -> tuple[torch.Tensor, list[int]]:
         """One optimizer step of the pipeline engine (it runs the micro-batches itself). Every
         rank draws the step's micro-batches, so loaders stay in lockstep whatever the stage."""
         batches = [next(it) for _ in range(self.grad_accum)]
         for b in batches:
             self.model.check_media(b["input_ids"], b["media_valid"], b.get("audio_valid"))
-        tokens = sum(int(b["attention_mask"].sum()) for b in batches)
-        samples = sum(int(b["input_ids"].shape[0]) for b in batches)
+        total = [sum(c) for c in zip(*(batch_counts(b) for b in batches))]
         loss = self.engine.train_batch(data_iter=iter([batch_to_pipe(b, self.model) for b in batches]))
         if self.gate_grads is not None:
             self.gate_grads.after_pipeline_step()
-        return loss.detach().float().cpu(), tokens, samples
+        return loss.detach().float().cpu(), total
 
 
     def save(self) -> None:
@@ -274,12 +273,12 @@ class Trainer:
                    dynamic_ncols=True, desc="train")
         last_eval = None
         while self.step < t.max_steps:
-            local, tokens, samples = self._train_step(it)
+            local, (tokens, samples, images) = self._train_step(it)
             self.step += 1
             finite = bool(torch.isfinite(local))
-            # one small all-reduce: loss, tokens, samples, non-finite count, stop request, skipped
+            # one small all-reduce: loss, tokens, samples, non-finite count, stop request, skipped, images
             stats = torch.tensor([float(local) if finite else 0.0, tokens, samples, 0 if finite else 1,
-                                  1 if self.stop else 0, self.loader.skipped_samples], dtype=torch.float64)
+                                  1 if self.stop else 0, self.loader.skipped_samples, images], dtype=torch.float64)
             all_reduce_host(stats)
             n_model = self.world // self.dp  # tp*pp peers repeat the same samples
             loss_val = stats[0].item() / self.world
@@ -291,7 +290,7 @@ class Trainer:
                 log.error(msg)
                 raise FloatingPointError(msg)
             meter.add(int(stats[1]) // n_model, int(stats[2]) // n_model,
-                      self.flops["train"] * int(stats[2]) / n_model)
+                      step_flops(self.flops, int(stats[2]), int(stats[6])) / n_model)
             if self._logs(self.step):
                 rates = meter.read()
                 rec = {
