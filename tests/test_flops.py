@@ -58,7 +58,7 @@ NARROW = ["model.lm.hidden_size=64", "model.lm.intermediate_size=96", "model.lm.
           "model.perceiver.heads=2", "model.perceiver.dim_head=16", "model.xattn.heads=2",
           "model.xattn.dim_head=16", "model.xattn.ff_hidden=0", "model.activation_checkpointing=false"]
 SEQ = 32
-# The FLOP model leaves the audio branch out (README, Audio): demo-audio's is measured without it.
+# The per-row count has no audio (a step adds its clips: the audio test below): demo-audio's without it.
 CASES = [(p, ["model.audio.kind=none"] if p == "demo-audio" else []) for p in PRESETS] + [
     ("flamingo-1b", ["model.lm.vocab_size=0"]),    # specials inside the LM's vocabulary: no new rows
     ("flamingo-1b", ["model.freeze_lm=false"]),    # the LM trains too
@@ -134,9 +134,44 @@ def test_a_step_counts_the_images_that_ran(tmp_path):
     with FlopCounterMode(display=False) as fc:
         model(batch).backward()
     f = flamingo_flops_per_sample(model, StepShape(seq_len=SEQ, images=slots))
-    tokens, counted_rows, images = batch_counts(batch)
-    assert (tokens, counted_rows, images) == (rows * SEQ, rows, 2 * rows)
+    tokens, counted_rows, images, clips = batch_counts(batch)
+    assert (tokens, counted_rows, images, clips) == (rows * SEQ, rows, 2 * rows, 0)
     assert fc.get_total_flops() == pytest.approx(step_flops(f, rows, images), rel=0.02)
     # the shape's count (every slot an image) is what a full batch runs, and more than this one
     assert step_flops(f, rows, rows * slots) == pytest.approx(rows * f["train"])
     assert fc.get_total_flops() < 0.98 * rows * f["train"]
+
+
+@pytest.mark.parametrize("freeze_audio", [False, True], ids=["audio_trains", "audio_frozen"])
+def test_the_audio_branch_counts_as_it_runs(freeze_audio, tmp_path):
+    """demo-audio's branch (log-mel filterbank, the encoder's convolutions and layers, the
+    projection to the latents' width, its resampler) per clip: FlopCounterMode over rows whose one
+    medium is a clip equals the step count, with the one (zero) image the tower still encodes."""
+    from furnace.data.synthetic_audio import vocabulary as audio_words
+    from furnace.data.tokenizer import build_word_tokenizer
+    from furnace.tokens import AUDIO_TOKEN
+    from furnace.training.metrics import batch_counts, step_flops
+
+    # a narrow branch whose width differs from the latents' (a projection) and a scratch LM
+    cfg = load_config("demo-audio", [*NARROW, "model.lm.num_layers=2", "model.audio.hidden_size=48",
+                                     "model.audio.intermediate_size=64", "model.audio.num_layers=1",
+                                     "model.audio.num_heads=2", "model.audio.seconds=0.2",
+                                     "model.audio_perceiver.num_latents=4", "model.audio_perceiver.heads=2",
+                                     "model.audio_perceiver.dim_head=16", f"model.freeze_audio={str(freeze_audio).lower()}"])
+    tok = build_word_tokenizer(audio_words(), audio=True)
+    model = build_model(cfg, tok).train()
+    rows, size = 2, model.vision.image_size
+    words = torch.tensor(tok.convert_tokens_to_ids(audio_words()))
+    ids = words[torch.randint(len(words), (rows, SEQ))]
+    ids[:, 0] = tok.convert_tokens_to_ids(AUDIO_TOKEN)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "images": torch.zeros(rows, 1, 1, 3, size, size), "media_valid": torch.ones(rows, 1, dtype=torch.bool),
+             "audio": torch.randn(rows, 1, model.audio.tower.num_samples) * 0.1,
+             "audio_valid": torch.ones(rows, 1, dtype=torch.bool)}
+    with FlopCounterMode(display=False) as fc:
+        model(batch).backward()
+    f = flamingo_flops_per_sample(model, StepShape(seq_len=SEQ, images=1))
+    tokens, n_rows, images, clips = batch_counts(batch)
+    assert (n_rows, images, clips) == (rows, 1, rows)  # no image: one zero image still runs
+    assert f["train_per_clip"] > 0
+    assert fc.get_total_flops() == pytest.approx(step_flops(f, n_rows, images, clips), rel=0.02)

@@ -14,6 +14,8 @@ FLOP model (matmuls only; norms, softmax and elementwise work are ignored), coun
   Attention products (QK^T, PV) have no weights: 2 x forward in backward when on the gradient path.
   Causal self-attention counts half the L x L products; xattn counts each token x its image's latents.
   Model FLOPs: activation-checkpointing recompute is not counted.
+  Per step (`step_flops`): the per-row count, the tower and resampler once per image the
+  batches held, the audio branch once per clip (`batch_counts`).
 """
 from __future__ import annotations
 
@@ -99,14 +101,8 @@ def flamingo_flops_per_sample(model, shape: StepShape) -> dict:
     bwd["vision"] += v_patch if v_trains else 0.0
 
     # perceiver resampler (always trains in Flamingo; count as trainable when any weight is)
-    pf, pt = _linear_params(model.perceiver)
-    depth = len(model.perceiver.layers)
-    inner = model.perceiver.layers[0][0].to_q.out_features if depth else 0
     s = F * (vtok if vis.features == "hidden" else patches)  # the tokens the tower hands on
-    kv_w = 2 * dv * inner                                   # to_k + to_v: see S media + n latents
-    other_w = (pf + pt) / max(depth, 1) - kv_w              # to_q, to_out, ff: see n latents
-    p_lin = depth * (2 * n * other_w + 2 * (s + n) * kv_w)
-    p_att = 4 * n * (s + n) * inner * depth
+    p_lin, p_att, pt = _resampler_flops(model.perceiver, s, n, dv)
     p_path = pt > 0 or v_trains
     part("perceiver", T * p_lin, T * p_att, pt > 0, p_path)
 
@@ -156,28 +152,79 @@ def flamingo_flops_per_sample(model, shape: StepShape) -> dict:
         bwd["head"] = head_row * (model.vocab_size + model.base_vocab * lm.lm_head.weight.requires_grad
                                   + (new.count * new.head.weight.requires_grad if new is not None else 0))
     total_fwd = sum(fwd.values())
-    # The tower and the resampler run on the valid images only (the rest is per row): a step's
-    # count follows the images its batches held (`step_flops`).
+    # The tower and the resampler run on the valid images only, the audio branch on the clips
+    # (the rest is per row): a step's count follows the media its batches held (`step_flops`).
     per_image = sum(f[p] for f in (fwd, bwd) for p in ("vision", "perceiver")) / T if T else 0.0
     return {"forward": total_fwd, "train": total_fwd + sum(bwd.values()), "forward_by_part": fwd,
-            "backward_by_part": bwd, "images": T, "train_per_image": per_image}
+            "backward_by_part": bwd, "images": T, "train_per_image": per_image,
+            "train_per_clip": _audio_flops_per_clip(model)}
 
 
-def step_flops(flops: dict, samples: int, images: int) -> float:
-    """Training FLOPs of `samples` rows holding `images` valid images in all (`flops`: the model's
-    per-sample count, `flamingo_flops_per_sample`, at its shape's image count): the per-row part
-    for every row, the tower and resampler for each image that ran."""
+def _resampler_flops(perceiver, s: float, n: int, dv: int) -> tuple[float, float, int]:
+    """(linear, attention) forward FLOPs of one medium through a resampler reading `s` tokens
+    into `n` latents of width `dv`, and its trainable linear weights."""
+    pf, pt = _linear_params(perceiver)
+    depth = len(perceiver.layers)
+    inner = perceiver.layers[0][0].to_q.out_features if depth else 0
+    kv_w = 2 * dv * inner                                   # to_k + to_v: see s media + n latents
+    other_w = (pf + pt) / max(depth, 1) - kv_w              # to_q, to_out, ff: see n latents
+    return depth * (2 * n * other_w + 2 * (s + n) * kv_w), 4 * n * (s + n) * inner * depth, pt
+
+
+def _audio_flops_per_clip(model) -> float:
+    """Training FLOPs of one clip through the audio branch (0 without one): the log-mel
+    filterbank (a matmul; the STFT is not counted), the encoder's two convolutions, its layers
+    (non-causal attention over its P positions), the projection and the audio resampler. A
+    frozen tower runs forward only; the first convolution's input (the log-mel) needs no gradient."""
+    branch = getattr(model, "audio", None)
+    if branch is None:
+        return 0.0
+    tower, enc = branch.tower, branch.tower.model
+    cfg = enc.config
+    d, p_out = cfg.d_model, cfg.max_source_positions
+    frames = tower.frames
+    n_freq = tower.mel.n_fft // 2 + 1
+    mel = 2 * cfg.num_mel_bins * n_freq * frames
+    c1 = 2 * frames * d * cfg.num_mel_bins * enc.conv1.kernel_size[0]
+    c2 = 2 * p_out * d * d * enc.conv2.kernel_size[0]
+    lf, lt = _linear_params(enc)
+    lin = 2 * p_out * (lf + lt)
+    att = 4 * p_out * p_out * d * cfg.encoder_layers
+    trains = not tower.frozen
+    fwd = mel + c1 + c2 + lin + att
+    bwd = (c1 + 2 * c2 + 2 * lin + 2 * att) if trains else 0.0
+    dim = branch.perceiver.latents.shape[1]
+    if branch.proj is not None:  # its weight trains; its input's gradient only for a training tower
+        proj = 2 * p_out * branch.proj.in_features * branch.proj.out_features
+        fwd += proj
+        bwd += proj * (2 if trains else 1)
+    r_lin, r_att, r_trains = _resampler_flops(branch.perceiver, p_out, branch.perceiver.latents.shape[0], dim)
+    fwd += r_lin + r_att
+    bwd += (2 if r_trains else 1) * r_lin + 2 * r_att
+    return fwd + bwd
+
+
+def step_flops(flops: dict, samples: int, images: int, clips: int = 0) -> float:
+    """Training FLOPs of `samples` rows whose media held `images` encoded images and `clips`
+    encoded audio clips in all (`flops`: the model's per-sample count, `flamingo_flops_per_sample`,
+    at its shape's image count): the per-row part for every row, the tower and resampler for
+    each image that ran, the audio branch for each clip."""
     per_image = flops.get("train_per_image", 0.0)
-    return samples * (flops["train"] - per_image * flops.get("images", 0)) + per_image * images
+    return (samples * (flops["train"] - per_image * flops.get("images", 0)) + per_image * images
+            + flops.get("train_per_clip", 0.0) * clips)
 
 
-def batch_counts(batch: dict) -> tuple[int, int, int]:
-    """(tokens, rows, images) of a batch as the loader hands it on (on the CPU): the images are the
-    valid media slots that hold no audio clip, the ones the vision tower encodes."""
-    images = batch["media_valid"].bool()
-    if batch.get("audio_valid") is not None:
-        images = images & ~batch["audio_valid"].bool()
-    return int(batch["attention_mask"].sum()), int(batch["input_ids"].shape[0]), int(images.sum())
+def batch_counts(batch: dict) -> tuple[int, int, int, int]:
+    """(tokens, rows, images, clips) of a batch as the loader hands it on (on the CPU), media as
+    the model encodes them: the valid slots without an audio clip go through the vision tower,
+    the clips through the audio branch, and a batch with none of either still runs one (zero)
+    medium through it, so that every rank runs the same modules."""
+    media = batch["media_valid"].bool()
+    clips = batch.get("audio_valid")
+    clips = media & clips.bool() if clips is not None else None
+    images = media & ~clips if clips is not None else media
+    n_clips = 0 if clips is None else max(int(clips.sum()), 1)
+    return int(batch["attention_mask"].sum()), int(batch["input_ids"].shape[0]), max(int(images.sum()), 1), n_clips
 
 
 class ThroughputMeter:

@@ -158,7 +158,7 @@ class Trainer:
     def _logs(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
 
-    def _micro_step(self, it) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    def _micro_step(self, it) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
         batch = next(it)
         counts = batch_counts(batch)
         self.model.check_media(batch["input_ids"], batch["media_valid"], batch.get("audio_valid"))  # on the CPU
@@ -173,11 +173,11 @@ class Trainer:
         return loss.detach().float(), counts
 
     def _train_step(self, it) -> tuple[torch.Tensor, list[int]]:
-        """One optimizer step: (mean loss over its micro-batches, [tokens, samples, images]) on
-        this rank."""
+        """One optimizer step: (mean loss over its micro-batches, [tokens, samples, images, clips])
+        on this rank."""
         if self.pipe is not None:
             return self._pipe_step(it)
-        losses, total = [], [0, 0, 0]
+        losses, total = [], [0, 0, 0, 0]
         for _ in range(self.grad_accum):
             loss, counts = self._micro_step(it)
             losses.append(loss)
@@ -273,12 +273,13 @@ class Trainer:
                    dynamic_ncols=True, desc="train")
         last_eval = None
         while self.step < t.max_steps:
-            local, (tokens, samples, images) = self._train_step(it)
+            local, (tokens, samples, images, clips) = self._train_step(it)
             self.step += 1
             finite = bool(torch.isfinite(local))
-            # one small all-reduce: loss, tokens, samples, non-finite count, stop request, skipped, images
+            # one small all-reduce: loss, tokens, samples, non-finite count, stop request, skipped, media
             stats = torch.tensor([float(local) if finite else 0.0, tokens, samples, 0 if finite else 1,
-                                  1 if self.stop else 0, self.loader.skipped_samples, images], dtype=torch.float64)
+                                  1 if self.stop else 0, self.loader.skipped_samples, images, clips],
+                                 dtype=torch.float64)
             all_reduce_host(stats)
             n_model = self.world // self.dp  # tp*pp peers repeat the same samples
             loss_val = stats[0].item() / self.world
@@ -290,7 +291,7 @@ class Trainer:
                 log.error(msg)
                 raise FloatingPointError(msg)
             meter.add(int(stats[1]) // n_model, int(stats[2]) // n_model,
-                      step_flops(self.flops, int(stats[2]), int(stats[6])) / n_model)
+                      step_flops(self.flops, int(stats[2]), int(stats[6]), int(stats[7])) / n_model)
             if self._logs(self.step):
                 rates = meter.read()
                 rec = {
