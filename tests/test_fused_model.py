@@ -12,7 +12,7 @@ from furnace.model.flamingo import build_flamingo
 from furnace.model.fused import fused_ops
 from furnace.tokens import IGNORE_INDEX
 
-from train_utils import metrics, run, train_cmd
+from train_utils import metrics, run, set_keys, train_cmd
 
 V, IMG, EOC = 40, 38, 39  # the LM's 36 rows + 4 new-token rows (<image>, <|endofchunk|> among them)
 
@@ -30,13 +30,7 @@ def tiny_cfg(fused: str, **over):
     cfg.xattn.norm, cfg.xattn.ff, cfg.xattn.ff_hidden = "rmsnorm", "swiglu", 48
     cfg.freeze_lm, cfg.freeze_vision = False, True  # the tower runs none of the fused ops
     cfg.fused_kernels = fused
-    for k, v in over.items():
-        obj = cfg
-        *path, last = k.split(".")
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, last, v)
-    return cfg
+    return set_keys(cfg, over)
 
 
 def build(fused: str, **over):

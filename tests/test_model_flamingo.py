@@ -9,6 +9,7 @@ from furnace.model.decoding import left_align
 from furnace.model.flamingo import build_flamingo, media_segments
 from furnace.model.flamingo_io import lm_with_new_tokens
 from furnace.tokens import IGNORE_INDEX, build_labels, text_time
+from train_utils import set_keys
 
 V, IMG, EOC = 60, 58, 59  # tokenizer of 60 tokens; <image> and <|endofchunk|> are the last two
 
@@ -19,13 +20,7 @@ def tiny_cfg(**over):
     cfg.perceiver.num_latents, cfg.perceiver.depth = 4, 1
     cfg.vision.num_layers = 1
     cfg.xattn.gate_init = 0.0  # Flamingo's default (the demo preset opens them)
-    for k, v in over.items():
-        obj = cfg
-        *path, last = k.split(".")
-        for p in path:
-            obj = getattr(obj, p)
-        setattr(obj, last, v)
-    return cfg
+    return set_keys(cfg, over)
 
 
 def make_model(lm_vocab=None, **over):

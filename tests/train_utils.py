@@ -24,6 +24,17 @@ TINY = [
 ]
 
 
+def set_keys(cfg, over: dict):
+    """`cfg` with each dotted key of `over` ("lm.num_layers": 2) set in place; returns cfg."""
+    for k, v in over.items():
+        obj = cfg
+        *path, last = k.split(".")
+        for p in path:
+            obj = getattr(obj, p)
+        setattr(obj, last, v)
+    return cfg
+
+
 def lm_tokenizer(words: list[str]):
     """A word-level tokenizer as a pretrained LM ships one: <pad>, <unk>, <s>, </s> and `words`,
     without <image> and <|endofchunk|> (furnace adds them as new rows)."""
