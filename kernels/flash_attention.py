@@ -188,6 +188,19 @@ _KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "GROUP", "CAUSAL", "HAS_SEG", "DTYPE_
 
 
 @triton.jit
+def _query_block(H, GROUP, Lq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a program of a (query blocks, B*H) grid works on: its row pid_bh = b*H + h, batch b,
+    query head h and kv head (GQA), the block's first query, query and head-dim offsets and masks."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid_bh, b, h, h // GROUP, start_m, offs_m, offs_d, offs_m < Lq, offs_d < D
+
+
+@triton.jit
 def _seg_range(SEG, offs, n):
     """(min, max) of the segment ids at offs (< n); padding lanes are ignored."""
     inb = offs < n
@@ -245,16 +258,7 @@ def _attn_fwd(
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mmask = offs_m < Lq
-    dmask = offs_d < D
+    pid_bh, b, h, hk, start_m, offs_m, offs_d, mmask, dmask = _query_block(H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
 
     q_ptr = Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd
     q = tl.load(q_ptr, mask=mmask[:, None] & dmask[None, :], other=0.0)
@@ -476,16 +480,7 @@ def _attn_bwd_dq(
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mmask = offs_m < Lq
-    dmask = offs_d < D
+    pid_bh, b, h, hk, start_m, offs_m, offs_d, mmask, dmask = _query_block(H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
     qd_mask = mmask[:, None] & dmask[None, :]
 
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=qd_mask, other=0.0)

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .flash_attention import (_DTYPE_KEY, AUTOTUNE, INTERPRET, _LOG2E, _bucket, _bwd_configs, _dkdv_tile, _dq_tile,
-                              _fwd_configs, _fwd_tile, _launcher, _prune)
+                              _fwd_configs, _fwd_tile, _launcher, _prune, _query_block)
 from .reference import check_shapes
 
 _KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "GROUP", "DTYPE_KEY"]
@@ -76,15 +76,7 @@ def _media_fwd(
     GROUP: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mmask = offs_m < Lq
-    dmask = offs_d < D
+    pid_bh, b, h, hk, _, offs_m, offs_d, mmask, dmask = _query_block(H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
 
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
                 mask=mmask[:, None] & dmask[None, :], other=0.0)
@@ -127,15 +119,7 @@ def _media_bwd_dq(
     GROUP: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mmask = offs_m < Lq
-    dmask = offs_d < D
+    pid_bh, b, h, hk, _, offs_m, offs_d, mmask, dmask = _query_block(H, GROUP, Lq, D, BLOCK_M, BLOCK_D)
     qd_mask = mmask[:, None] & dmask[None, :]
 
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd, mask=qd_mask, other=0.0)

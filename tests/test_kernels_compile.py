@@ -17,6 +17,7 @@ import furnace_kernels.flash_attention as fa
 import furnace_kernels.glu as gl
 import furnace_kernels.linear_ce_triton as lc
 import furnace_kernels.loss_scale as ls
+import furnace_kernels.media_attention_triton as ma
 import furnace_kernels.norms as nm
 import furnace_kernels.rope as rp
 assert not fa.INTERPRET and not nm.INTERPRET
@@ -36,6 +37,14 @@ build(fa._attn_fwd, ptrs, ce, floats=("qk_scale",))
 build(fa._attn_bwd_dkdv, ptrs, ce, floats=("qk_scale", "sm_scale"))
 build(fa._attn_bwd_dq, ptrs, ce, floats=("qk_scale", "sm_scale"))
 build(fa._attn_bwd_delta, ptrs, dict(BLOCK_M=64, BLOCK_D=128))
+# the Flamingo cross-attention kernels: range tables int32, sort permutations int64
+mp = dict(ptrs, QID="*i32", QHI="*i32", KID="*i32", KLO="*i32", KHI="*i32", KPERM="*i64", QPERM="*i64")
+mc = dict(GROUP=2, DOT_PREC="tf32", BLOCK_D=128, BLOCK_M=64, BLOCK_N=64)
+build(ma._media_fwd, mp, mc, floats=("qk_scale",))
+build(ma._media_bwd_dq, mp, mc, floats=("qk_scale", "sm_scale"))
+build(ma._media_bwd_dkdv, mp, mc, floats=("qk_scale", "sm_scale"))
+build(ma._media_bwd_span, mp, mc, floats=("qk_scale", "sm_scale"))
+build(ma._media_bwd_blind_dq, mp, dict(BLOCK_M=64, BLOCK_D=128))
 mt_stats, mt_scale = ls._kernels()
 p = {"BASE": "*bf16", "REL": "*i64", "NUMEL": "*i64", "CHUNK_T": "*i32", "CHUNK_S": "*i64", "PART_SQ": "*fp32",
      "PART_NF": "*i32", "FACTOR": "*fp32"}
