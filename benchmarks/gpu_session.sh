@@ -8,7 +8,8 @@
 # BUDGET_S caps the whole call: each stage runs under min(its limit, what is left), and a stage
 # with under 20 s left is skipped; $OUT/session.tsv lists every stage's rc, seconds and limit (or
 # "skipped"), so the next lease starts where this one stopped. `plan` is the open work in priority
-# order: env, tests, throughput (ABLATE=fused,compile,attention unless set), kernels, tune, pack.
+# order: env, tests, throughput (ABLATE=fused,compile,xattn_kernel,attention unless set), kernels,
+# tune, pack.
 #
 # Stages: env (GPU, driver, versions), smoke (flamingo-1b, a few steps), demo (train.py on the
 # demo preset for DEMO_STEPS, then the same command resuming), tests (the CUDA kernel tests, the
@@ -55,7 +56,7 @@ stage() {  # stage NAME SECONDS CMD...: runs CMD under a time limit, logs to $OU
 stages=("$@")
 if [ "${1:-}" = plan ]; then
   stages=(env tests throughput kernels tune pack)
-  export ABLATE=${ABLATE:-fused,compile,attention} STEPS=${STEPS:-4} TESTS_S=${TESTS_S:-150}
+  export ABLATE=${ABLATE:-fused,compile,xattn_kernel,attention} STEPS=${STEPS:-4} TESTS_S=${TESTS_S:-150}
 fi
 
 for s in "${stages[@]}"; do

@@ -73,6 +73,8 @@ ABLATIONS = {
                 "eager vs torch.compile per block of the tower and the resampler"),
     "fused": (["model.fused_kernels=none"], [["model.fused_kernels=all"]],
               "the model's own norms / SwiGLU / RoPE / logits + CE vs the fused kernels (no full logits)"),
+    "xattn_kernel": (["model.xattn.kernel=general"], [["model.xattn.kernel=media"]],
+                     "cross-attention through the general segment-mask kernel vs media_attention"),
     "pack": (["data.pack=false"], [["data.pack=true"]],
              "one sample a row vs packed rows (with --caption-data: LAION-length captions)"),
 }

@@ -107,6 +107,7 @@ BAD = [
     ("model.xattn.ff_hidden", -1, 1),
     ("model.xattn.qk_norm", "yes", 1),
     ("model.xattn.gate", "matrix", 1),
+    ("model.xattn.kernel", "flex", 1),
     ("model.xattn.reset_after_eos", 0, 1),
     ("model.lora.rank", -1, 1),
     ("model.lora.rank", 4, 1),                      # the demo trains its LM: LoRA needs model.freeze_lm

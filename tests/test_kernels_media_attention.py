@@ -286,7 +286,8 @@ def test_dispatch_and_errors():
 
 
 def test_flamingo_model_loss_and_grads_match_reference_backend(monkeypatch):
-    """The xattn blocks pass span=num_latents: the triton run's backward is the one-pass kernel."""
+    """With model.xattn.kernel=media the xattn blocks pass span=num_latents: the triton run's
+    backward is the one-pass kernel."""
     from test_model_flamingo import make_batch, make_model, set_gates
     from test_model_flamingo import IMG as MODEL_IMG
 
@@ -294,7 +295,7 @@ def test_flamingo_model_loss_and_grads_match_reference_backend(monkeypatch):
     one_pass = ma._backward_span
     monkeypatch.setattr(ma, "_backward_span", lambda *a: spans.append(a[-2]) or one_pass(*a))
     torch.manual_seed(20)
-    model = make_model(freeze_lm=False).to(DEV)
+    model = make_model(freeze_lm=False, **{"xattn.kernel": "media"}).to(DEV)
     set_gates(model, 0.5)
     batch = make_batch([[1, MODEL_IMG, 2, 3, 4, MODEL_IMG, 5, 6, 7, 8], [3, 4, MODEL_IMG, 6, 7, 1, 1, 2, 2, 3]], t_img=2)
     batch = {k: t.to(DEV) for k, t in batch.items()}

@@ -93,6 +93,9 @@ class XAttnConfig:
     # A token after the tokenizer's EOS sees no image until the next <image> (IDEFICS' rule for
     # documents packed back to back).
     reset_after_eos: bool = False
+    # The cross-attention kernel: general (flash attention with segment masks, measured on a GPU)
+    # or media (media_attention, specialised to the Flamingo mask; opt-in until a GPU measures it).
+    kernel: str = "general"
 
 
 @dataclass

@@ -169,6 +169,7 @@ RULES: dict[str, Rule] = {
     "model.xattn.ff": _one_of("gelu", "swiglu"),
     "model.xattn.ff_hidden": _ge(0, 0),
     "model.xattn.qk_norm": _BOOL,
+    "model.xattn.kernel": _one_of("general", "media"),
     "model.xattn.gate": _one_of("scalar", "vector"),
     "model.xattn.reset_after_eos": _BOOL,
     "model.lora.rank": _ge(0, 8),

@@ -59,7 +59,8 @@ def start_config(mcfg: ModelConfig, lm_layers: int) -> ModelConfig:
         return checkpoint_shapes(read_checkpoint(path), mcfg, lm_layers, str(path))
     _, saved = read_meta(path)
     out = dataclasses.replace(mcfg, perceiver=saved.perceiver,
-                              xattn=dataclasses.replace(saved.xattn, gate_init=mcfg.xattn.gate_init))
+                              xattn=dataclasses.replace(saved.xattn, gate_init=mcfg.xattn.gate_init,
+                                                        kernel=mcfg.xattn.kernel))
     if not mcfg.lm.path:  # a scratch LM continued: the source's shape
         out = dataclasses.replace(out, lm=dataclasses.replace(saved.lm, path=None))
     if not mcfg.vision.path:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from furnace.config import XAttnConfig
-from furnace_kernels import media_attention
+from furnace_kernels import attention, media_attention
 
 from .layers import FeedForward, GatedFeedForward, HeadNorm, make_norm, merge_heads, split_heads
 
@@ -23,15 +23,18 @@ class MediaKV:
 
 
 class CrossAttention(nn.Module):
-    """`num_latents`: the latents per medium (n), when every medium has that many: the keys then
-    come in aligned spans of n with one id each, which media_attention's backward exploits
-    (`span=`); None for latents of any layout."""
+    """`kernel` (model.xattn.kernel): `general`, flash attention with the segment mask, or
+    `media`, media_attention; `num_latents`: the latents per medium (n), when every medium has
+    that many: the keys then come in aligned spans of n with one id each, which media_attention's
+    backward exploits (`span=`); None for latents of any layout."""
 
     def __init__(self, dim: int, dim_visual: int, heads: int, dim_head: int, norm: str = "layernorm",
-                 qk_norm: bool = False, eps: float = 1e-6, num_latents: int | None = None):
+                 qk_norm: bool = False, eps: float = 1e-6, num_latents: int | None = None,
+                 kernel: str = "general"):
         super().__init__()
         self.dim_head = dim_head
         self.num_latents = num_latents
+        self.kernel = kernel
         self.norm = make_norm(norm, dim, eps)
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
         self.to_k = nn.Linear(dim_visual, heads * dim_head, bias=False)
@@ -56,7 +59,10 @@ class CrossAttention(nn.Module):
         if self.q_norm is not None:
             q = self.q_norm(q)
         kv = self.media_kv(latents, media_kv)
-        out = media_attention(q, kv.k, kv.v, text_time, media_segment, span=self.num_latents)
+        if self.kernel == "media":
+            out = media_attention(q, kv.k, kv.v, text_time, media_segment, span=self.num_latents)
+        else:
+            out = attention(q, kv.k, kv.v, q_segment=text_time, kv_segment=media_segment)
         return self.to_out(merge_heads(out))
 
 
@@ -67,7 +73,8 @@ class GatedCrossAttentionBlock(nn.Module):
 
     def __init__(self, dim: int, dim_visual: int, cfg: XAttnConfig, eps: float = 1e-6, num_latents: int | None = None):
         super().__init__()
-        self.attn = CrossAttention(dim, dim_visual, cfg.heads, cfg.dim_head, cfg.norm, cfg.qk_norm, eps, num_latents)
+        self.attn = CrossAttention(dim, dim_visual, cfg.heads, cfg.dim_head, cfg.norm, cfg.qk_norm, eps, num_latents,
+                                   cfg.kernel)
         gate_shape = (dim,) if cfg.gate == "vector" else (1,)
         self.attn_gate = nn.Parameter(torch.full(gate_shape, float(cfg.gate_init)))
         if cfg.ff == "swiglu":

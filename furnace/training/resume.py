@@ -30,7 +30,7 @@ HONOURED = {
     "data.val_shards", "data.max_member_bytes", "data.max_members_per_sample", "data.max_image_pixels",
     "data.max_shard_bytes", "data.max_video_frames", "data.max_audio_seconds",
     # how the same math is computed, not what it computes
-    "model.activation_checkpointing", "model.attention_backend", "model.compile", "model.fused_kernels",
+    "model.activation_checkpointing", "model.attention_backend", "model.compile", "model.fused_kernels", "model.xattn.kernel",
     "train.fused_loss_scaling",
     "parallel.zero3_gather",
     "debug.log_gate_grads", "debug.faults",
