@@ -594,19 +594,26 @@ def main(argv=None):
     }
     if not CUDA:
         report["note"] = "no CUDA: Triton under the interpreter at toy sizes; numbers are not performance data"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def write():  # after every section, so a run cut short (a GPU session's time limit) keeps its numbers
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=2)
+
     if args.only in (None, "attention"):
         dtypes = [torch.bfloat16, torch.float16] if CUDA else [torch.float32]
-        report["attention_causal"] = [r for dt in dtypes for r in bench_causal(args.quick, dt)]
         report["attention_flamingo"] = [bench_flamingo(args.quick, dt) for dt in dtypes]
-    if args.only in (None, "loss_scale"):
-        report["loss_scale"] = bench_loss_scale(args.quick)
+        write()
+        report["attention_causal"] = [r for dt in dtypes for r in bench_causal(args.quick, dt)]
+        write()
     if args.only in (None, "fused"):
         dtypes = [torch.bfloat16] if CUDA else [torch.float32]
         report["fused"] = [r for dt in dtypes for r in bench_fused(args.quick, dt)]
+        write()
+    if args.only in (None, "loss_scale"):
+        report["loss_scale"] = bench_loss_scale(args.quick)
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    write()
     print(json.dumps({k: report[k] for k in ("device", "versions", "command")}, indent=2))
     print(f"wrote {args.out}")
 
