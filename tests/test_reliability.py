@@ -230,6 +230,29 @@ def test_a_second_ctrl_c_interrupts_at_once_and_a_launcher_passing_one_on_does_n
         stop._on_signal(signal.SIGINT, None)
 
 
+def test_a_signal_arriving_inside_the_first_ones_handler_is_said_once(monkeypatch, caplog):
+    """A group's SIGTERM and the launcher passing it on reach a rank together: Python can run the
+    second handler inside the first, between any two bytecodes (a CI run logged it twice). Here
+    the second arrives while the first is still naming its signal."""
+    import furnace.training.stop as stop_mod
+
+    stop = stop_mod.StopRequest()
+    names = stop_mod.signal.Signals
+
+    class Reentrant:
+        def __call__(self, signum):
+            monkeypatch.setattr(stop_mod.signal, "Signals", names)
+            stop._on_signal(signal.SIGTERM, None)  # the launcher's copy, inside the first handler
+            return names(signum)
+
+    monkeypatch.setattr(stop_mod.signal, "Signals", Reentrant())
+    with caplog.at_level("WARNING", logger="furnace"):
+        stop._on_signal(signal.SIGTERM, None)
+    assert stop.name == "SIGTERM"
+    assert [r.message for r in caplog.records].count(
+        "SIGTERM received: saving a checkpoint at the end of this step, then exiting") == 1
+
+
 def test_a_killed_launcher_leaves_no_rank_behind(data, tmp_path):
     run_dir = tmp_path / "run"
     with running(run_dir, data) as proc:

@@ -13,6 +13,9 @@ class StopRequest:
     def __init__(self):
         self.name: str | None = None  # the first signal's name once one arrived
         self.interrupts = 0
+        # Taken by the first signal's handler in one C call: a second signal (the launcher passing
+        # a group's SIGTERM on) can run its handler inside the first one, between any two bytecodes.
+        self._first = [True]
 
     def install(self) -> "StopRequest":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -27,6 +30,9 @@ class StopRequest:
             self.interrupts += 1
             if self.interrupts > 1:  # a launcher passes Ctrl-C on as SIGTERM, so this is the user again
                 raise KeyboardInterrupt
-        if self.name is None:  # a launcher passing the same stop on changes nothing
-            self.name = signal.Signals(signum).name
-            log.warning(f"{self.name} received: saving a checkpoint at the end of this step, then exiting")
+        try:
+            self._first.pop()  # a launcher passing the same stop on changes nothing
+        except IndexError:
+            return
+        self.name = signal.Signals(signum).name
+        log.warning(f"{self.name} received: saving a checkpoint at the end of this step, then exiting")
