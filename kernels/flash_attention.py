@@ -116,7 +116,13 @@ PINNED_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attentio
 
 
 def _device_name(t: torch.Tensor) -> str:
-    return torch.cuda.get_device_name(t.device) if t.is_cuda else "interpreter"
+    return _cuda_name(t.device.index if t.device.index is not None else torch.cuda.current_device()) \
+        if t.is_cuda else "interpreter"
+
+
+@functools.cache
+def _cuda_name(index: int) -> str:  # asked on every launch: the driver query once per device
+    return torch.cuda.get_device_name(index)
 
 
 @functools.cache
