@@ -41,6 +41,7 @@ import triton.language as tl
 
 from .flash_attention import (_DTYPE_KEY, AUTOTUNE, INTERPRET, _LOG2E, _bucket, _bwd_configs, _dkdv_tile, _dq_tile,
                               _fwd_configs, _fwd_tile, _launcher, _prune, _query_block)
+from .flash_attention import _meta as _general_meta
 from .reference import check_shapes
 
 _KEY = ["Q_BUCKET", "K_BUCKET", "BLOCK_D", "GROUP", "DTYPE_KEY"]
@@ -348,13 +349,7 @@ def _ids(s: torch.Tensor) -> torch.Tensor:
 
 
 def _meta(q, k):
-    b, h, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    if d > 256:
-        raise ValueError(f"media_attention: head dim {d} > 256 is not supported by the Triton kernel")
-    return dict(b=b, h=h, hkv=hkv, lq=lq, lk=lk, d=d, group=h // hkv,
-                block_d=max(16, triton.next_power_of_2(d)),
-                dot_prec="ieee" if q.dtype == torch.float32 else "tf32", dkey=_DTYPE_KEY[q.dtype])
+    return _general_meta(q, k, False, None)  # shapes, tiles, precision: the general kernel's
 
 
 def _tune_key(m, q):
