@@ -209,9 +209,9 @@ def step_flops(flops: dict, samples: int, images: int, clips: int = 0) -> float:
     encoded audio clips in all (`flops`: the model's per-sample count, `flamingo_flops_per_sample`,
     at its shape's image count): the per-row part for every row, the tower and resampler for
     each image that ran, the audio branch for each clip."""
-    per_image = flops.get("train_per_image", 0.0)
-    return (samples * (flops["train"] - per_image * flops.get("images", 0)) + per_image * images
-            + flops.get("train_per_clip", 0.0) * clips)
+    per_image = flops["train_per_image"]
+    return (samples * (flops["train"] - per_image * flops["images"]) + per_image * images
+            + flops["train_per_clip"] * clips)
 
 
 def batch_counts(batch: dict) -> tuple[int, int, int, int]:
