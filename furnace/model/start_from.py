@@ -36,9 +36,9 @@ def part_test(mcfg: ModelConfig, kind: str):
     scratch model continued: those are the source's too, never drawn afresh)."""
     own = PARTS
     if kind == "furnace":
-        own += tuple(prefix for prefix, path in (("lm.", mcfg.lm.path), ("vision.", mcfg.vision.path),
-                                                 ("audio.tower.", mcfg.audio.path or mcfg.audio.kind == "none"))
-                     if not path)
+        scratch = {"lm.": not mcfg.lm.path, "vision.": not mcfg.vision.path,
+                   "audio.tower.": mcfg.audio.kind == "scratch"}
+        own += tuple(prefix for prefix, is_scratch in scratch.items() if is_scratch)
     return lambda name: name.startswith(own) or any(f(name) for f in OPTIONAL.values())
 
 
